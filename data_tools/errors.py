@@ -1,0 +1,32 @@
+"""User-facing failures: one line that names the problem and the fix, exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+EXIT_INPUT_ERROR = 2
+
+
+class InputError(Exception):
+    """A mistake in what the user gave us (a file, a folder, an option).
+
+    The message is the whole story for the user: what is wrong, where, and how to fix it.
+    CLIs print it as one line and exit with code 2; it is never shown as a traceback.
+    """
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Call ``main(argv)``; turn an :class:`InputError` into one line on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except InputError as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the message was built from
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+
+
+def preview(items: Sequence[object], limit: int = 5) -> str:
+    """``'a, b, c'`` or ``'a, b, c, ... (12 in all)'``: a short list for an error line."""
+    shown = ", ".join(str(item) for item in list(items)[:limit])
+    return shown if len(items) <= limit else f"{shown}, ... ({len(items)} in all)"

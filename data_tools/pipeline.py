@@ -1,0 +1,164 @@
+"""tf.data pipelines: decode, convert to RGB, resize, batch, prefetch; decode once per size.
+
+Images leave the pipeline as ``uint8`` RGB, ``[batch, size, size, 3]``, with ``int32`` class
+indices. Scaling to what a backbone expects (0..255 for keras.applications EfficientNet,
+0..1 for TF-Hub feature vectors) happens inside the model, so a saved model takes the same
+raw pixels the pipeline gives it.
+
+Decoding is TensorFlow's ``decode_image``: JPEG (CMYK included), PNG (grayscale, palette,
+16-bit, alpha), GIF (first frame), BMP and WebP, always three channels; alpha is dropped.
+Resizing squashes to a square with antialiased bilinear interpolation, as
+``keras.utils.image_dataset_from_directory`` does by default; EXIF orientation is not
+applied (neither does Keras).
+
+With ``cache_dir`` the decoded-and-resized pixels of a split are written once to a ``.npy``
+file per (split, size, file list) and every later epoch and trial reads them from there
+(memory-mapped) instead of decoding again. A file that fails its check on load is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from data_tools.atomic import atomic_path
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def decode_image(path: tf.Tensor, size: int) -> tf.Tensor:
+    """Read one image file and return ``uint8 [size, size, 3]`` RGB. Works eagerly and in graphs."""
+    data = tf.io.read_file(path)
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    image = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def find_unreadable(paths: Sequence[str]) -> list[int]:
+    """Positions of the files in ``paths`` that TensorFlow cannot read or decode.
+
+    Uses the same decoder as training, in parallel, so a file passes here exactly when the
+    pipeline can use it.
+    """
+    indices = tf.data.Dataset.range(len(paths))
+    files = tf.data.Dataset.from_tensor_slices(tf.constant(list(paths), dtype=tf.string))
+
+    def probe(i: tf.Tensor, path: tf.Tensor) -> tf.Tensor:
+        data = tf.io.read_file(path)
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        return tf.reduce_min(tf.shape(image)) * 0 + tf.cast(i, tf.int32)
+
+    ok = tf.data.Dataset.zip(indices, files).map(probe, num_parallel_calls=AUTOTUNE)
+    ok = ok.ignore_errors()
+    readable = {int(i) for i in ok.as_numpy_iterator()}
+    return [i for i in range(len(paths)) if i not in readable]
+
+
+def paths_dataset(paths: Sequence[str], labels: Sequence[int], size: int) -> tf.data.Dataset:
+    """Unbatched ``(image, label)`` pairs decoded from the files, in order, in parallel."""
+    files = tf.data.Dataset.from_tensor_slices(
+        (tf.constant(list(paths), dtype=tf.string), tf.constant(list(labels), dtype=tf.int32))
+    )
+    return files.map(
+        lambda p, y: (decode_image(p, size), y), num_parallel_calls=AUTOTUNE, deterministic=True
+    )
+
+
+def cache_file(
+    cache_dir: str | os.PathLike[str], split: str, size: int, paths: Sequence[str]
+) -> Path:
+    """Where the decoded pixels of these files at this size live.
+
+    The name carries a fingerprint of the file list and each file's size and modification
+    time, so a changed data set gets a new cache instead of stale pixels.
+    """
+    digest = hashlib.sha1(str(size).encode())
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return Path(cache_dir) / "decoded" / f"{split}-{size}px-{digest.hexdigest()[:16]}.npy"
+
+
+def decoded_array(
+    paths: Sequence[str], size: int, cache_dir: str | os.PathLike[str], split: str = "data"
+) -> np.ndarray:
+    """All images of ``paths`` decoded and resized, memory-mapped from the on-disk cache.
+
+    Built on first use (written to a temporary file, then renamed); a cache file of the
+    wrong shape or type, or one that cannot be read, is rebuilt.
+    """
+    target = cache_file(cache_dir, split, size, paths)
+    expected = (len(paths), size, size, 3)
+    if target.exists():
+        try:
+            cached = np.load(target, mmap_mode="r")
+            if cached.shape == expected and cached.dtype == np.uint8:
+                return cached
+        except (ValueError, OSError, EOFError):
+            pass  # corrupt or truncated: fall through and rebuild
+    with atomic_path(target) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=expected)
+        start = 0
+        decoded = paths_dataset(paths, [0] * len(paths), size).batch(256).prefetch(2)
+        for images, _ in decoded.as_numpy_iterator():
+            out[start : start + len(images)] = images
+            start += len(images)
+        out.flush()
+        del out
+    return np.load(target, mmap_mode="r")
+
+
+def make_dataset(
+    table: pd.DataFrame,
+    size: int,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    cache_dir: str | os.PathLike[str] | None = None,
+    split: str = "data",
+) -> tf.data.Dataset:
+    """A batched, prefetched ``(uint8 images, int32 labels)`` dataset over ``table``'s rows.
+
+    ``table`` needs ``path`` and ``class_index`` columns (see :mod:`data_tools.ingest`).
+    Without ``shuffle`` the rows come in table order. With ``cache_dir`` the images are
+    decoded once and read back from the cache on every later call.
+    """
+    paths = table["path"].tolist()
+    labels = table["class_index"].to_numpy(dtype=np.int32)
+    if cache_dir is None:
+        data = paths_dataset(paths, labels, size)
+        if shuffle:
+            data = data.shuffle(min(len(paths), 10_000), seed=seed, reshuffle_each_iteration=True)
+        return data.batch(batch_size).prefetch(AUTOTUNE)
+    pixels = decoded_array(paths, size, cache_dir, split)
+    return _array_dataset(pixels, labels, batch_size, shuffle=shuffle, seed=seed)
+
+
+def _array_dataset(
+    pixels: np.ndarray, labels: np.ndarray, batch_size: int, *, shuffle: bool, seed: int
+) -> tf.data.Dataset:
+    """Batches gathered from a (memory-mapped) array by shuffled index: no decoding at all."""
+    count = len(labels)
+    order = tf.data.Dataset.range(count)
+    if shuffle:
+        # The whole index list fits in the buffer, so this is a full shuffle every epoch.
+        order = order.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+
+    def gather(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(pixels[np.sort(index)]), labels[np.sort(index)]
+
+    def load(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        images, ys = tf.numpy_function(gather, [index], (tf.uint8, tf.int32), stateful=False)
+        images.set_shape([None, *pixels.shape[1:]])
+        ys.set_shape([None])
+        return images, ys
+
+    return order.batch(batch_size).map(load, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
