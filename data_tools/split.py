@@ -265,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(counts_table(split, classes).to_string())
     report = sidecar(Path(args.out), "excluded.csv")
     if report.exists():
-        print(f"left out {sum(1 for _ in open(report)) - 1} unreadable image(s): see {report}")
+        print(f"left out {len(pd.read_csv(report))} unreadable image(s): see {report}")
     return 0
 
 
