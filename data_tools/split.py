@@ -82,28 +82,25 @@ def split_frame(
     test_range: tuple[int, int] = DEFAULT_TEST_RANGE,
     validation_range: tuple[int, int] = DEFAULT_VALIDATION_RANGE,
 ) -> pd.DataFrame:
-    """``objectId,value,type`` for a labels frame, in its row order; checks every class is in
-    test and validation."""
+    """``objectId,value,type`` for a labels frame, in its row order.
+
+    Raises when a class has no row in the test or the validation range: balancing would
+    then leave every class with zero images there.
+    """
     check_ranges(test_range, validation_range)
-    types = assign_types(
-        split_keys(frame["objectId"]), frame["value"], test_range, validation_range
-    )
-    out = pd.DataFrame(
-        {
-            "objectId": frame["objectId"].to_numpy(),
-            "value": frame["value"].to_numpy(),
-            "type": types,
-        }
-    )
-    for name in ("test", "validation"):
-        empty = sorted(set(out["value"]) - set(out.loc[out["type"] == name, "value"]))
-        if empty:
+    keys = split_keys(frame["objectId"])
+    values = frame["value"].to_numpy()
+    for name, (low, high) in (("test", test_range), ("validation", validation_range)):
+        present = set(values[(keys >= low) & (keys <= high)])
+        absent = ingest.class_names([v for v in pd.unique(values) if v not in present])
+        if absent:
             raise InputError(
-                f"class(es) {preview(empty)} get no {name} images: no objectId of "
-                f"that class has a key in the {name} range; add images, merge "
-                f"classes, or widen --{name}-range"
+                f"class(es) {preview(absent)} get no {name} images: no objectId of that class "
+                f"has a key in the {name} range {low}-{high}, so balancing would leave every "
+                f"class with none; add images, merge classes, or widen --{name}-range"
             )
-    return out
+    types = assign_types(keys, frame["value"], test_range, validation_range)
+    return pd.DataFrame({"objectId": frame["objectId"].to_numpy(), "value": values, "type": types})
 
 
 def check_ranges(test_range: tuple[int, int], validation_range: tuple[int, int]) -> None:

@@ -1,0 +1,44 @@
+"""Shared fixtures: seeded randomness, small image files in every format, the demo data."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    random.seed(0)
+    np.random.seed(0)
+
+
+def random_rgb(height: int = 20, width: int = 30, seed: int = 0) -> np.ndarray:
+    """A smooth-ish random RGB image (JPEG-friendly, so lossy formats stay close)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(height // 4 + 1, width // 4 + 1, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((width, height), Image.BILINEAR))
+
+
+def save_image(path: Path, pixels: np.ndarray, fmt: str, mode: str = "RGB") -> Path:
+    """Write ``pixels`` as ``fmt`` in PIL ``mode`` (RGB, L, RGBA, P, CMYK, LA)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(pixels)
+    if mode == "RGBA":
+        image = image.convert("RGBA")
+        image.putalpha(128)
+    elif mode != "RGB":
+        image = image.convert(mode)
+    image.save(path, format=fmt)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo digits, written once per test session."""
+    from data_tools.demo import write_demo
+
+    return write_demo(tmp_path_factory.mktemp("demo") / "digits").parent

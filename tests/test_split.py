@@ -1,0 +1,206 @@
+"""The split against an independent, row-by-row implementation of the reference algorithm."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from data_tools import split as split_mod
+from data_tools.errors import run_cli
+
+
+def reference_split(rows: list[tuple[str, str]], test=(0, 24), val=(25, 49)) -> list[str]:
+    """The reference algorithm written plainly, one row at a time (no pandas)."""
+
+    def key(object_id: str) -> int:
+        tail = object_id.split(".")[0][-2:]
+        if tail and all(c in "0123456789abcdefABCDEF" for c in tail):
+            return int(tail, 16)
+        return hashlib.sha1(object_id.encode()).digest()[-1]
+
+    types = ["train"] * len(rows)
+    for name, (low, high) in (("test", test), ("validation", val)):
+        bucket = [i for i, (oid, _) in enumerate(rows) if low <= key(oid) <= high]
+        per_class: dict[str, list[int]] = {}
+        for i in bucket:
+            per_class.setdefault(rows[i][1], []).append(i)
+        classes = {value for _, value in rows}
+        smallest = min(len(per_class.get(c, [])) for c in classes)
+        for members in per_class.values():
+            for i in members[:smallest]:
+                types[i] = name
+    return types
+
+
+def hex_ids(count: int, seed: int, suffix: str = ".jpg") -> list[str]:
+    rng = np.random.default_rng(seed)
+    ids = []
+    for i in range(count):
+        digest = hashlib.sha1(f"{seed}-{i}".encode()).hexdigest()
+        # mixed case, as real exports sometimes are
+        ids.append((digest.upper() if rng.random() < 0.3 else digest) + suffix)
+    return ids
+
+
+def labels_frame(ids: list[str], values: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"objectId": ids, "value": values})
+
+
+def assert_matches_reference(frame: pd.DataFrame, **ranges) -> pd.DataFrame:
+    ours = split_mod.split_frame(frame, **ranges)
+    expected = reference_split(
+        list(zip(frame["objectId"], frame["value"], strict=True)),
+        *(ranges.get(k) for k in ("test_range", "validation_range") if k in ranges),
+    )
+    assert ours["objectId"].tolist() == frame["objectId"].tolist()  # input order kept
+    assert ours["type"].tolist() == expected
+    return ours
+
+
+def test_binary_reference_sized_set_matches_reference_row_for_row() -> None:
+    rng = np.random.default_rng(1)
+    values = np.array(["0"] * 7617 + ["1"] * 15023)
+    rng.shuffle(values)
+    frame = labels_frame(hex_ids(len(values), seed=1), values.tolist())
+    out = assert_matches_reference(frame)
+    counts = pd.crosstab(out["type"], out["value"])
+    # balanced buckets, and about 25/256 of the rows in each before trimming
+    assert counts.loc["test", "0"] == counts.loc["test", "1"]
+    assert counts.loc["validation", "0"] == counts.loc["validation", "1"]
+    assert 600 < counts.loc["test", "0"] < 800
+    assert counts.values.sum() == 22640
+
+
+def test_surplus_rows_are_the_later_ones_in_file_order() -> None:
+    # keys: '00' -> test. Class a has 3 test rows, class b has 1: a keeps only its first.
+    # keys 0x30/0x31 -> validation, one row of each class.
+    frame = labels_frame(
+        ["x00", "y00", "z00", "w00", "v99", "u30", "t31"], ["a", "a", "b", "a", "b", "a", "b"]
+    )
+    out = split_mod.split_frame(frame)
+    assert out["type"].tolist() == [
+        "test",
+        "train",
+        "test",
+        "train",
+        "train",
+        "validation",
+        "validation",
+    ]
+
+
+def test_multiclass_and_string_labels_match_reference() -> None:
+    rng = np.random.default_rng(2)
+    values = rng.choice(["cat", "dog", "horse", "zebra"], p=[0.1, 0.2, 0.3, 0.4], size=5000)
+    assert_matches_reference(labels_frame(hex_ids(5000, seed=2), values.tolist()))
+
+
+def test_ties_and_equal_classes_match_reference() -> None:
+    # Two classes tie for smallest in a bucket; and a perfectly balanced set.
+    ids = ["a00", "b01", "c02", "d03", "e04", "f20", "g21", "h30", "i31", "j32", "k33"]
+    values = ["0", "1", "2", "0", "1", "2", "2", "0", "1", "2", "0"]
+    assert_matches_reference(labels_frame(ids, values))
+    values = ["0", "1"] * 2000
+    out = assert_matches_reference(labels_frame(hex_ids(4000, seed=3), values))
+    assert (out["type"] == "test").sum() % 2 == 0
+
+
+def test_custom_ranges_match_reference() -> None:
+    rng = np.random.default_rng(4)
+    values = rng.choice(["0", "1", "2"], size=3000).tolist()
+    assert_matches_reference(
+        labels_frame(hex_ids(3000, seed=4), values), test_range=(200, 255), validation_range=(0, 63)
+    )
+
+
+def test_keys_hex_case_extension_and_sha1_fallback() -> None:
+    ids = pd.Series(["ab.jpg", "AB", "x.ff.png", "7", "cat_zz.jpg", ".hidden", "é1"])
+    keys = split_mod.split_keys(ids).tolist()
+    assert keys[:2] == [0xAB, 0xAB]
+    sha = [hashlib.sha1(t.encode()).digest()[-1] for t in ("x.ff.png", "cat_zz.jpg", ".hidden")]
+    assert keys[2] == sha[0]  # stem 'x' is not hex: the SHA-1 of the whole objectId
+    assert keys[3] == 7
+    assert keys[4:6] == sha[1:]
+    assert keys[6] == hashlib.sha1("é1".encode()).digest()[-1]
+
+
+def test_non_hex_ids_match_reference() -> None:
+    ids = [f"photo_{i}_{'xyz'[i % 3]}q.jpeg" for i in range(3000)]
+    values = ["a" if i % 3 else "b" for i in range(3000)]
+    assert_matches_reference(labels_frame(ids, values))
+
+
+def test_class_without_validation_images_is_an_error(tmp_path: Path, capsys) -> None:
+    labels = tmp_path / "label.csv"
+    # class b only ever lands in train (keys 0x80..): it would have no test/validation images
+    labels_frame(["a00", "b10", "c20", "d30", "e80", "f81"], ["a", "a", "a", "a", "b", "b"]).to_csv(
+        labels, index=False
+    )
+    out = tmp_path / "split.csv"
+    assert run_cli(split_mod.main, ["--labels", str(labels), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "class(es) b get no test images: no objectId of that class has a key in the test range 0-24"
+        in err
+        and err.count("\n") == 1
+    )
+    assert not out.exists()
+
+
+def test_cli_writes_split_classes_and_prints_counts(tmp_path: Path, capsys) -> None:
+    rng = np.random.default_rng(5)
+    values = rng.choice(["10", "2", "1"], size=2000).tolist()
+    frame = labels_frame(hex_ids(2000, seed=5), values)
+    labels = tmp_path / "label.csv"
+    frame.to_csv(labels, index=False)
+    out = tmp_path / "split_label.csv"
+    assert run_cli(split_mod.main, ["--labels", str(labels), "--out", str(out)]) == 0
+    written = pd.read_csv(out, dtype=str)
+    assert list(written.columns) == ["objectId", "value", "type"]
+    assert written["type"].tolist() == reference_split(
+        list(zip(frame.objectId, frame.value, strict=True))
+    )
+    assert (tmp_path / "split_label.classes.txt").read_text().split() == ["1", "2", "10"]
+    printed = capsys.readouterr().out
+    table = pd.crosstab(written["type"], written["value"])
+    header = next(line for line in printed.splitlines() if line.startswith("value"))
+    assert header.split() == ["value", "1", "2", "10", "all"]
+    test_line = next(line for line in printed.splitlines() if line.startswith("test"))
+    assert test_line.split()[1:] == [str(table.loc["test", c]) for c in ("1", "2", "10")] + [
+        str(table.loc["test"].sum())
+    ]
+
+
+def test_cli_runs_as_module_and_exits_2_without_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_tools.split",
+            "--labels",
+            str(tmp_path / "nope.csv"),
+            "--out",
+            str(tmp_path / "o.csv"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: labels file {tmp_path / 'nope.csv'} does not exist: pass the path of your "
+        "label.csv"
+    ]
+
+
+def test_benchmark_script_prints_a_table(capsys) -> None:
+    from data_tools import bench_split
+
+    assert bench_split.main(["--rows", "2000", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["rows", "split", "s", "file->file", "s", "rows/s"]
+    assert lines[1].split()[0] == "2,000" and float(lines[1].split()[1]) > 0

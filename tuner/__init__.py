@@ -1,0 +1,1 @@
+"""effnet-tuner's search side: hypermodel, budgeted search, results, export (issues 3-5)."""
