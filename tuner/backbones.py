@@ -1,0 +1,214 @@
+"""The one table of backbone facts, and how to build each backbone.
+
+Every setting that depends on the backbone (native image size, default batch size, the input
+range it expects, its blocks for partial unfreezing) is read from :data:`BACKBONES`; the
+pipeline and the search ask this table, never the search-space file.
+
+Sources:
+
+* ``B0`` .. ``B7``: ``keras.applications.EfficientNetB0..B7``. ImageNet weights come from
+  Keras' cache (``~/.keras/models/efficientnetb0_notop.h5`` ...), downloaded on first use.
+  They take pixels in 0..255 and normalise inside.
+* ``hub:<handle or SavedModel path>``: a TF-Hub image feature-vector module, always frozen,
+  wrapped in a Keras 3 layer around ``hub.load`` (``hub.KerasLayer`` is a Keras 2 layer).
+  TF-Hub EfficientNet feature vectors take pixels in 0..1.
+* ``T0``: a tiny EfficientNet (width and depth x0.25, 32 px, 128k parameters) built by the
+  same Keras code, for fast tests of the production path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+
+from data_tools.errors import InputError
+
+BLOCK_NAME = re.compile(r"^block(\d+[a-z])_")
+TOP_BLOCK = "top"  # top_conv / top_bn / top_activation: the last unit to unfreeze
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """Facts about one backbone. ``batch`` is the default batch size for an 8 GB card."""
+
+    name: str
+    size: int
+    batch: int
+    input_scale: float  # multiply 0..255 pixels by this before the backbone
+    constructor: str  # attribute of keras.applications, or "hub" / "tiny"
+    weights_file: str | None = None  # the notop file in Keras' cache, for ImageNet weights
+    handle: str | None = None  # TF-Hub handle or SavedModel path
+
+    @property
+    def finetunable(self) -> bool:
+        return self.constructor != "hub"
+
+
+def _keras_effnet(index: int, size: int, batch: int) -> Backbone:
+    return Backbone(
+        f"B{index}", size, batch, 1.0, f"EfficientNetB{index}", f"efficientnetb{index}_notop.h5"
+    )
+
+
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in [
+        _keras_effnet(0, 224, 512),
+        _keras_effnet(1, 240, 256),
+        _keras_effnet(2, 260, 256),
+        _keras_effnet(3, 300, 128),
+        _keras_effnet(4, 380, 128),
+        _keras_effnet(5, 456, 64),
+        _keras_effnet(6, 528, 32),
+        _keras_effnet(7, 600, 32),
+        Backbone("T0", 32, 64, 1.0, "tiny"),
+    ]
+}
+_HUB_SIZE = re.compile(r"efficientnet[/_-]?b([0-7])", re.IGNORECASE)
+
+
+def get(name: str) -> Backbone:
+    """The table entry for ``name`` (``B0``..``B7``, ``T0``, or ``hub:<handle>``)."""
+    if name.startswith("hub:"):
+        handle = name[len("hub:") :]
+        match = _HUB_SIZE.search(handle)
+        size = BACKBONES[f"B{match.group(1)}"].size if match else 224
+        batch = BACKBONES[f"B{match.group(1)}"].batch if match else 256
+        return Backbone(name, size, batch, 1 / 255, "hub", handle=handle)
+    if name not in BACKBONES:
+        raise InputError(
+            f"unknown backbone '{name}': valid backbones are "
+            f"{', '.join(BACKBONES)} or hub:<handle or SavedModel path>"
+        )
+    return BACKBONES[name]
+
+
+def keras_cache_dir() -> Path:
+    """Where Keras keeps downloaded weights (``$KERAS_HOME/models`` or ``~/.keras/models``)."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(home) / "models"
+
+
+def build(backbone: Backbone, size: int, weights: str | None) -> keras.Model:
+    """The backbone as a Keras model from ``[size, size, 3]`` pixels (already scaled) to
+    pooled features. ``weights`` is ``"imagenet"``, ``None`` or a weights file path."""
+    shape = (size, size, 3)
+    if weights not in (None, "imagenet") and Path(weights).is_dir():
+        weights = str(Path(weights) / (backbone.weights_file or f"{backbone.name}.weights.h5"))
+    if backbone.constructor == "hub":
+        return _hub_model(backbone.handle, shape)
+    if backbone.constructor == "tiny":
+        from keras.src.applications.efficientnet import EfficientNet
+
+        model = EfficientNet(
+            0.25,
+            0.25,
+            32,
+            dropout_rate=0.0,
+            drop_connect_rate=0.0,
+            name="efficientnet_t0",
+            include_top=False,
+            weights=None,
+            input_shape=shape,
+            pooling="avg",
+        )
+        if weights not in (None, "imagenet"):
+            model.load_weights(weights)
+        return model
+    constructor = getattr(keras.applications, backbone.constructor)
+    return constructor(include_top=False, weights=weights, input_shape=shape, pooling="avg")
+
+
+def blocks(model: keras.Model) -> list[str]:
+    """The model's unfreezable units in order, bottom to top: ``1a, 2a, 2b, ..., 7a, top``."""
+    found = list(
+        dict.fromkeys(m.group(1) for layer in model.layers if (m := BLOCK_NAME.match(layer.name)))
+    )
+    has_top = any(layer.name.startswith("top_") for layer in model.layers)
+    return found + ([TOP_BLOCK] if has_top else [])
+
+
+def block_of(layer_name: str) -> str | None:
+    """The unit a layer belongs to (``'6b'``, ``'top'``), or None for the stem and the rest."""
+    if match := BLOCK_NAME.match(layer_name):
+        return match.group(1)
+    return TOP_BLOCK if layer_name.startswith("top_") else None
+
+
+def unfreeze_top(model: keras.Model, count: int) -> list[str]:
+    """Make the top ``count`` blocks trainable, all else frozen; BatchNorm always stays frozen.
+
+    Whole blocks only. Returns the names of the blocks unfrozen. ``count == 0`` freezes the
+    whole backbone.
+    """
+    units = blocks(model)
+    chosen = set(units[len(units) - count :]) if count > 0 else set()
+    model.trainable = bool(chosen)
+    for layer in model.layers:
+        batch_norm = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = block_of(layer.name) in chosen and not batch_norm
+    return [unit for unit in units if unit in chosen]
+
+
+def blocks_for_fraction(model: keras.Model, fraction: float) -> int:
+    """How many top blocks ``fraction`` of the backbone's blocks is (rounded, at least 1 when
+    fraction > 0)."""
+    if fraction <= 0:
+        return 0
+    return max(1, round(fraction * len(blocks(model))))
+
+
+def ensure_weights(backbone: Backbone) -> None:
+    """Make sure ImageNet weights for ``backbone`` are in Keras' cache, downloading them if
+    they are not. Raises one clear line when they cannot be had (offline)."""
+    if backbone.weights_file is None:
+        return
+    target = keras_cache_dir() / backbone.weights_file
+    if target.is_file():
+        return
+    url = "https://storage.googleapis.com/keras-applications/" + backbone.weights_file
+    try:
+        keras.utils.get_file(backbone.weights_file, url, cache_subdir="models")
+    except Exception:  # noqa: BLE001 - any download failure means the same thing to the user
+        raise WeightsUnavailable(
+            f"ImageNet weights for {backbone.name} are not in Keras' cache and cannot be "
+            f"downloaded: put {backbone.weights_file} in {keras_cache_dir()}/ or run with "
+            f"--weights none"
+        ) from None
+
+
+class WeightsUnavailable(InputError):
+    """ImageNet weights are neither cached nor downloadable."""
+
+
+def _hub_model(handle: str, shape: tuple[int, int, int]) -> keras.Model:
+    inputs = keras.Input(shape)
+    features = HubFeatures(handle, name="hub_features")(inputs)
+    return keras.Model(inputs, features, name="hub_backbone")
+
+
+class HubFeatures(keras.layers.Layer):
+    """A frozen TF-Hub feature-vector module (``hub.load``) as a Keras 3 layer."""
+
+    def __init__(self, handle: str, **kwargs) -> None:
+        super().__init__(trainable=False, **kwargs)
+        import tensorflow_hub as hub
+
+        self.handle = handle
+        try:
+            self._module = hub.load(handle)
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(
+                f"cannot load TF-Hub module {handle} ({type(exc).__name__}): "
+                f"download it and pass hub:<local SavedModel folder>"
+            ) from None
+
+    def call(self, inputs):
+        return self._module(inputs)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "handle": self.handle}

@@ -1,0 +1,93 @@
+"""Wall-clock budget arithmetic: parse ``20h`` / ``1h30m``, estimate trials, keep the ledger.
+
+The budget is the whole search's wall clock, counted across resumes: each invocation adds
+the time it ran to ``results/<name>/budget.json``. A trial is not started when the estimate
+from earlier finished trials of the same backbone and image size says it cannot finish; a
+running trial stops at the first epoch boundary past the deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_tools.atomic import write_text
+from data_tools.errors import InputError
+
+_PART = re.compile(r"(\d+(?:\.\d+)?)([hms])")
+_UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_budget(text: str) -> float:
+    """``'20h'`` -> 72000.0 seconds; also ``90m``, ``45s``, ``1h30m``, ``1.5h``."""
+    cleaned = text.strip().lower().replace(" ", "")
+    parts = _PART.findall(cleaned)
+    if not cleaned or "".join(n + u for n, u in parts) != cleaned:
+        raise InputError(f"--budget '{text}' is not a duration: write e.g. 20h, 90m, 45s or 1h30m")
+    seconds = sum(float(number) * _UNIT[unit] for number, unit in parts)
+    if seconds <= 0:
+        raise InputError(f"--budget '{text}' must be longer than zero")
+    return seconds
+
+
+def format_seconds(seconds: float) -> str:
+    """5025 -> '1h23m45s'; 42.3 -> '42s'."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def estimate_seconds(
+    history: Iterable[tuple[float, int]], epochs: int, margin: float = 1.1
+) -> float | None:
+    """Seconds a trial of ``epochs`` epochs should take, from earlier trials' (seconds, epochs)
+    of the same backbone and size; None when there are none to go by."""
+    per_epoch = [seconds / count for seconds, count in history if count > 0]
+    if not per_epoch:
+        return None
+    return statistics.median(per_epoch) * epochs * margin
+
+
+def can_start(estimate: float | None, remaining: float) -> bool:
+    """A trial starts when time is left and the estimate (if any) fits in it."""
+    return remaining > 0 and (estimate is None or estimate <= remaining)
+
+
+@dataclass
+class Ledger:
+    """Time spent by earlier invocations of this search, and the clock of this one."""
+
+    path: Path
+    budget_s: float
+    spent_before_s: float = 0.0
+    started: float = 0.0
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], budget_s: float) -> Ledger:
+        path = Path(path)
+        spent = 0.0
+        if path.is_file():
+            spent = float(json.loads(path.read_text()).get("spent_s", 0.0))
+        return cls(path, budget_s, spent, time.monotonic())
+
+    def spent(self) -> float:
+        return self.spent_before_s + (time.monotonic() - self.started)
+
+    def remaining(self) -> float:
+        return self.budget_s - self.spent()
+
+    def save(self) -> None:
+        """Write the time spent so far (atomically), so a resume counts it."""
+        write_text(
+            self.path,
+            json.dumps({"spent_s": round(self.spent(), 3), "budget_s": self.budget_s}) + "\n",
+        )

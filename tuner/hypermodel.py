@@ -1,0 +1,271 @@
+"""The hypermodel: ``build(hp)`` is the model, ``fit(hp, model, ...)`` is its training.
+
+The model is ``pixels (float, 0..255) -> [rescale] -> backbone -> head``, with the backbone
+and the head as two named sub-models (``backbone``, ``head``) so the head can later be
+trained on cached backbone features without changing either.
+
+Training, with pretrained weights:
+
+1. phase 1: the backbone is frozen and the head trains at ``learning_rate``;
+2. phase 2 (when ``finetune_fraction > 0``): the top blocks of the backbone are unfrozen
+   (whole blocks; BatchNorm stays frozen and in inference mode) and everything trainable
+   continues at ``learning_rate * finetune_lr_factor`` for ``finetune_epochs`` epochs.
+
+With random weights (``--weights none``) frozen features carry no information, so every
+trial trains the whole network, BatchNorm included, in one phase.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import keras_tuner as kt
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from sklearn.utils.class_weight import compute_class_weight
+
+from data_tools import pipeline
+from tuner import backbones
+from tuner import space as space_mod
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """Everything a trial's values and the backbone table decide, as plain data."""
+
+    backbone: str
+    image_size: int
+    batch_size: int
+    head_width: int
+    dropout: float
+    learning_rate: float
+    finetune_fraction: float
+    finetune_lr_factor: float
+    class_weight: str
+    pretrained: bool
+
+    @property
+    def fine_tunes(self) -> bool:
+        return self.pretrained and self.finetune_fraction > 0
+
+
+class SplitData:
+    """Train and validation rows of the normalised table, served as tf.data per size.
+
+    The test split is never given to this class: it is read by export alone.
+    """
+
+    def __init__(self, table: pd.DataFrame, classes: Sequence[str], cache_dir: str | None):
+        if "type" in table and table["type"].eq("test").any():
+            raise ValueError("the search must not see the test split")
+        self.train = table[table["type"] == "train"].reset_index(drop=True)
+        self.validation = table[table["type"] == "validation"].reset_index(drop=True)
+        self.classes = list(classes)
+        self.cache_dir = cache_dir
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def datasets(
+        self, size: int, batch_size: int, seed: int
+    ) -> tuple[tf.data.Dataset, tf.data.Dataset]:
+        """(train, validation) as float32 pixels in 0..255 and int32 labels."""
+
+        def as_float(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            return tf.cast(images, tf.float32), labels
+
+        train = pipeline.make_dataset(
+            self.train,
+            size,
+            batch_size,
+            shuffle=True,
+            seed=seed,
+            cache_dir=self.cache_dir,
+            split="train",
+        )
+        val = pipeline.make_dataset(
+            self.validation, size, batch_size, cache_dir=self.cache_dir, split="validation"
+        )
+        return train.map(as_float), val.map(as_float)
+
+    def class_weights(self) -> dict[int, float]:
+        """scikit-learn's ``balanced`` weights over the train split."""
+        y = self.train["class_index"].to_numpy()
+        present = np.unique(y)
+        weights = compute_class_weight("balanced", classes=present, y=y)
+        return {int(c): float(w) for c, w in zip(present, weights, strict=True)}
+
+
+class EffNetHyperModel(kt.HyperModel):
+    """Keras Tuner hypermodel over the backbone table, head, learning rate and fine-tuning."""
+
+    def __init__(
+        self,
+        space: space_mod.SearchSpace,
+        data: SplitData,
+        weights: str | None,
+        callbacks_factory=None,
+    ) -> None:
+        super().__init__(name="effnet")
+        self.space = space
+        self.data = data
+        self.weights = weights  # "imagenet", None (random) or a path
+        self.callbacks_factory = callbacks_factory  # () -> list of per-fit callbacks
+        self.batch_override: int | None = None  # set by out-of-memory retries
+        self.last_fit: dict[str, Any] = {}
+
+    def plan(self, hp: kt.HyperParameters) -> TrialPlan:
+        values = space_mod.declare(hp, self.space)
+        entry = backbones.get(values["backbone"])
+        size = values.get("image_size", "native")
+        fixed = self.space.image_size
+        size = entry.size if size == "native" else int(size)
+        if "image_size" not in values and isinstance(fixed, int):
+            size = fixed
+        batch = entry.batch if self.space.batch_size == "native" else int(self.space.batch_size)
+        return TrialPlan(
+            backbone=entry.name,
+            image_size=size,
+            batch_size=self.batch_override or batch,
+            head_width=int(values["head_width"]),
+            dropout=float(values["dropout"]),
+            learning_rate=float(values["learning_rate"]),
+            finetune_fraction=float(values["finetune_fraction"]) if entry.finetunable else 0.0,
+            finetune_lr_factor=float(values["finetune_lr_factor"]),
+            class_weight=str(values["class_weight"]),
+            pretrained=self.weights is not None,
+        )
+
+    def build(self, hp: kt.HyperParameters) -> keras.Model:
+        plan = self.plan(hp)
+        entry = backbones.get(plan.backbone)
+        inputs = keras.Input((plan.image_size, plan.image_size, 3), name="pixels")
+        x = inputs
+        if entry.input_scale != 1.0:
+            x = keras.layers.Rescaling(entry.input_scale, name="input_scale")(x)
+        base = backbones.build(entry, plan.image_size, self.weights)
+        base.name = "backbone"
+        if plan.pretrained:
+            base.trainable = False
+            # training=False keeps BatchNorm in inference mode even when blocks are unfrozen.
+            features = base(x, training=False)
+        else:
+            # From random init the moving statistics must catch up with the batch statistics;
+            # at Keras' momentum 0.99 that takes ~300 steps (validation accuracy stays at
+            # chance for ~6 epochs of the 1.5k-image demo), at 0.9 about 30.
+            for layer in base.layers:
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.momentum = 0.9
+            features = base(x)
+        head = build_head(features.shape[-1], plan.head_width, plan.dropout, self.data.num_classes)
+        model = keras.Model(inputs, head(features), name=f"effnet_{plan.backbone.lower()}")
+        compile_model(model, plan.learning_rate, self.data.num_classes)
+        return model
+
+    def fit(
+        self,
+        hp: kt.HyperParameters,
+        model: keras.Model,
+        *args,
+        epochs: int | None = None,
+        initial_epoch: int = 0,
+        callbacks: Sequence[keras.callbacks.Callback] = (),
+        **kwargs,
+    ) -> dict[str, float]:
+        plan = self.plan(hp)
+        epochs = epochs or self.space.epochs
+        train, val = self.data.datasets(plan.image_size, plan.batch_size, self.space.seed)
+        weights = self.data.class_weights() if plan.class_weight == "balanced" else None
+        own = list(self.callbacks_factory()) if self.callbacks_factory else []
+        callbacks = [*callbacks, *own, keras.callbacks.TerminateOnNaN()]
+        phase1_end = epochs - self.finetune_epochs(epochs) if plan.fine_tunes else epochs
+        history: dict[str, list[float]] = {}
+        # shuffle=False: the dataset shuffles itself (Keras warns that it ignores the flag).
+        fit_args = dict(
+            validation_data=val,
+            class_weight=weights,
+            callbacks=callbacks,
+            verbose=0,
+            shuffle=False,
+        )
+        if initial_epoch < phase1_end:
+            _extend(
+                history,
+                model.fit(train, epochs=phase1_end, initial_epoch=initial_epoch, **fit_args),
+            )
+        if plan.fine_tunes and epochs > phase1_end and not model.stop_training:
+            base = model.get_layer("backbone")
+            unfrozen = backbones.unfreeze_top(
+                base, backbones.blocks_for_fraction(base, plan.finetune_fraction)
+            )
+            self.last_fit["unfrozen_blocks"] = unfrozen
+            compile_model(
+                model, plan.learning_rate * plan.finetune_lr_factor, self.data.num_classes
+            )
+            _extend(
+                history,
+                model.fit(
+                    train, epochs=epochs, initial_epoch=max(initial_epoch, phase1_end), **fit_args
+                ),
+            )
+        self.last_fit.update(
+            history=history,
+            epochs_run=len(history.get("loss", [])),
+            planned_epochs=epochs - initial_epoch,
+            plan=plan,
+        )
+        return best_metrics(history)
+
+    def finetune_epochs(self, epochs: int) -> int:
+        """Phase-2 epochs out of ``epochs``: the space's setting, else half (at least 1)."""
+        wanted = self.space.finetune_epochs or math.ceil(epochs / 2)
+        return min(wanted, max(epochs - 1, 0))
+
+
+def build_head(features: int, width: int, dropout: float, num_classes: int) -> keras.Model:
+    """Pooled features -> [Dense(width, relu) -> Dropout] -> Dense(1, sigmoid) or
+    Dense(C, softmax). ``width == 0`` is a linear head (dropout still applies)."""
+    inputs = keras.Input((features,), name="features")
+    x = inputs
+    if width > 0:
+        x = keras.layers.Dense(width, activation="relu", name="hidden")(x)
+    if dropout > 0:
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+    if num_classes == 2:
+        outputs = keras.layers.Dense(1, activation="sigmoid", name="probability")(x)
+    else:
+        outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def compile_model(model: keras.Model, learning_rate: float, num_classes: int) -> None:
+    """Adam, and the loss that matches the head (keywords: compile's third positional
+    argument is loss_weights in Keras 3)."""
+    loss = "binary_crossentropy" if num_classes == 2 else "sparse_categorical_crossentropy"
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss=loss,
+        metrics=["accuracy"],
+    )
+
+
+def _extend(history: dict[str, list[float]], result: keras.callbacks.History) -> None:
+    for key, values in result.history.items():
+        history.setdefault(key, []).extend(float(v) for v in values)
+
+
+def best_metrics(history: dict[str, list[float]]) -> dict[str, float]:
+    """The epoch with the best val accuracy: its val accuracy and loss, train accuracy and
+    loss. Raises when the loss became NaN (the trial failed)."""
+    losses = history.get("loss", [])
+    if not losses or any(math.isnan(v) for v in losses + history.get("val_loss", [])):
+        at = next((i + 1 for i, v in enumerate(losses) if math.isnan(v)), len(losses))
+        raise kt.errors.FailedTrialError(f"loss became NaN at epoch {at}")
+    best = int(np.argmax(history["val_accuracy"]))
+    return {key: values[best] for key, values in history.items()}

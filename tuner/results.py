@@ -1,0 +1,188 @@
+"""results/<name>/: trials.csv (one row a trial), leaderboard.md, pareto.png.
+
+The decisions here are pure functions over a trials table (:func:`pareto_front`,
+:func:`leaderboard_markdown`); the file writing around them is thin and atomic.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from data_tools.atomic import atomic_path, write_text
+
+# trials.csv columns, in order (results/README.md explains each).
+COLUMNS = [
+    "trial_id",
+    "status",
+    "reason",
+    "backbone",
+    "image_size",
+    "batch_size",
+    "head_width",
+    "dropout",
+    "learning_rate",
+    "finetune_fraction",
+    "finetune_lr_factor",
+    "class_weight",
+    "weights",
+    "val_accuracy",
+    "val_loss",
+    "train_accuracy",
+    "train_loss",
+    "best_epoch",
+    "epochs",
+    "train_seconds",
+    "latency_ms",
+    "images_per_s",
+    "device",
+    "params",
+    "model_bytes",
+    "unfrozen_blocks",
+    "hyperband_epochs",
+    "resumed_from",
+    "wandb_run_id",
+]
+FINISHED = ("completed", "stopped-budget")
+
+
+class Results:
+    """The results folder of one search."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.dir = Path(directory)
+        self.trials_csv = self.dir / "trials.csv"
+
+    def rows(self) -> pd.DataFrame:
+        """trials.csv as a table (empty, with every column, before the first trial)."""
+        if not self.trials_csv.is_file():
+            return pd.DataFrame(columns=COLUMNS)
+        return pd.read_csv(
+            self.trials_csv,
+            dtype={"trial_id": str, "resumed_from": str, "reason": str, "wandb_run_id": str},
+        )
+
+    def upsert(self, row: dict[str, Any]) -> None:
+        """Add a trial's row, or replace the row with the same trial_id; atomic rewrite."""
+        table = self.rows()
+        table = table[table["trial_id"] != str(row["trial_id"])]
+        new = pd.DataFrame([{column: row.get(column, "") for column in COLUMNS}])
+        table = new if table.empty else pd.concat([table, new], ignore_index=True)
+        with atomic_path(self.trials_csv) as tmp:
+            table[COLUMNS].to_csv(tmp, index=False)
+
+    def history(self, backbone: str, image_size: int) -> list[tuple[float, int]]:
+        """(train seconds, epochs) of finished trials of this backbone and size."""
+        table = self.rows()
+        done = table[
+            table["status"].isin(FINISHED)
+            & (table["backbone"] == backbone)
+            & (table["image_size"] == image_size)
+        ]
+        return list(
+            zip(done["train_seconds"].astype(float), done["epochs"].astype(int), strict=True)
+        )
+
+    def trial_dir(self, trial_id: str) -> Path:
+        return self.dir / "trials" / str(trial_id)
+
+    def write_summary(self) -> pd.DataFrame:
+        """leaderboard.md and pareto.png from trials.csv; returns the finished trials."""
+        table = self.rows()
+        done = table[table["status"].isin(FINISHED)].reset_index(drop=True)
+        write_text(self.dir / "leaderboard.md", leaderboard_markdown(table))
+        if not done.empty:
+            plot_pareto(done, self.dir / "pareto.png")
+        return done
+
+
+def pareto_front(accuracy: Iterable[float], cost: Iterable[float]) -> np.ndarray:
+    """True for each trial that no other trial beats: at least as accurate and as cheap, and
+    strictly better in one. Ties (same accuracy and cost) are all on the front."""
+    acc = np.asarray(list(accuracy), dtype=float)
+    time = np.asarray(list(cost), dtype=float)
+    dominated = np.zeros(len(acc), dtype=bool)
+    for i in range(len(acc)):
+        better_or_equal = (acc >= acc[i]) & (time <= time[i])
+        strictly = (acc > acc[i]) | (time < time[i])
+        dominated[i] = bool(np.any(better_or_equal & strictly))
+    return ~dominated
+
+
+def leaderboard_markdown(table: pd.DataFrame) -> str:
+    """The reference table, filled in: finished trials by val accuracy, best first."""
+    done = table[table["status"].isin(FINISHED)].copy()
+    lines = [
+        "| trial | model | px | batch | file size | params | val loss | val acc | "
+        "train time | latency | vs fastest | pareto |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    if not done.empty:
+        done["pareto"] = pareto_front(done["val_accuracy"], done["latency_ms"])
+        fastest = done["train_seconds"].astype(float).min()
+        done = done.sort_values(["val_accuracy", "latency_ms"], ascending=[False, True])
+        for row in done.itertuples():
+            stopped = " (budget)" if row.status == "stopped-budget" else ""
+            lines.append(
+                f"| {row.trial_id} | {row.backbone}{stopped} | {int(row.image_size)} | "
+                f"{int(row.batch_size)} | {_size(row.model_bytes)} | {int(row.params):,} | "
+                f"{float(row.val_loss):.4f} | {float(row.val_accuracy):.4f} | "
+                f"{_duration(row.train_seconds)} | {float(row.latency_ms):.2f} ms | "
+                f"{float(row.train_seconds) / fastest:.1f}x | {'*' if row.pareto else ''} |"
+            )
+    failed = table[~table["status"].isin(FINISHED)]
+    text = "\n".join(lines) + "\n"
+    if not failed.empty:
+        text += "\nFailed trials:\n\n" + "".join(
+            f"- {row.trial_id} {row.backbone}: {row.reason}\n" for row in failed.itertuples()
+        )
+    return text
+
+
+def _size(num_bytes: Any) -> str:
+    value = float(num_bytes)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
+
+
+def _duration(seconds: Any) -> str:
+    from tuner.budget import format_seconds
+
+    return format_seconds(float(seconds))
+
+
+def plot_pareto(done: pd.DataFrame, path: Path) -> None:
+    """Val accuracy against latency, one colour per backbone, the Pareto front drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for backbone, group in done.groupby("backbone"):
+        ax.scatter(group["latency_ms"], group["val_accuracy"], label=backbone, alpha=0.8)
+    front = done[pareto_front(done["val_accuracy"], done["latency_ms"])].sort_values("latency_ms")
+    ax.step(
+        front["latency_ms"],
+        front["val_accuracy"],
+        where="post",
+        color="black",
+        linewidth=1,
+        label="Pareto front",
+    )
+    ax.set_xlabel("inference latency, ms per image (batch 1)")
+    ax.set_ylabel("validation accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -1,0 +1,342 @@
+"""Budgeted, resumable Keras Tuner search over EfficientNet transfer-learning classifiers.
+
+    python -m tuner.search --budget 5m                       # the demo digits, quick.yaml
+    python -m tuner.search --data label.csv --images images/ --budget 20h
+
+``--data`` is a split file (``objectId,value,type``), an unsplit ``label.csv`` (split first,
+exactly like ``python -m data_tools.split``; the split is saved with the results) or a
+folder with one sub-folder per class. Without ``--data`` the demo digits are written to a
+cache folder and ``search_spaces/quick.yaml`` is used.
+
+Re-running with the same ``--name`` resumes: finished trials are kept and never repeated,
+and the budget counts the time already spent. ``--overwrite`` starts again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_tools import ingest
+from data_tools.atomic import write_text
+from data_tools.errors import InputError, run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+SPACES = ROOT / "search_spaces"
+EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """The command line, resolved: explicit arguments for :func:`run_search`."""
+
+    data: str | None
+    images: str | None
+    space: str
+    budget_s: float
+    name: str
+    results: str
+    algorithm: str | None
+    weights: str
+    seed: int | None
+    overrides: dict[str, Any]
+    overwrite: bool
+    cache: str
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "effnet-tuner"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tuner.search",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--data", help="split_label.csv, label.csv or a class folder (default: the demo digits)"
+    )
+    parser.add_argument("--images", help="image folder (default: images/ beside --data)")
+    parser.add_argument(
+        "--space",
+        help="search-space YAML (default: search_spaces/default.yaml; quick.yaml for the demo)",
+    )
+    parser.add_argument(
+        "--budget",
+        default="5m",
+        help="wall clock for the whole search, across resumes: 20h, 90m, 45s, 1h30m",
+    )
+    parser.add_argument("--name", help="search name: results/<name>/ (default: from the data)")
+    parser.add_argument("--results", default="results", help="results root folder")
+    parser.add_argument("--algorithm", choices=["hyperband", "bayesian", "random"])
+    parser.add_argument(
+        "--weights",
+        default="imagenet",
+        help="imagenet (Keras' cache), none (random init) or a folder holding "
+        "efficientnetb<N>_notop.h5 files",
+    )
+    parser.add_argument("--seed", type=int)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a search-space key (value read as YAML); repeatable",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="start the search again")
+    parser.add_argument(
+        "--cache", default=str(default_cache()), help="where the demo data is written"
+    )
+    return parser
+
+
+def resolve_request(args: argparse.Namespace) -> SearchRequest:
+    from tuner import budget, space
+
+    demo = args.data is None
+    name = args.name or ("demo" if demo else _name_from_data(Path(args.data)))
+    default_space = SPACES / ("quick.yaml" if demo else "default.yaml")
+    return SearchRequest(
+        data=args.data,
+        images=args.images,
+        space=args.space or str(default_space),
+        budget_s=budget.parse_budget(args.budget),
+        name=name,
+        results=args.results,
+        algorithm=args.algorithm,
+        weights=args.weights,
+        seed=args.seed,
+        overrides=space.parse_overrides(args.set),
+        overwrite=args.overwrite,
+        cache=args.cache,
+    )
+
+
+def _name_from_data(data: Path) -> str:
+    return (data.name if data.is_dir() else data.parent.name or data.stem) or "search"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_search(resolve_request(args))
+
+
+def run_search(request: SearchRequest) -> int:
+    """Run (or resume) one search; returns the exit code. Reads top to bottom."""
+    from rich.console import Console
+
+    from tuner import budget, hypermodel, trial
+    from tuner import space as space_mod
+    from tuner.results import Results
+
+    console = Console(highlight=False, soft_wrap=True)
+    out = Path(request.results) / request.name
+    if request.overwrite and out.exists():
+        shutil.rmtree(out)
+    overrides = dict(request.overrides)
+    if request.algorithm:
+        overrides["algorithm"] = request.algorithm
+    if request.seed is not None:
+        overrides["seed"] = request.seed
+    space = space_mod.load(request.space, overrides)
+    table, classes, data_facts = load_data(request, out)
+    weights, weights_label = resolve_weights(
+        request.weights, space, demo=request.data is None, console=console
+    )
+    config = {
+        "name": request.name,
+        "space_file": request.space,
+        "space": space.as_dict(),
+        "weights": weights_label,
+        "budget_s": request.budget_s,
+        **data_facts,
+    }
+    check_resume(out, config)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+    results = Results(out)
+    ledger = budget.Ledger.open(out / "budget.json", request.budget_s)
+    context = trial.SearchContext(
+        ledger=ledger, results=results, console=console, weights_label=weights_label, facts=config
+    )
+    data = hypermodel.SplitData(table, classes, cache_dir=str(out / "cache"))
+    model = hypermodel.EffNetHyperModel(space, data, weights, callbacks_factory=context.callbacks)
+    tuner = make_tuner(trial.tuner_class(space.algorithm), model, space, out)
+    tuner.context = context
+
+    console.print(
+        f"search [bold]{request.name}[/bold]: {len(data.train)} train / "
+        f"{len(data.validation)} validation images, {len(classes)} classes; "
+        f"{space.algorithm}; weights {weights_label}; budget "
+        f"{budget.format_seconds(request.budget_s)}, "
+        f"{budget.format_seconds(max(ledger.remaining(), 0))} left"
+    )
+    code = 0
+    with _stop_on_signals(context):
+        try:
+            tuner.search(verbose=0)
+            console.print("search finished: the algorithm has no more trials to run")
+        except trial.BudgetExhausted as exc:
+            console.print(f"budget reached: {exc}")
+        except trial.Interrupted:
+            console.print(
+                "[yellow]interrupted[/yellow]: the running trial is discarded and "
+                "will run again on resume; finished trials are kept"
+            )
+            code = EXIT_INTERRUPTED
+        except RuntimeError as exc:
+            if "consecutive failures" not in str(exc):
+                raise
+            console.print(
+                f"[red]stopped: {space.max_consecutive_failures} trials failed in a "
+                f"row[/red] (last: {exc.args[0].splitlines()[-1]}); reasons are in "
+                f"{results.trials_csv}; raise max_consecutive_failures with --set to "
+                f"go on"
+            )
+            code = 1
+    ledger.save()
+    done = results.write_summary()
+    print((out / "leaderboard.md").read_text())
+    console.print(
+        f"{len(done)} finished trial(s) in {budget.format_seconds(ledger.spent())} of "
+        f"{budget.format_seconds(request.budget_s)}; results in {out}/; resume with "
+        f"the same command (--name {request.name})"
+    )
+    return code
+
+
+def load_data(request: SearchRequest, out: Path):
+    """(train+validation table, class names, facts for the config) from ``--data``."""
+    from data_tools import demo, split
+
+    data = Path(request.data) if request.data else demo.ensure_demo(request.cache)
+    images = Path(request.images) if request.images else None
+    if data.is_dir() or not ingest.is_split_csv(data):
+        if images is None and not data.is_dir():
+            images = data.parent / "images"
+        split_path = out / "split_label.csv"
+        if not split_path.is_file():
+            split.split_files(data, split_path, images=images if not data.is_dir() else None)
+        frame = ingest.read_split_csv(split_path)
+        images = images or data
+        source = str(split_path)
+    else:
+        frame = ingest.read_split_csv(data)
+        images = images or data.parent / "images"
+        source = str(data)
+    frame = frame[frame["type"] != "test"].reset_index(drop=True)  # export alone reads test
+    classes = ingest.class_names(frame["value"])
+    table = ingest.normalise(frame, ingest.resolve_paths(frame, images), classes)
+    counts = table["type"].value_counts().to_dict()
+    facts = {
+        "data": source,
+        "images": str(images),
+        "classes": classes,
+        "split_counts": {k: int(v) for k, v in counts.items()},
+    }
+    return table, classes, facts
+
+
+def resolve_weights(choice: str, space, demo: bool, console) -> tuple[str | None, str]:
+    """(what the backbone constructors get, a label for the records)."""
+    from tuner import backbones
+
+    if choice.lower() == "none":
+        return None, "none"
+    if choice.lower() != "imagenet":
+        folder = Path(choice)
+        if not folder.is_dir():
+            raise InputError(
+                f"--weights {choice}: not imagenet, none, or a folder holding "
+                f"efficientnetb<N>_notop.h5 files"
+            )
+        return str(folder), str(folder)
+    try:
+        for name in space.backbones:
+            backbones.ensure_weights(backbones.get(name))
+    except backbones.WeightsUnavailable as exc:
+        if not demo:
+            raise
+        console.print(
+            f"[yellow]warning:[/yellow] {exc}; the demo goes on with random weights, "
+            f"training the whole network"
+        )
+        return None, "none (imagenet unavailable)"
+    if any(backbones.get(n).constructor == "tiny" for n in space.backbones):
+        return None, "none (test backbone)"
+    return "imagenet", "imagenet"
+
+
+def check_resume(out: Path, config: dict[str, Any]) -> None:
+    """A resumed search must use the same search space and data as the first run."""
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    for key in ("space", "data", "weights", "classes"):
+        if saved.get(key) != config.get(key):
+            raise InputError(
+                f"{out} holds a search with a different {key}: resume with the "
+                f"same settings, pass --overwrite to start again, or pick a new "
+                f"--name"
+            )
+
+
+def make_tuner(cls: type, model, space, out: Path):
+    """The Keras Tuner object, reloading its state from ``out/keras_tuner`` when present."""
+    import keras_tuner as kt
+
+    common = dict(
+        hypermodel=model,
+        objective=kt.Objective("val_accuracy", "max"),
+        seed=space.seed,
+        directory=str(out),
+        project_name="keras_tuner",
+        overwrite=False,
+        max_consecutive_failed_trials=space.max_consecutive_failures,
+    )
+    if space.algorithm == "hyperband":
+        return cls(
+            max_epochs=space.epochs,
+            factor=space.hyperband_factor,
+            hyperband_iterations=space.hyperband_iterations,
+            **common,
+        )
+    return cls(max_trials=space.max_trials, **common)
+
+
+class _stop_on_signals:
+    """First Ctrl-C/SIGTERM: stop the running trial at the next batch. Second: stop now."""
+
+    def __init__(self, context) -> None:
+        self.context = context
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.context.interrupt_requested:
+            raise KeyboardInterrupt
+        self.context.interrupt_requested = True
+        print("stopping at the next batch (again to stop at once)", file=sys.stderr)
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

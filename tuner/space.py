@@ -1,0 +1,254 @@
+"""Search-space files: read, check, override, freeze; then declare the hyperparameters.
+
+A search-space file is YAML. Every key is optional (defaults below); an unknown key, or a bad
+value, fails with one line that lists what is valid. A tunable value is written as
+
+* a scalar: fixed (``epochs: 10``),
+* a list: one of these choices (``head_width: [0, 256, 1024]``),
+* a mapping ``{min, max}`` with optional ``step`` or ``log: true``: a range.
+
+Configuration flows one way: file -> ``--set key=value`` overrides -> one frozen
+:class:`SearchSpace` -> explicit arguments. ``SearchSpace.as_dict()`` is what is written to
+``results/<name>/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras_tuner as kt
+import yaml
+
+from data_tools.errors import InputError
+from tuner import backbones
+
+ALGORITHMS = ("hyperband", "bayesian", "random")
+CLASS_WEIGHTS = ("none", "balanced")
+# Keys that are hyperparameters (tunable) and the bounds a value must respect.
+TUNABLE_BOUNDS: dict[str, tuple[float, float]] = {
+    "head_width": (0, 65536),
+    "dropout": (0.0, 0.99),
+    "learning_rate": (1e-8, 1.0),
+    "finetune_fraction": (0.0, 1.0),
+    "finetune_lr_factor": (1e-6, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A resolved, checked search space. Field comments give the meaning and the default."""
+
+    backbones: tuple[str, ...] = ("B0", "B1", "B2", "B3", "B4", "B5", "B6", "B7")
+    image_size: Any = "native"  # "native" (from the backbone table), an int, or a list of ints
+    batch_size: Any = "native"  # "native" (the table's default) or an int
+    head_width: Any = (0, 128, 256, 512, 1024)  # 0 = a linear head on the pooled features
+    dropout: Any = field(default_factory=lambda: {"min": 0.0, "max": 0.5, "step": 0.1})
+    learning_rate: Any = field(default_factory=lambda: {"min": 1e-5, "max": 1e-2, "log": True})
+    finetune_fraction: Any = (0.0, 0.2, 0.5)  # top fraction of blocks unfrozen; 0 = frozen
+    finetune_lr_factor: Any = 0.1  # phase-2 learning rate = learning_rate * this
+    finetune_epochs: int = 0  # epochs of phase 2 (0: half of epochs) when fine-tuning
+    class_weight: Any = ("none", "balanced")
+    epochs: int = 10
+    algorithm: str = "hyperband"
+    hyperband_factor: int = 3
+    hyperband_iterations: int = 1
+    max_trials: int = 200  # for random and bayesian; the budget usually ends the search first
+    max_consecutive_failures: int = 5
+    min_batch_size: int = 8  # out-of-memory retries halve the batch down to this
+    seed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (lists, not tuples) for YAML and W&B."""
+        return {k: _plain(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+FIELDS = [f.name for f in dataclasses.fields(SearchSpace)]
+
+
+def load(
+    path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None
+) -> SearchSpace:
+    """Read ``path`` (or the defaults when None), apply overrides, check, freeze."""
+    values: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        values = _read_yaml(Path(path))
+    values.update(overrides or {})
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise InputError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(FIELDS)}"
+        )
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    space = SearchSpace(**values)
+    check(space, where)
+    return space
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise InputError(
+            f"search-space file {path} does not exist: see search_spaces/ for examples"
+        )
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise InputError(
+            f"search-space file {path} is not valid YAML{line}: fix the syntax"
+        ) from None
+    if not isinstance(data, dict):
+        raise InputError(f"search-space file {path} must be a mapping of key: value lines")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["epochs=3", "backbones=[B0,B1]"]`` -> ``{"epochs": 3, "backbones": ["B0", "B1"]}``
+    (values are read as YAML)."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set {item}: write --set key=value, e.g. --set epochs=3")
+        out[key.strip()] = yaml.safe_load(text)
+    return out
+
+
+def check(space: SearchSpace, where: str) -> None:
+    """Every value in range and of the right kind, or one line saying what is valid."""
+    if not space.backbones:
+        raise InputError(
+            f"{where}: backbones is empty; list at least one of {', '.join(backbones.BACKBONES)}"
+        )
+    for name in space.backbones:
+        try:
+            backbones.get(str(name))
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
+    _check_choice(space.algorithm, ALGORITHMS, "algorithm", where)
+    for choice in _as_list(space.class_weight):
+        _check_choice(choice, CLASS_WEIGHTS, "class_weight", where)
+    for key, (low, high) in TUNABLE_BOUNDS.items():
+        _check_tunable(getattr(space, key), key, low, high, where)
+    _check_size("image_size", space.image_size, where)
+    _check_size("batch_size", space.batch_size, where)
+    positive = [
+        "epochs",
+        "hyperband_factor",
+        "hyperband_iterations",
+        "max_trials",
+        "max_consecutive_failures",
+        "min_batch_size",
+    ]
+    for key in positive:
+        value = getattr(space, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InputError(f"{where}: {key} must be a whole number >= 1, got {value!r}")
+    if space.hyperband_factor < 2:
+        raise InputError(f"{where}: hyperband_factor must be >= 2, got {space.hyperband_factor}")
+    if not isinstance(space.finetune_epochs, int) or not 0 <= space.finetune_epochs < space.epochs:
+        raise InputError(
+            f"{where}: finetune_epochs must be 0 (half of epochs) or a whole "
+            f"number below epochs ({space.epochs}), got {space.finetune_epochs!r}"
+        )
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, tuple | list) else [value]
+
+
+def _check_choice(value: Any, valid: tuple[str, ...], key: str, where: str) -> None:
+    if value not in valid:
+        raise InputError(
+            f"{where}: {key} '{value}' is not valid; valid values are {', '.join(valid)}"
+        )
+
+
+def _check_size(key: str, value: Any, where: str) -> None:
+    for item in _as_list(value):
+        if item == "native":
+            continue
+        if not isinstance(item, int) or isinstance(item, bool) or item < 1:
+            raise InputError(
+                f"{where}: {key} must be 'native', a whole number >= 1 or a list "
+                f"of them, got {value!r}"
+            )
+
+
+def _check_tunable(value: Any, key: str, low: float, high: float, where: str) -> None:
+    if isinstance(value, dict):
+        extra = sorted(set(value) - {"min", "max", "step", "log"})
+        if extra or "min" not in value or "max" not in value:
+            raise InputError(
+                f"{where}: {key} as a range needs min and max (and optionally "
+                f"step or log), got {value!r}"
+            )
+        numbers = [value["min"], value["max"]]
+        if value["min"] > value["max"]:
+            raise InputError(
+                f"{where}: {key} has min {value['min']} > max {value['max']}; swap them"
+            )
+        if value.get("log") and value["min"] <= 0:
+            raise InputError(f"{where}: {key} with log: true needs min > 0, got {value['min']}")
+    else:
+        numbers = _as_list(value)
+    for number in numbers:
+        if (
+            not isinstance(number, int | float)
+            or isinstance(number, bool)
+            or not low <= number <= high
+            or math.isnan(number)
+        ):
+            raise InputError(
+                f"{where}: {key} value {number!r} is out of range; it must be a "
+                f"number from {low} to {high}"
+            )
+
+
+def declare(hp: kt.HyperParameters, space: SearchSpace) -> dict[str, Any]:
+    """Declare every hyperparameter of ``space`` on ``hp``; return this trial's values."""
+    values = {
+        "backbone": _declare(hp, "backbone", list(space.backbones)),
+        "head_width": _declare(hp, "head_width", space.head_width),
+        "dropout": _declare(hp, "dropout", space.dropout),
+        "learning_rate": _declare(hp, "learning_rate", space.learning_rate),
+        "finetune_fraction": _declare(hp, "finetune_fraction", space.finetune_fraction),
+        "finetune_lr_factor": _declare(hp, "finetune_lr_factor", space.finetune_lr_factor),
+        "class_weight": _declare(hp, "class_weight", space.class_weight),
+    }
+    sizes = [s for s in _as_list(space.image_size) if s != "native"]
+    if len(_as_list(space.image_size)) > 1 or sizes:
+        # Choices must share one type: "native" and 64 both become text.
+        values["image_size"] = _declare(
+            hp, "image_size", [str(s) for s in _as_list(space.image_size)]
+        )
+    return values
+
+
+def _declare(hp: kt.HyperParameters, name: str, spec: Any) -> Any:
+    if isinstance(spec, dict):
+        if isinstance(spec["min"], int) and isinstance(spec["max"], int) and not spec.get("log"):
+            return hp.Int(name, spec["min"], spec["max"], step=spec.get("step", 1))
+        sampling = "log" if spec.get("log") else "linear"
+        return hp.Float(
+            name, float(spec["min"]), float(spec["max"]), step=spec.get("step"), sampling=sampling
+        )
+    if isinstance(spec, tuple | list):
+        choices = list(dict.fromkeys(spec))
+        return hp.Choice(name, choices) if len(choices) > 1 else hp.Fixed(name, choices[0])
+    return hp.Fixed(name, spec)

@@ -1,0 +1,318 @@
+"""One trial, run by Keras Tuner: the budget gate, out-of-memory retries, timing, the record.
+
+:func:`tuner_class` adds :class:`TrialRunner` to one of Keras Tuner's tuners (Hyperband,
+BayesianOptimization, RandomSearch). The oracle still decides which hyperparameters come
+next; the runner does the effects around each trial:
+
+* before a trial: does the estimate fit in the budget left? If not, the search stops (the
+  trial stays queued in the oracle and runs first when the search is resumed);
+* while it trains: per-epoch progress, the budget checked at every epoch end, Ctrl-C/SIGTERM
+  honoured at the next batch;
+* out of memory: the batch is halved and the trial retried, down to ``min_batch_size``;
+* after: inference latency and throughput, parameters, saved model bytes, one row in
+  ``trials.csv`` (a failed trial gets a row too, with its reason).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import keras_tuner as kt
+import numpy as np
+import tensorflow as tf
+from rich.console import Console
+
+from data_tools.atomic import atomic_path
+from tuner import budget as budget_mod
+from tuner.hypermodel import TrialPlan
+from tuner.results import Results
+
+
+class BudgetExhausted(kt.errors.FatalError):
+    """The budget cannot fit another trial: end the search normally."""
+
+
+class Interrupted(kt.errors.FatalError):
+    """Ctrl-C or SIGTERM: stop the running trial now; it is re-run on resume."""
+
+
+@dataclass
+class SearchContext:
+    """What the runner needs beyond Keras Tuner: budget, results, progress, stop flags."""
+
+    ledger: budget_mod.Ledger
+    results: Results
+    console: Console
+    weights_label: str
+    interrupt_requested: bool = False
+    stopped_by_budget: bool = False
+    stop_note: str = ""
+    trials_run: int = 0
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def callbacks(self) -> list[keras.callbacks.Callback]:
+        """Fresh per-fit callbacks (Keras Tuner deep-copies the ones passed to search)."""
+        return [BudgetGuard(self), EpochProgress(self)]
+
+
+class BudgetGuard(keras.callbacks.Callback):
+    """Stops training at the first epoch end past the deadline; raises on Ctrl-C/SIGTERM."""
+
+    def __init__(self, context: SearchContext) -> None:
+        super().__init__()
+        self.context = context
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.context.interrupt_requested:
+            raise Interrupted("interrupted")
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.context.ledger.save()
+        if self.context.ledger.remaining() <= 0:
+            self.context.stopped_by_budget = True
+            self.model.stop_training = True
+
+
+class EpochProgress(keras.callbacks.Callback):
+    """One line per epoch: losses, accuracies, seconds, budget left."""
+
+    def __init__(self, context: SearchContext) -> None:
+        super().__init__()
+        self.context = context
+        self.started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        total = self.params.get("epochs", "?")
+        self.context.console.print(
+            f"  epoch {epoch + 1}/{total}  loss {logs.get('loss', float('nan')):.4f}  "
+            f"acc {logs.get('accuracy', float('nan')):.4f}  "
+            f"val_loss {logs.get('val_loss', float('nan')):.4f}  "
+            f"[bold]val_acc {logs.get('val_accuracy', float('nan')):.4f}[/bold]  "
+            f"{time.monotonic() - self.started:.1f}s  "
+            f"budget left {budget_mod.format_seconds(self.context.ledger.remaining())}",
+            highlight=False,
+        )
+
+
+class TrialRunner:
+    """Mixin for a Keras Tuner tuner; see the module docstring."""
+
+    context: SearchContext
+
+    def run_trial(self, trial: kt.engine.trial.Trial, *args, **kwargs):
+        ctx = self.context
+        if ctx.interrupt_requested:
+            raise Interrupted("interrupted")
+        plan = self.hypermodel.plan(trial.hyperparameters)
+        epochs = kwargs.get("epochs", self.hypermodel.space.epochs) - kwargs.get("initial_epoch", 0)
+        history = ctx.results.history(plan.backbone, plan.image_size)
+        estimate = budget_mod.estimate_seconds(history, epochs)
+        remaining = ctx.ledger.remaining()
+        if not budget_mod.can_start(estimate, remaining):
+            ctx.stop_note = (
+                f"budget left {budget_mod.format_seconds(remaining)}; the next "
+                f"trial ({plan.backbone} at {plan.image_size}px, {epochs} epochs) "
+                + (
+                    f"needs about {budget_mod.format_seconds(estimate)}"
+                    if estimate
+                    else "cannot start"
+                )
+            )
+            raise BudgetExhausted(ctx.stop_note)
+        ctx.stopped_by_budget = False
+        ctx.trials_run += 1
+        self._announce(trial, plan, epochs, estimate)
+        started = time.monotonic()
+        try:
+            return super().run_trial(trial, *args, **kwargs)
+        except kt.errors.FatalError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any trial failure is recorded, search goes on
+            reason = failure_reason(exc)
+            ctx.console.print(f"  [red]trial {trial.trial_id} failed:[/red] {reason}")
+            ctx.results.upsert(
+                self._row(
+                    trial,
+                    self.hypermodel.plan(trial.hyperparameters),
+                    status="failed",
+                    reason=reason,
+                    train_seconds=time.monotonic() - started,
+                )
+            )
+            raise kt.errors.FailedTrialError(reason) from None
+
+    def _build_and_fit_model(self, trial: kt.engine.trial.Trial, *args, **kwargs):
+        hp = trial.hyperparameters
+        self.hypermodel.batch_override = None
+        while True:
+            keras.backend.clear_session()  # free the previous trial's graphs and memory
+            model = self._try_build(hp)
+            started = time.monotonic()
+            try:
+                results = self.hypermodel.fit(hp, model, *args, **kwargs)
+                break
+            except tf.errors.ResourceExhaustedError:
+                plan = self.hypermodel.plan(hp)
+                half = plan.batch_size // 2
+                if half < self.hypermodel.space.min_batch_size:
+                    raise kt.errors.FailedTrialError(
+                        f"out of memory at batch size {plan.batch_size} (the floor is "
+                        f"{self.hypermodel.space.min_batch_size})"
+                    ) from None
+                self.context.console.print(
+                    f"  out of memory at batch {plan.batch_size}: retrying at {half}"
+                )
+                self.hypermodel.batch_override = half
+        train_seconds = time.monotonic() - started
+        self._record_completed(trial, model, train_seconds)
+        return results
+
+    def _record_completed(self, trial, model: keras.Model, train_seconds: float) -> None:
+        fit = self.hypermodel.last_fit
+        plan: TrialPlan = fit["plan"]
+        latency_ms, images_per_s = measure_latency(model, plan.image_size)
+        model_dir = self.context.results.trial_dir(trial.trial_id)
+        model_bytes = save_model(model, model_dir / "model.keras")
+        metrics = _best_epoch(fit["history"])
+        status = "stopped-budget" if self.context.stopped_by_budget else "completed"
+        row = self._row(
+            trial,
+            plan,
+            status=status,
+            train_seconds=train_seconds,
+            **metrics,
+            epochs=fit["epochs_run"],
+            latency_ms=latency_ms,
+            images_per_s=images_per_s,
+            params=model.count_params(),
+            model_bytes=model_bytes,
+            unfrozen_blocks=" ".join(fit.get("unfrozen_blocks", [])),
+        )
+        self.context.results.upsert(row)
+        self.context.console.print(
+            f"  done: val_acc {metrics['val_accuracy']:.4f} in "
+            f"{budget_mod.format_seconds(train_seconds)}, {latency_ms:.2f} ms/image, "
+            f"{status}",
+            highlight=False,
+        )
+
+    def _row(self, trial, plan: TrialPlan, **values: Any) -> dict[str, Any]:
+        hp = trial.hyperparameters.values
+        row = {
+            "trial_id": trial.trial_id,
+            **asdict(plan),
+            "weights": self.context.weights_label,
+            "device": device_name(),
+            "hyperband_epochs": hp.get("tuner/epochs", ""),
+            "resumed_from": hp.get("tuner/trial_id", ""),
+            **values,
+        }
+        row.pop("pretrained", None)
+        return row
+
+    def _announce(self, trial, plan: TrialPlan, epochs: int, estimate: float | None) -> None:
+        tune = (
+            f"fine-tune top {plan.finetune_fraction:.0%} at lr x{plan.finetune_lr_factor:g}"
+            if plan.fine_tunes
+            else ("whole network" if not plan.pretrained else "frozen")
+        )
+        guess = f", about {budget_mod.format_seconds(estimate)}" if estimate else ""
+        self.context.console.rule(
+            f"trial {self.context.trials_run} (id {trial.trial_id}): {plan.backbone} "
+            f"{plan.image_size}px batch {plan.batch_size}"
+        )
+        self.context.console.print(
+            f"  head {plan.head_width or 'linear'}, dropout {plan.dropout:g}, lr "
+            f"{plan.learning_rate:.2e}, {tune}, class weight {plan.class_weight}; {epochs} "
+            f"epochs{guess}; budget left "
+            f"{budget_mod.format_seconds(self.context.ledger.remaining())}",
+            highlight=False,
+        )
+
+
+def tuner_class(algorithm: str) -> type:
+    """The Keras Tuner class for ``algorithm`` with :class:`TrialRunner` mixed in."""
+    base = {
+        "hyperband": kt.Hyperband,
+        "bayesian": kt.BayesianOptimization,
+        "random": kt.RandomSearch,
+    }[algorithm]
+    return type(f"Budgeted{base.__name__}", (TrialRunner, base), {})
+
+
+def _best_epoch(history: dict[str, list[float]]) -> dict[str, float]:
+    best = int(np.argmax(history["val_accuracy"]))
+    return {
+        "val_accuracy": history["val_accuracy"][best],
+        "val_loss": history["val_loss"][best],
+        "train_accuracy": history["accuracy"][best],
+        "train_loss": history["loss"][best],
+        "best_epoch": best + 1,
+    }
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line: the exception's type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+def measure_latency(model: keras.Model, size: int, runs: int = 10) -> tuple[float, float]:
+    """(median ms per image at batch 1, images/s at batch 32), after warm-up, on this device."""
+    rng = np.random.default_rng(0)
+    one = rng.uniform(0, 255, (1, size, size, 3)).astype("float32")
+    many = rng.uniform(0, 255, (32, size, size, 3)).astype("float32")
+    predict: Callable = model.predict_on_batch
+    for _ in range(3):
+        predict(one)
+    single = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        predict(one)
+        single.append(time.perf_counter() - start)
+    predict(many)
+    batch = []
+    for _ in range(3):
+        start = time.perf_counter()
+        predict(many)
+        batch.append(time.perf_counter() - start)
+    return statistics.median(single) * 1000, 32 / statistics.median(batch)
+
+
+def save_model(model: keras.Model, path: Path) -> int:
+    """Save ``model`` as a .keras file (atomically); returns its size in bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp_keras = tmp.with_suffix(".keras")  # Keras insists on the extension
+        model.save(tmp_keras)
+        os.replace(tmp_keras, tmp)
+    return path.stat().st_size
+
+
+def device_name() -> str:
+    """The accelerator's name, or the CPU's with its core count."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        return details.get("device_name", "GPU")
+    name = platform.processor() or "CPU"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            name = next(
+                line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
