@@ -149,10 +149,12 @@ def run_search(request: SearchRequest) -> int:
     if request.seed is not None:
         overrides["seed"] = request.seed
     space = space_mod.load(request.space, overrides)
-    table, classes, data_facts = load_data(request, out)
+    # The clock starts before the data is read: splitting and caching count against the budget.
+    ledger = budget.Ledger.open(out / "budget.json", request.budget_s)
     weights, weights_label = resolve_weights(
         request.weights, space, demo=request.data is None, console=console
     )
+    table, classes, data_facts = load_data(request, out)
     config = {
         "name": request.name,
         "space_file": request.space,
@@ -166,7 +168,6 @@ def run_search(request: SearchRequest) -> int:
     write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     results = Results(out)
-    ledger = budget.Ledger.open(out / "budget.json", request.budget_s)
     context = trial.SearchContext(
         ledger=ledger, results=results, console=console, weights_label=weights_label, facts=config
     )

@@ -28,12 +28,18 @@ import keras
 import keras_tuner as kt
 import numpy as np
 import tensorflow as tf
+from keras_tuner.src import config as kt_config
+from keras_tuner.src import utils as kt_utils
 from rich.console import Console
 
 from data_tools.atomic import atomic_path
 from tuner import budget as budget_mod
 from tuner.hypermodel import TrialPlan
 from tuner.results import Results
+
+# Keras Tuner ships with DEBUG on, which prints every failed trial's traceback mid-search;
+# our runner reports each failure as one line and records it in trials.csv instead.
+kt_config.DEBUG = False
 
 
 class BudgetExhausted(kt.errors.FatalError):
@@ -153,6 +159,11 @@ class TrialRunner:
             )
             raise kt.errors.FailedTrialError(reason) from None
 
+    def _try_run_and_update_trial(self, trial, *args, **kwargs):
+        super()._try_run_and_update_trial(trial, *args, **kwargs)
+        if trial.message:  # Keras Tuner stores a whole traceback: keep our one-line reason
+            trial.message = trial.message.strip().splitlines()[-1]
+
     def _build_and_fit_model(self, trial: kt.engine.trial.Trial, *args, **kwargs):
         hp = trial.hyperparameters
         self.hypermodel.batch_override = None
@@ -176,6 +187,9 @@ class TrialRunner:
                 )
                 self.hypermodel.batch_override = half
         train_seconds = time.monotonic() - started
+        # Hyperband continues a trial from its parent's checkpoint and needs the parent's
+        # build config to rebuild it (Keras Tuner's own implementation saves it here too).
+        kt_utils.save_json(self._get_build_config_fname(trial.trial_id), model.get_build_config())
         self._record_completed(trial, model, train_seconds)
         return results
 

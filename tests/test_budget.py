@@ -1,0 +1,62 @@
+"""Budget arithmetic: durations, estimates, the decision to start, the ledger across resumes."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from data_tools.errors import InputError
+from tuner import budget
+
+
+@pytest.mark.parametrize(
+    "text,seconds",
+    [
+        ("20h", 72000),
+        ("90m", 5400),
+        ("45s", 45),
+        ("1h30m", 5400),
+        ("1.5h", 5400),
+        ("2m30s", 150),
+        (" 10M ", 600),
+    ],
+)
+def test_parse_budget(text: str, seconds: float) -> None:
+    assert budget.parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "20", "h", "20x", "1h-5m", "0s", "abc"])
+def test_bad_budget_is_one_line(text: str) -> None:
+    with pytest.raises(InputError, match="write e.g. 20h, 90m, 45s or 1h30m|longer than zero"):
+        budget.parse_budget(text)
+
+
+def test_format_seconds() -> None:
+    assert budget.format_seconds(5025) == "1h23m45s"
+    assert budget.format_seconds(42.3) == "42s"
+    assert budget.format_seconds(61) == "1m01s"
+    assert budget.format_seconds(-5) == "0s"
+
+
+def test_estimate_and_start_decision() -> None:
+    assert budget.estimate_seconds([], 10) is None
+    # 2 trials at 10 s/epoch and one at 20 s/epoch: median 10 s/epoch, +10% margin
+    assert budget.estimate_seconds([(30, 3), (50, 5), (40, 2)], 4) == pytest.approx(44.0)
+    assert budget.can_start(None, 1.0)  # no history: start, the deadline guard stops it
+    assert not budget.can_start(None, 0.0)
+    assert budget.can_start(44.0, 45.0) and not budget.can_start(44.0, 43.0)
+
+
+def test_ledger_counts_time_across_resumes(tmp_path: Path) -> None:
+    path = tmp_path / "budget.json"
+    first = budget.Ledger.open(path, 100.0)
+    first.started -= 30  # pretend this invocation ran 30 s
+    first.save()
+    assert json.loads(path.read_text())["spent_s"] == pytest.approx(30, abs=0.5)
+    second = budget.Ledger.open(path, 100.0)
+    assert second.remaining() == pytest.approx(70, abs=0.5)
+    time.sleep(0.05)
+    assert second.spent() > 30

@@ -1,0 +1,70 @@
+"""Pure decisions over trial tables: the Pareto front and the leaderboard; the CSV upsert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tuner.results import COLUMNS, Results, leaderboard_markdown, pareto_front
+
+
+def test_pareto_front_keeps_only_undominated_trials() -> None:
+    acc = [0.90, 0.85, 0.95, 0.80, 0.95]
+    ms = [10.0, 5.0, 30.0, 6.0, 40.0]
+    # 0.80@6 is beaten by 0.85@5; 0.95@40 by 0.95@30
+    assert pareto_front(acc, ms).tolist() == [True, True, True, False, False]
+
+
+def test_pareto_front_ties_single_and_empty() -> None:
+    assert pareto_front([0.9, 0.9], [5, 5]).tolist() == [True, True]
+    assert pareto_front([0.5], [1]).tolist() == [True]
+    assert pareto_front([], []).tolist() == []
+
+
+def row(trial_id: str, acc: float, latency: float, status: str = "completed") -> dict:
+    return {
+        "trial_id": trial_id,
+        "status": status,
+        "backbone": "B0",
+        "image_size": 224,
+        "batch_size": 32,
+        "val_accuracy": acc,
+        "val_loss": 1 - acc,
+        "train_seconds": 60,
+        "latency_ms": latency,
+        "params": 1000,
+        "model_bytes": 2048,
+        "epochs": 3,
+        "reason": "" if status != "failed" else "FailedTrialError: loss became NaN",
+    }
+
+
+def test_upsert_replaces_by_trial_id_and_keeps_columns(tmp_path: Path) -> None:
+    results = Results(tmp_path)
+    results.upsert(row("000", 0.5, 3))
+    results.upsert(row("001", 0.6, 4))
+    results.upsert(row("000", 0.7, 3))
+    table = results.rows()
+    assert list(table.columns) == COLUMNS
+    assert table["trial_id"].tolist() == ["001", "000"]
+    assert table.loc[table.trial_id == "000", "val_accuracy"].item() == 0.7
+    assert results.history("B0", 224) == [(60.0, 3), (60.0, 3)]
+    assert results.history("B1", 224) == []
+
+
+def test_leaderboard_orders_marks_front_and_lists_failures() -> None:
+    table = pd.DataFrame(
+        [
+            row("000", 0.80, 2.0),
+            row("001", 0.90, 9.0),
+            row("002", 0.85, 20.0),
+            row("003", np.nan, np.nan, "failed"),
+        ]
+    )
+    text = leaderboard_markdown(table)
+    lines = [line for line in text.splitlines() if line.startswith("| 0")]
+    assert [line.split("|")[1].strip() for line in lines] == ["001", "002", "000"]
+    assert [line.rstrip(" |").endswith("*") for line in lines] == [True, False, True]
+    assert "- 003 B0: FailedTrialError: loss became NaN" in text
