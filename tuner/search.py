@@ -104,6 +104,11 @@ def resolve_request(args: argparse.Namespace) -> SearchRequest:
     from tuner import budget, space
 
     demo = args.data is None
+    if not demo and not Path(args.data).exists():
+        raise InputError(
+            f"--data {args.data} does not exist: pass a split_label.csv, a "
+            f"label.csv or a folder with one sub-folder per class"
+        )
     name = args.name or ("demo" if demo else _name_from_data(Path(args.data)))
     default_space = SPACES / ("quick.yaml" if demo else "default.yaml")
     return SearchRequest(

@@ -1,0 +1,342 @@
+"""End to end through the production path: the tiny T0 backbone on the demo digits.
+
+Each search here trains real models (T0: 128k parameters, 32 px, random init) for a few
+epochs; trial-level faults (NaN, out of memory, crashes) are injected around the real fit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import tensorflow as tf
+import yaml
+
+from data_tools.errors import run_cli
+from tuner import hypermodel, search
+
+
+def run(tmp_path: Path, demo_dir: Path, name: str, *extra: str) -> int:
+    argv = [
+        "--results",
+        str(tmp_path / "results"),
+        "--cache",
+        str(demo_dir.parent),
+        "--name",
+        name,
+        "--set",
+        "backbones=[T0]",
+        *extra,
+    ]
+    return run_cli(search.main, argv)
+
+
+def trials(tmp_path: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(tmp_path / "results" / name / "trials.csv", dtype={"trial_id": str})
+
+
+def spent(tmp_path: Path, name: str) -> float:
+    return yaml.safe_load((tmp_path / "results" / name / "budget.json").read_text())["spent_s"]
+
+
+def epoch_seconds(output: str) -> list[float]:
+    return [
+        float(s)
+        for s in re.findall(r"^  epoch \d+/\d+ .* ([\d.]+)s  budget left", output, re.MULTILINE)
+    ]
+
+
+def test_budget_stops_the_running_trial_at_an_epoch_boundary(tmp_path, demo_dir, capsys):
+    code = run(
+        tmp_path, demo_dir, "b20", "--budget", "20s", "--set", "epochs=40", "--algorithm", "random"
+    )
+    output = capsys.readouterr().out
+    assert code == 0
+    table = trials(tmp_path, "b20")
+    assert len(table) == 1
+    assert table.status[0] == "stopped-budget" and 1 <= table.epochs[0] < 40
+    # Overshoot: at most one epoch, plus measuring latency and saving the model.
+    longest_epoch = max(epoch_seconds(output))
+    assert spent(tmp_path, "b20") <= 20 + longest_epoch + 8, output
+    assert "budget reached" in output
+    leaderboard = (tmp_path / "results" / "b20" / "leaderboard.md").read_text()
+    assert "| 0 | T0 (budget) | 32 |" in leaderboard or "T0 (budget)" in leaderboard
+    assert (tmp_path / "results" / "b20" / "pareto.png").stat().st_size > 1000
+
+
+def test_resume_keeps_finished_trials_and_counts_spent_time(tmp_path, demo_dir, capsys):
+    common = ["--algorithm", "random", "--set", "epochs=2", "--set", "max_trials=3"]
+    assert run(tmp_path, demo_dir, "r", "--budget", "1s", *common) == 0
+    first = trials(tmp_path, "r")
+    first_spent = spent(tmp_path, "r")
+    assert first.trial_id.tolist() == ["0"] and first.status[0] == "stopped-budget"
+    # Same name, larger budget: the finished trial is kept and not repeated.
+    assert run(tmp_path, demo_dir, "r", "--budget", "10m", *common) == 0
+    output = capsys.readouterr().out
+    second = trials(tmp_path, "r")
+    assert second.trial_id.tolist() == ["0", "1", "2"]
+    pd.testing.assert_series_equal(second.iloc[0], first.iloc[0], check_names=False)
+    assert (second.status == ["stopped-budget", "completed", "completed"]).all()
+    assert spent(tmp_path, "r") > first_spent + 5
+    assert "search finished" in output
+    # A third run has nothing left to do and adds nothing.
+    assert run(tmp_path, demo_dir, "r", "--budget", "10m", *common) == 0
+    assert len(trials(tmp_path, "r")) == 3
+    # Results rows equal the trials Keras Tuner ran.
+    kt_trials = list((tmp_path / "results" / "r" / "keras_tuner").glob("trial_*"))
+    assert len(kt_trials) == 3
+
+
+def test_interrupted_trial_is_rerun_on_resume(tmp_path, demo_dir, capsys):
+    common = [
+        "--algorithm",
+        "random",
+        "--set",
+        "epochs=3",
+        "--set",
+        "max_trials=2",
+        "--budget",
+        "10m",
+    ]
+    csv = tmp_path / "results" / "i" / "trials.csv"
+
+    def interrupt_during_second_trial() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not csv.exists():
+            time.sleep(0.2)
+        time.sleep(3)  # well inside trial 2's first epoch
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=interrupt_during_second_trial, daemon=True)
+    thread.start()
+    assert run(tmp_path, demo_dir, "i", *common) == search.EXIT_INTERRUPTED
+    thread.join()
+    output = capsys.readouterr().out
+    assert "interrupted" in output
+    assert trials(tmp_path, "i").trial_id.tolist() == ["0"]
+    assert run(tmp_path, demo_dir, "i", *common) == 0
+    table = trials(tmp_path, "i")
+    assert table.trial_id.tolist() == ["0", "1"] and (table.status == "completed").all()
+
+
+def test_failed_trials_are_recorded_and_the_search_goes_on(tmp_path, demo_dir, capsys, monkeypatch):
+    real_fit = hypermodel.EffNetHyperModel.fit
+    calls = []
+
+    def nan_first(self, hp, model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            return hypermodel.best_metrics(
+                {
+                    "loss": [float("nan")],
+                    "val_accuracy": [0.1],
+                    "val_loss": [float("nan")],
+                    "accuracy": [0.1],
+                }
+            )
+        return real_fit(self, hp, model, *args, **kwargs)
+
+    monkeypatch.setattr(hypermodel.EffNetHyperModel, "fit", nan_first)
+    code = run(
+        tmp_path,
+        demo_dir,
+        "f",
+        "--algorithm",
+        "random",
+        "--set",
+        "epochs=1",
+        "--set",
+        "max_trials=2",
+        "--budget",
+        "10m",
+    )
+    output = capsys.readouterr().out
+    assert code == 0
+    table = trials(tmp_path, "f")
+    assert table.status.tolist() == ["failed", "completed"]
+    assert table.reason[0] == "FailedTrialError: loss became NaN at epoch 1"
+    assert "Traceback" not in output
+    assert (
+        "- 0 T0: FailedTrialError: loss became NaN at epoch 1"
+        in (tmp_path / "results" / "f" / "leaderboard.md").read_text()
+    )
+
+
+def test_consecutive_failures_end_with_a_clear_message(tmp_path, demo_dir, capsys, monkeypatch):
+    def broken(self, hp, model, *args, **kwargs):
+        raise ValueError("cannot decode image x.jpg")
+
+    monkeypatch.setattr(hypermodel.EffNetHyperModel, "fit", broken)
+    code = run(
+        tmp_path,
+        demo_dir,
+        "c",
+        "--algorithm",
+        "random",
+        "--set",
+        "max_consecutive_failures=2",
+        "--budget",
+        "10m",
+    )
+    output = capsys.readouterr().out
+    assert code == 1
+    assert "stopped: 2 trials failed in a row" in output
+    assert "raise max_consecutive_failures" in output and "Traceback" not in output
+    table = trials(tmp_path, "c")
+    assert (table.reason == "ValueError: cannot decode image x.jpg").all() and len(table) == 2
+
+
+def test_out_of_memory_halves_the_batch_then_fails_at_the_floor(
+    tmp_path, demo_dir, capsys, monkeypatch
+):
+    real_fit = hypermodel.EffNetHyperModel.fit
+    tried = []
+
+    def small_memory(self, hp, model, *args, **kwargs):
+        batch = self.plan(hp).batch_size
+        tried.append(batch)
+        if batch > 8:
+            raise tf.errors.ResourceExhaustedError(None, None, f"OOM at batch {batch}")
+        return real_fit(self, hp, model, *args, **kwargs)
+
+    monkeypatch.setattr(hypermodel.EffNetHyperModel, "fit", small_memory)
+    common = [
+        "--algorithm",
+        "random",
+        "--set",
+        "epochs=1",
+        "--set",
+        "max_trials=1",
+        "--set",
+        "batch_size=32",
+        "--budget",
+        "10m",
+    ]
+    assert run(tmp_path, demo_dir, "oom", *common) == 0
+    assert tried == [32, 16, 8]
+    table = trials(tmp_path, "oom")
+    assert table.status[0] == "completed" and table.batch_size[0] == 8
+    assert "out of memory at batch 32: retrying at 16" in capsys.readouterr().out
+    assert run(tmp_path, demo_dir, "floor", *common, "--set", "min_batch_size=16") == 0
+    table = trials(tmp_path, "floor")
+    assert table.reason[0] == ("FailedTrialError: out of memory at batch size 16 (the floor is 16)")
+
+
+def test_hyperband_continues_trials_from_checkpoints(tmp_path, demo_dir):
+    code = run(
+        tmp_path,
+        demo_dir,
+        "hb",
+        "--algorithm",
+        "hyperband",
+        "--set",
+        "epochs=2",
+        "--set",
+        "hyperband_factor=2",
+        "--budget",
+        "10m",
+    )
+    assert code == 0
+    table = trials(tmp_path, "hb")
+    assert (table.status == "completed").all()
+    continued = table[table.resumed_from.notna()]
+    assert len(continued) >= 1 and (continued.epochs == 1).all()
+    assert set(table.hyperband_epochs) == {1, 2}
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--budget", "soon"], "--budget 'soon' is not a duration"),
+        (
+            ["--data", "/nowhere/label.csv"],
+            "--data /nowhere/label.csv does not exist: pass a split_label.csv",
+        ),
+        (["--set", "backbones=[B9]"], "unknown backbone 'B9'"),
+        (["--set", "epochs=0"], "epochs must be a whole number >= 1"),
+        (["--weights", "/nowhere"], "--weights /nowhere: not imagenet, none, or a folder"),
+    ],
+)
+def test_bad_command_lines_are_one_line_exit_2(tmp_path, demo_dir, capsys, argv, expected):
+    argv = ["--results", str(tmp_path / "results"), "--cache", str(demo_dir.parent), *argv]
+    assert run_cli(search.main, argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1
+    assert not (tmp_path / "results").exists()
+
+
+def test_offline_imagenet_for_user_data_names_the_file(tmp_path, demo_dir, capsys, monkeypatch):
+    import keras
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setattr(
+        keras.utils, "get_file", lambda *a, **k: (_ for _ in ()).throw(Exception("offline"))
+    )
+    argv = [
+        "--results",
+        str(tmp_path / "results"),
+        "--data",
+        str(demo_dir / "label.csv"),
+        "--set",
+        "backbones=[B0]",
+    ]
+    assert run_cli(search.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "put efficientnetb0_notop.h5 in" in err and "--weights none" in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_resume_with_a_different_space_is_refused(tmp_path, demo_dir, capsys):
+    common = [
+        "--algorithm",
+        "random",
+        "--set",
+        "epochs=1",
+        "--set",
+        "max_trials=1",
+        "--budget",
+        "10m",
+    ]
+    assert run(tmp_path, demo_dir, "d", *common) == 0
+    assert run(tmp_path, demo_dir, "d", *common, "--set", "dropout=0.3") == 2
+    assert "holds a search with a different space" in capsys.readouterr().err
+    assert run(tmp_path, demo_dir, "d", *common, "--set", "dropout=0.3", "--overwrite") == 0
+    assert len(trials(tmp_path, "d")) == 1
+
+
+def test_user_label_csv_is_split_and_saved_and_test_never_read(tmp_path, demo_dir):
+    argv = [
+        "--results",
+        str(tmp_path / "results"),
+        "--data",
+        str(demo_dir / "label.csv"),
+        "--name",
+        "u",
+        "--set",
+        "backbones=[T0]",
+        "--algorithm",
+        "random",
+        "--set",
+        "epochs=1",
+        "--set",
+        "max_trials=1",
+        "--budget",
+        "10m",
+    ]
+    assert run_cli(search.main, argv) == 0
+    out = tmp_path / "results" / "u"
+    split = pd.read_csv(out / "split_label.csv", dtype=str)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    counts = split["type"].value_counts()
+    assert config["split_counts"] == {
+        "train": int(counts["train"]),
+        "validation": int(counts["validation"]),
+    }
+    assert config["classes"] == [str(d) for d in range(10)]
+    assert config["space"]["backbones"] == ["T0"]
