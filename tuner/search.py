@@ -51,6 +51,9 @@ class SearchRequest:
     overrides: dict[str, Any]
     overwrite: bool
     cache: str
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_mode: str | None = None
 
 
 def default_cache() -> Path:
@@ -94,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a search-space key (value read as YAML); repeatable",
     )
     parser.add_argument("--overwrite", action="store_true", help="start the search again")
+    parser.add_argument("--wandb-project", help="W&B project (default: effnet-tuner)")
+    parser.add_argument("--wandb-entity", help="W&B entity (team or user)")
+    parser.add_argument(
+        "--wandb-mode",
+        choices=["online", "offline", "disabled"],
+        help="default: online with W&B credentials, else offline under results/<name>/wandb",
+    )
     parser.add_argument(
         "--cache", default=str(default_cache()), help="where the demo data is written"
     )
@@ -124,6 +134,9 @@ def resolve_request(args: argparse.Namespace) -> SearchRequest:
         overrides=space.parse_overrides(args.set),
         overwrite=args.overwrite,
         cache=args.cache,
+        wandb_project=args.wandb_project,
+        wandb_entity=args.wandb_entity,
+        wandb_mode=args.wandb_mode,
     )
 
 
@@ -143,6 +156,7 @@ def run_search(request: SearchRequest) -> int:
     from tuner import budget, hypermodel, trial
     from tuner import space as space_mod
     from tuner.results import Results
+    from tuner.wandb_log import WandbLogger
 
     console = Console(highlight=False, soft_wrap=True)
     out = Path(request.results) / request.name
@@ -173,8 +187,16 @@ def run_search(request: SearchRequest) -> int:
     write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     results = Results(out)
+    logger = WandbLogger(
+        request.wandb_mode, request.wandb_project, request.wandb_entity, request.name, out, console
+    )
     context = trial.SearchContext(
-        ledger=ledger, results=results, console=console, weights_label=weights_label, facts=config
+        ledger=ledger,
+        results=results,
+        console=console,
+        weights_label=weights_label,
+        facts=config,
+        wandb=logger,
     )
     data = hypermodel.SplitData(table, classes, cache_dir=str(out / "cache"))
     model = hypermodel.EffNetHyperModel(space, data, weights, callbacks_factory=context.callbacks)
@@ -213,13 +235,31 @@ def run_search(request: SearchRequest) -> int:
             code = 1
     ledger.save()
     done = results.write_summary()
-    print((out / "leaderboard.md").read_text())
+    leaderboard = (out / "leaderboard.md").read_text()
+    print(leaderboard)
+    rows = results.rows()
+    logger.log_search(rows, pareto_flags(rows), config, leaderboard, out / "pareto.png")
+    if logger.sync_command():
+        console.print(f"W&B runs are offline; to upload them: {logger.sync_command()}")
     console.print(
         f"{len(done)} finished trial(s) in {budget.format_seconds(ledger.spent())} of "
         f"{budget.format_seconds(request.budget_s)}; results in {out}/; resume with "
         f"the same command (--name {request.name})"
     )
     return code
+
+
+def pareto_flags(rows) -> list[bool]:
+    """Pareto flag per trials.csv row (accuracy up, latency down; unfinished trials False)."""
+    from tuner.results import FINISHED, pareto_front
+
+    flags = [False] * len(rows)
+    done = rows["status"].isin(FINISHED).to_numpy()
+    if done.any():
+        front = pareto_front(rows.loc[done, "val_accuracy"], rows.loc[done, "latency_ms"])
+        for position, flag in zip(done.nonzero()[0], front, strict=True):
+            flags[position] = bool(flag)
+    return flags
 
 
 def load_data(request: SearchRequest, out: Path):

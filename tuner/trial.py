@@ -36,6 +36,7 @@ from data_tools.atomic import atomic_path
 from tuner import budget as budget_mod
 from tuner.hypermodel import TrialPlan
 from tuner.results import Results
+from tuner.wandb_log import WandbLogger
 
 # Keras Tuner ships with DEBUG on, which prints every failed trial's traceback mid-search;
 # our runner reports each failure as one line and records it in trials.csv instead.
@@ -63,10 +64,18 @@ class SearchContext:
     stop_note: str = ""
     trials_run: int = 0
     facts: dict[str, Any] = field(default_factory=dict)
+    wandb: WandbLogger | None = None
+    last_row: dict[str, Any] = field(default_factory=dict)
 
     def callbacks(self) -> list[keras.callbacks.Callback]:
         """Fresh per-fit callbacks (Keras Tuner deep-copies the ones passed to search)."""
-        return [BudgetGuard(self), EpochProgress(self)]
+        logged = self.wandb.keras_callbacks() if self.wandb else []
+        return [BudgetGuard(self), EpochProgress(self), *logged]
+
+    def record(self, row: dict[str, Any]) -> None:
+        """A trial's row into trials.csv (and kept for its W&B summary)."""
+        self.last_row = row
+        self.results.upsert(row)
 
 
 class BudgetGuard(keras.callbacks.Callback):
@@ -140,24 +149,50 @@ class TrialRunner:
         ctx.stopped_by_budget = False
         ctx.trials_run += 1
         self._announce(trial, plan, epochs, estimate)
+        self._wandb_run_id = ""
+        if ctx.wandb:
+            self._wandb_run_id = ctx.wandb.start_trial(
+                trial.trial_id, self._wandb_config(trial, plan, epochs), _tags(plan)
+            )
         started = time.monotonic()
         try:
-            return super().run_trial(trial, *args, **kwargs)
+            result = super().run_trial(trial, *args, **kwargs)
         except kt.errors.FatalError:
+            if ctx.wandb:  # interrupted: the run is reopened when the trial runs again
+                ctx.wandb.finish_trial({"status": "interrupted"}, failed=True)
             raise
         except Exception as exc:  # noqa: BLE001 - any trial failure is recorded, search goes on
             reason = failure_reason(exc)
             ctx.console.print(f"  [red]trial {trial.trial_id} failed:[/red] {reason}")
-            ctx.results.upsert(
-                self._row(
-                    trial,
-                    self.hypermodel.plan(trial.hyperparameters),
-                    status="failed",
-                    reason=reason,
-                    train_seconds=time.monotonic() - started,
-                )
+            row = self._row(
+                trial,
+                self.hypermodel.plan(trial.hyperparameters),
+                status="failed",
+                reason=reason,
+                train_seconds=time.monotonic() - started,
             )
+            ctx.record(row)
+            if ctx.wandb:
+                ctx.wandb.finish_trial(row, failed=True)
             raise kt.errors.FailedTrialError(reason) from None
+        if ctx.wandb:
+            ctx.wandb.finish_trial(ctx.last_row, failed=False)
+        return result
+
+    def _wandb_config(self, trial, plan: TrialPlan, epochs: int) -> dict[str, Any]:
+        """Every hyperparameter plus the derived facts W&B users filter and group by."""
+        facts = self.context.facts
+        return {
+            **asdict(plan),
+            **trial.hyperparameters.values,
+            "trial_id": trial.trial_id,
+            "epochs": epochs,
+            "weights": self.context.weights_label,
+            "classes": facts.get("classes"),
+            "split_counts": facts.get("split_counts"),
+            "space_file": facts.get("space_file"),
+            "search": facts.get("name"),
+        }
 
     def _try_run_and_update_trial(self, trial, *args, **kwargs):
         super()._try_run_and_update_trial(trial, *args, **kwargs)
@@ -214,7 +249,7 @@ class TrialRunner:
             model_bytes=model_bytes,
             unfrozen_blocks=" ".join(fit.get("unfrozen_blocks", [])),
         )
-        self.context.results.upsert(row)
+        self.context.record(row)
         self.context.console.print(
             f"  done: val_acc {metrics['val_accuracy']:.4f} in "
             f"{budget_mod.format_seconds(train_seconds)}, {latency_ms:.2f} ms/image, "
@@ -231,6 +266,7 @@ class TrialRunner:
             "device": device_name(),
             "hyperband_epochs": hp.get("tuner/epochs", ""),
             "resumed_from": hp.get("tuner/trial_id", ""),
+            "wandb_run_id": getattr(self, "_wandb_run_id", ""),
             **values,
         }
         row.pop("pretrained", None)
@@ -254,6 +290,11 @@ class TrialRunner:
             f"{budget_mod.format_seconds(self.context.ledger.remaining())}",
             highlight=False,
         )
+
+
+def _tags(plan: TrialPlan) -> list[str]:
+    mode = "fine-tuned" if plan.fine_tunes else ("frozen" if plan.pretrained else "whole-network")
+    return [plan.backbone, mode]
 
 
 def tuner_class(algorithm: str) -> type:
