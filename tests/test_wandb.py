@@ -250,3 +250,40 @@ def test_model_artifact_hook_logs_to_the_search_run(tmp_path):
     assert artifact.type == "model" and artifact.name == "a-model"
     assert set(artifact.aliases) >= {"best", "knee"}
     assert json.loads(artifact.metadata)["rule"] == "knee"
+
+
+def test_dashboard_offline_writes_the_report_specification(tmp_path, capsys):
+    from tuner import dashboard
+
+    (tmp_path / "s").mkdir()
+    assert run_cli(dashboard.main, ["--search", "s", "--results", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "to publish it: wandb login" in printed and "--search s" in printed
+    spec = json.loads((tmp_path / "s" / "dashboard.json").read_text())
+    assert spec["type"] == "Report" and spec["project"] == "effnet-tuner"
+    (grid,) = [block for block in spec["blocks"] if block["type"] == "PanelGrid"]
+    (runset,) = grid["runsets"]
+    assert runset["filters"] == "Metric(\"Group\") == 's' and Metric(\"JobType\") == 'trial'"
+    panels = {panel["type"]: panel for panel in grid["panels"]}
+    assert set(panels) == {
+        "ParallelCoordinatesPlot",
+        "ScatterPlot",
+        "BarPlot",
+        "RunComparer",
+        "LinePlot",
+    }
+    axes = [column["metric"]["name"] for column in panels["ParallelCoordinatesPlot"]["columns"]]
+    assert axes[:2] == ["backbone", "image_size"] and axes[-1] == "val_accuracy"
+    assert "learning_rate" in axes and "finetune_fraction" in axes
+    scatter = panels["ScatterPlot"]
+    assert (scatter["x"]["name"], scatter["y"]["name"]) == ("latency_ms", "val_accuracy")
+    assert panels["BarPlot"]["groupby"]["name"] == "backbone"
+    curves = [p["y"][0] for p in grid["panels"] if p["type"] == "LinePlot"]
+    assert "epoch/val_accuracy" in curves
+
+
+def test_dashboard_for_an_unknown_search_is_one_line(tmp_path, capsys):
+    from tuner import dashboard
+
+    assert run_cli(dashboard.main, ["--search", "nope", "--results", str(tmp_path)]) == 2
+    assert "no search named 'nope'" in capsys.readouterr().err
