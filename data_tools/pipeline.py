@@ -37,8 +37,17 @@ def decode_image(path: tf.Tensor, size: int) -> tf.Tensor:
     data = tf.io.read_file(path)
     image = tf.io.decode_image(data, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
-    image = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    return resize_pixels(image, size)
+
+
+def resize_pixels(images: tf.Tensor, size: int) -> tf.Tensor:
+    """``uint8`` RGB of any size (one image or a batch) -> ``uint8 [..., size, size, 3]``.
+
+    The one resize of the package: training, evaluation and the exported serving signature
+    all use it, so a served model sees exactly the pixels it was trained on.
+    """
+    resized = tf.image.resize(images, [size, size], method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
 
 def find_unreadable(paths: Sequence[str]) -> list[int]:

@@ -42,3 +42,22 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from data_tools.demo import write_demo
 
     return write_demo(tmp_path_factory.mktemp("demo") / "digits").parent
+
+
+def run_search(tmp_path: Path, demo_dir: Path, name: str, *extra: str) -> int:
+    """``python -m tuner.search`` in-process on the demo digits with the tiny T0 backbone."""
+    from data_tools.errors import run_cli
+    from tuner import search
+
+    argv = [
+        "--results",
+        str(tmp_path / "results"),
+        "--cache",
+        str(demo_dir.parent),
+        "--name",
+        name,
+        "--set",
+        "backbones=[T0]",
+        *extra,
+    ]
+    return run_cli(search.main, argv)

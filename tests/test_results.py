@@ -68,3 +68,16 @@ def test_leaderboard_orders_marks_front_and_lists_failures() -> None:
     assert [line.split("|")[1].strip() for line in lines] == ["001", "002", "000"]
     assert [line.rstrip(" |").endswith("*") for line in lines] == [True, False, True]
     assert "- 003 B0: FailedTrialError: loss became NaN" in text
+
+
+def test_prune_keeps_models_on_either_front_only(tmp_path: Path) -> None:
+    results = Results(tmp_path)
+    rows = [row("a", 0.9, 10), row("b", 0.8, 20), row("c", 0.95, 30), row("d", 0.7, 40)]
+    rows[3]["train_seconds"] = 10  # d: slow to run, but the fastest to train
+    for r in rows:
+        results.upsert(r)
+        (results.trial_dir(r["trial_id"])).mkdir(parents=True)
+        (results.trial_dir(r["trial_id"]) / "model.keras").write_bytes(b"model")
+    assert results.prune_checkpoints() == ["b"]
+    kept = sorted(p.parent.name for p in tmp_path.glob("trials/*/model.keras"))
+    assert kept == ["a", "c", "d"]

@@ -19,22 +19,21 @@ import tensorflow as tf
 import yaml
 
 from data_tools.errors import run_cli
+from tests.conftest import run_search
 from tuner import hypermodel, search
 
-
-def run(tmp_path: Path, demo_dir: Path, name: str, *extra: str) -> int:
-    argv = [
-        "--results",
-        str(tmp_path / "results"),
-        "--cache",
-        str(demo_dir.parent),
-        "--name",
-        name,
-        "--set",
-        "backbones=[T0]",
-        *extra,
-    ]
-    return run_cli(search.main, argv)
+run = run_search
+# One quick trial: random search, one epoch.
+ONE_TRIAL = [
+    "--algorithm",
+    "random",
+    "--set",
+    "epochs=1",
+    "--set",
+    "max_trials=1",
+    "--budget",
+    "10m",
+]
 
 
 def trials(tmp_path: Path, name: str) -> pd.DataFrame:
@@ -206,18 +205,7 @@ def test_out_of_memory_halves_the_batch_then_fails_at_the_floor(
         return real_fit(self, hp, model, *args, **kwargs)
 
     monkeypatch.setattr(hypermodel.EffNetHyperModel, "fit", small_memory)
-    common = [
-        "--algorithm",
-        "random",
-        "--set",
-        "epochs=1",
-        "--set",
-        "max_trials=1",
-        "--set",
-        "batch_size=32",
-        "--budget",
-        "10m",
-    ]
+    common = [*ONE_TRIAL, "--set", "batch_size=32"]
     assert run(tmp_path, demo_dir, "oom", *common) == 0
     assert tried == [32, 16, 8]
     table = trials(tmp_path, "oom")
@@ -293,16 +281,7 @@ def test_offline_imagenet_for_user_data_names_the_file(tmp_path, demo_dir, capsy
 
 
 def test_resume_with_a_different_space_is_refused(tmp_path, demo_dir, capsys):
-    common = [
-        "--algorithm",
-        "random",
-        "--set",
-        "epochs=1",
-        "--set",
-        "max_trials=1",
-        "--budget",
-        "10m",
-    ]
+    common = ONE_TRIAL
     assert run(tmp_path, demo_dir, "d", *common) == 0
     assert run(tmp_path, demo_dir, "d", *common, "--set", "dropout=0.3") == 2
     assert "holds a search with a different space" in capsys.readouterr().err
@@ -320,14 +299,7 @@ def test_user_label_csv_is_split_and_saved_and_test_never_read(tmp_path, demo_di
         "u",
         "--set",
         "backbones=[T0]",
-        "--algorithm",
-        "random",
-        "--set",
-        "epochs=1",
-        "--set",
-        "max_trials=1",
-        "--budget",
-        "10m",
+        *ONE_TRIAL,
     ]
     assert run_cli(search.main, argv) == 0
     out = tmp_path / "results" / "u"

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from data_tools.errors import run_cli
+from tests.conftest import run_search
 from tests.wandb_files import read_runs
 from tuner import search
 
@@ -27,22 +28,9 @@ def _no_login(monkeypatch, tmp_path) -> None:
 
 
 def run(tmp_path: Path, demo_dir: Path, name: str, *extra: str) -> int:
-    argv = [
-        "--results",
-        str(tmp_path / "results"),
-        "--cache",
-        str(demo_dir.parent),
-        "--name",
-        name,
-        "--set",
-        "backbones=[T0]",
-        "--algorithm",
-        "random",
-        "--set",
-        "epochs=2",
-        *extra,
-    ]
-    return run_cli(search.main, argv)
+    return run_search(
+        tmp_path, demo_dir, name, "--algorithm", "random", "--set", "epochs=2", *extra
+    )
 
 
 def same(a, b) -> bool:

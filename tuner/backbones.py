@@ -191,6 +191,7 @@ def _hub_model(handle: str, shape: tuple[int, int, int]) -> keras.Model:
     return keras.Model(inputs, features, name="hub_backbone")
 
 
+@keras.saving.register_keras_serializable(package="effnet_tuner")
 class HubFeatures(keras.layers.Layer):
     """A frozen TF-Hub feature-vector module (``hub.load``) as a Keras 3 layer."""
 

@@ -88,6 +88,28 @@ class Results:
             zip(done["train_seconds"].astype(float), done["epochs"].astype(int), strict=True)
         )
 
+    def prune_checkpoints(self) -> list[str]:
+        """Delete the saved models of trials off both Pareto fronts (val accuracy against
+        latency, and against training time); returns their ids.
+
+        A trial once dominated stays dominated as trials are added, so its model can never
+        be the one exported; a long search then keeps a handful of models, not hundreds.
+        """
+        done = self.rows()
+        done = done[done["status"].isin(FINISHED)]
+        if done.empty:
+            return []
+        keep = pareto_front(done["val_accuracy"], done["latency_ms"]) | pareto_front(
+            done["val_accuracy"], done["train_seconds"]
+        )
+        pruned = []
+        for trial_id in done.loc[~keep, "trial_id"].astype(str):
+            model = self.trial_dir(trial_id) / "model.keras"
+            if model.exists():
+                model.unlink()
+                pruned.append(trial_id)
+        return pruned
+
     def trial_dir(self, trial_id: str) -> Path:
         return self.dir / "trials" / str(trial_id)
 

@@ -250,6 +250,7 @@ class TrialRunner:
             unfrozen_blocks=" ".join(fit.get("unfrozen_blocks", [])),
         )
         self.context.record(row)
+        self.context.results.prune_checkpoints()
         self.context.console.print(
             f"  done: val_acc {metrics['val_accuracy']:.4f} in "
             f"{budget_mod.format_seconds(train_seconds)}, {latency_ms:.2f} ms/image, "

@@ -295,20 +295,23 @@ class WandbLogger:
 
     def _degrade(self, exc: BaseException) -> None:
         """Say once that logging is degraded; online falls back to offline, offline to off."""
+        if self.mode not in _FALLBACK:
+            return
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        if self.mode == "online":
-            self.mode = "offline"
-            self.degraded_reason = f"online: {first_line}"
-            self.console.print(
-                f"[yellow]W&B logging degraded[/yellow] ({first_line}); "
-                f"logging offline under {self.dir / 'wandb'} instead; the "
-                f"search goes on"
-            )
-        elif self.mode == "offline":
-            self.mode = "disabled"
-            self.degraded_reason = f"offline: {first_line}"
-            self.console.print(
-                f"[yellow]W&B logging degraded[/yellow] ({first_line}); W&B "
-                f"logging is off for the rest of this search; everything is "
-                f"still in trials.csv"
-            )
+        next_mode, consequence = _FALLBACK[self.mode]
+        self.degraded_reason = f"{self.mode}: {first_line}"
+        self.mode = next_mode
+        self.console.print(
+            f"[yellow]W&B logging degraded[/yellow] ({first_line}); "
+            + consequence.format(folder=self.dir / "wandb")
+        )
+
+
+# After a failure in a mode: the mode to go on in, and what the user is told.
+_FALLBACK = {
+    "online": ("offline", "logging offline under {folder} instead; the search goes on"),
+    "offline": (
+        "disabled",
+        "W&B logging is off for the rest of this search; everything is still in trials.csv",
+    ),
+}

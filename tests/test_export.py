@@ -1,0 +1,184 @@
+"""End to end: a tiny search, then export_best and predict on what it exported."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from sklearn import metrics as skm
+
+from data_tools.errors import run_cli
+from tests.wandb_files import read_runs
+from tuner import export_best, predict, search
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, demo_dir) -> Path:
+    """Three one-epoch T0 trials on the demo digits (W&B offline)."""
+    root = tmp_path_factory.mktemp("export")
+    argv = [
+        "--results",
+        str(root),
+        "--cache",
+        str(demo_dir.parent),
+        "--name",
+        "tiny",
+        "--set",
+        "backbones=[T0]",
+        "--algorithm",
+        "random",
+        "--set",
+        "epochs=1",
+        "--set",
+        "max_trials=3",
+        "--budget",
+        "10m",
+        "--wandb-mode",
+        "offline",
+    ]
+    assert run_cli(search.main, argv) == 0
+    return root / "tiny"
+
+
+def fresh_copy(searched: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "tiny"
+    shutil.copytree(searched, target)
+    return target
+
+
+def test_export_writes_best_and_every_form_predicts_the_same(searched, tmp_path, capsys):
+    folder = fresh_copy(searched, tmp_path)
+    assert run_cli(export_best.main, ["--results", str(folder), "--tflite"]) == 0
+    printed = capsys.readouterr().out
+    best = folder / "best"
+    assert sorted(p.name for p in best.iterdir()) == [
+        "labels.txt",
+        "metrics.json",
+        "model.keras",
+        "model.tflite",
+        "model_card.md",
+        "saved_model",
+    ]
+    record = json.loads((best / "metrics.json").read_text())
+    assert f"chosen: trial {record['trial_id']}. knee:" in printed
+    assert "model: loaded its checkpoint" in printed
+    config, trials = export_best.load_search(folder)
+    row = trials[trials.trial_id.astype(str) == record["trial_id"]].iloc[0]
+    in_memory, _ = export_best.trial_model(folder, row, config)
+    pixels, labels, table = export_best.test_pixels(config, 32)
+    assert len(labels) == record["test"]["count"] == 110
+
+    expected = export_best.probabilities(in_memory, pixels)
+    from_file = export_best.probabilities(keras.models.load_model(best / "model.keras"), pixels)
+    serve = tf.saved_model.load(str(best / "saved_model")).signatures["serving_default"]
+    raw = np.stack(
+        [tf.io.decode_image(tf.io.read_file(p), channels=3).numpy() for p in table["path"]]
+    )  # the demo images are 8x8: one batch
+    served = serve(tf.constant(raw))["probabilities"].numpy()
+    np.testing.assert_allclose(from_file, expected, atol=1e-6)
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    assert record["tflite"]["max_abs_difference"] < 1e-4
+    assert record["tflite"]["same_predictions"] == 1.0
+
+    predicted = expected.argmax(1)
+    test = record["test"]
+    assert test["accuracy"] == pytest.approx(skm.accuracy_score(labels, predicted))
+    assert test["balanced_accuracy"] == pytest.approx(
+        skm.balanced_accuracy_score(labels, predicted)
+    )
+    assert test["loss"] == pytest.approx(skm.log_loss(labels, expected, labels=range(10)), rel=1e-4)
+    assert test["confusion_matrix"] == skm.confusion_matrix(labels, predicted).tolist()
+    f1 = skm.f1_score(labels, predicted, average=None)
+    assert [test["per_class"][str(c)]["f1"] for c in range(10)] == pytest.approx(f1)
+    assert (best / "labels.txt").read_text().split() == [str(d) for d in range(10)]
+    card = (best / "model_card.md").read_text()
+    assert f"trial {record['trial_id']}" in card and "## Why this trial" in card
+    assert "**chosen**" in card and "serving_default" in card
+
+    # The exported model was logged as a W&B artifact on the search's run.
+    search_runs = [r for r in read_runs(folder / "wandb") if r.job_type == "search"]
+    artifacts = [a for r in search_runs for a in r.artifacts]
+    assert artifacts and set(artifacts[-1].aliases) >= {"best", "knee"}
+    assert artifacts[-1].type == "model"
+
+
+def test_a_pruned_checkpoint_is_retrained_and_said_so(searched, tmp_path, capsys):
+    folder = fresh_copy(searched, tmp_path)
+    for model in folder.glob("trials/*/model.keras"):
+        model.unlink()
+    argv = [
+        "--results",
+        str(folder),
+        "--rule",
+        "max-accuracy",
+        "--out",
+        str(tmp_path / "o"),
+        "--wandb-mode",
+        "disabled",
+    ]
+    assert run_cli(export_best.main, argv) == 0
+    assert "model: retrained it from its hyperparameters (its checkpoint was not kept)" in (
+        capsys.readouterr().out
+    )
+    record = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert record["model_source"].startswith("retrained") and record["rule"] == "max-accuracy"
+
+
+def test_predict_prints_labels_and_a_folder_gives_a_csv(searched, tmp_path, demo_dir, capsys):
+    folder = fresh_copy(searched, tmp_path)
+    assert run_cli(export_best.main, ["--results", str(folder), "--wandb-mode", "disabled"]) == 0
+    capsys.readouterr()
+    labels = pd.read_csv(demo_dir / "label.csv", dtype=str).head(3)
+    files = [str(demo_dir / "images" / f"{oid}.png") for oid in labels.objectId]
+    assert run_cli(predict.main, ["--model", str(folder / "best"), *files]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[0] for line in lines] == files
+    assert all(
+        re_label.split(" (")[0].isdigit() for re_label in (line.split(": ")[1] for line in lines)
+    )
+    out = tmp_path / "p.csv"
+    images = tmp_path / "some"
+    images.mkdir()
+    for f in files:
+        shutil.copy(f, images)
+    (images / "broken.png").write_bytes(b"nope")
+    assert (
+        run_cli(predict.main, ["--model", str(folder / "best"), str(images), "--out", str(out)])
+        == 1
+    )  # one image could not be read
+    table = pd.read_csv(out)
+    assert len(table) == 4 and list(table.columns[:3]) == ["path", "label", "probability"]
+    assert table.filter(regex=r"^\d$").shape[1] == 10
+    readable = table.dropna(subset=["label"])
+    np.testing.assert_allclose(readable.filter(regex=r"^\d$").sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--results", "/nowhere/x"], "/nowhere/x is not a search's results folder"),
+        (
+            ["--max-latency-ms", "0.000001"],
+            "no finished trial has a latency <= 1e-06 ms; the fastest are",
+        ),
+        (["--min-accuracy", "1.01"], "no finished trial reaches val accuracy 1.01"),
+    ],
+)
+def test_export_bad_input_is_one_line(searched, tmp_path, capsys, argv, expected):
+    if argv[0] != "--results":
+        argv = ["--results", str(searched), *argv]
+    assert run_cli(export_best.main, argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1
+    assert not (searched / "best").exists()
+
+
+def test_predict_bad_model_folder(tmp_path, capsys):
+    assert run_cli(predict.main, ["--model", str(tmp_path), str(tmp_path)]) == 2
+    assert "is not an exported model" in capsys.readouterr().err

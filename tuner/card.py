@@ -1,0 +1,129 @@
+"""The model card of an exported model (``best/model_card.md``), from plain data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tuner.choose import Choice
+
+HYPERPARAMETERS = [
+    "backbone",
+    "image_size",
+    "batch_size",
+    "head_width",
+    "dropout",
+    "learning_rate",
+    "finetune_fraction",
+    "finetune_lr_factor",
+    "class_weight",
+    "weights",
+    "epochs",
+    "unfrozen_blocks",
+]
+
+
+def _value(value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def model_card(
+    record: dict[str, Any], config: dict[str, Any], choice: Choice, time_column: str
+) -> str:
+    """Markdown: data, model, validation and test metrics, speed, the choice, how to use."""
+    test = record["test"]
+    counts = dict(config.get("split_counts", {}))
+    counts["test"] = test["count"]
+    lines = [
+        f"# Model card: {config['name']} trial {record['trial_id']} ({record['backbone']})",
+        "",
+        "## Data",
+        "",
+        f"- Labels: `{config['data']}`; images: `{config['images']}`",
+        f"- Classes ({len(record['classes'])}, in index order): "
+        + ", ".join(f"`{c}`" for c in record["classes"]),
+        "- Split (reference hash split, balanced validation and test): "
+        + ", ".join(f"{k} {v}" for k, v in counts.items()),
+        "",
+        "## Model",
+        "",
+        "| hyperparameter | value |",
+        "|---|---|",
+        *[f"| {k} | {_value(v)} |" for k, v in record["hyperparameters"].items()],
+        f"| parameters | {record['params']:,} |",
+        f"| model.keras | {record['model_bytes'] / 1e6:.1f} MB |",
+        "",
+        f"Obtained by: {record['model_source']}.",
+        "",
+        "## Metrics",
+        "",
+        "| split | accuracy | loss | balanced accuracy |",
+        "|---|---:|---:|---:|",
+        f"| validation | {record['validation']['accuracy']:.4f} | "
+        f"{record['validation']['loss']:.4f} | |",
+        f"| test ({test['count']} images, read once, at export) | {test['accuracy']:.4f} | "
+        f"{test['loss']:.4f} | {test['balanced_accuracy']:.4f} |",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---:|---:|---:|---:|",
+        *[
+            f"| {name} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | "
+            f"{m['support']} |"
+            for name, m in test["per_class"].items()
+        ],
+        "",
+        "Confusion matrix (rows: true class, columns: predicted, in class order):",
+        "",
+        "```",
+        *[" ".join(f"{n:6d}" for n in row) for row in test["confusion_matrix"]],
+        "```",
+        "",
+        "## Speed",
+        "",
+        f"{record['latency_ms']:.2f} ms per image at batch 1 (median after warm-up), "
+        f"{record['images_per_s']:.0f} images/s at batch 32, on {record['device']}.",
+    ]
+    if "tflite" in record:
+        lite = record["tflite"]
+        lines += [
+            "",
+            f"`model.tflite` ({lite['bytes'] / 1e6:.1f} MB) agrees with Keras on the "
+            f"test images to {lite['max_abs_difference']:.1e} (same prediction for "
+            f"{lite['same_predictions']:.0%}).",
+        ]
+    lines += [
+        "",
+        "## Why this trial",
+        "",
+        f"Rule `{choice.rule}`: {choice.reason}",
+        "",
+        f"Pareto front (val accuracy up, {time_column} down):",
+        "",
+        "| | trial | model | px | val accuracy | latency ms | train s |",
+        "|---|---|---|---:|---:|---:|---:|",
+        *[
+            f"| {'**chosen**' if r.chosen else ''} | {r.trial_id} | {r.backbone} | "
+            f"{int(r.image_size)} | {r.val_accuracy:.4f} | {r.latency_ms:.2f} | "
+            f"{r.train_seconds:.0f} |"
+            for r in choice.front.itertuples()
+        ],
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import keras, tensorflow as tf",
+        "model = keras.models.load_model('model.keras')  # float RGB 0..255 at "
+        f"{record['image_size']}x{record['image_size']}",
+        "served = tf.saved_model.load('saved_model')",
+        "probabilities = served.signatures['serving_default'](",
+        "    tf.constant(uint8_images))['probabilities']  # uint8 [N, H, W, 3], any H, W",
+        "```",
+        "",
+        "From the command line: `python -m tuner.predict --model <this folder> IMAGE_OR_FOLDER`. "
+        "Serving: TensorFlow Serving loads `saved_model/` as it is (signature "
+        "`serving_default`, input `uint8 [N, H, W, 3]`, output `probabilities [N, C]`, classes "
+        "in the order of `labels.txt`).",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,375 @@
+"""Export the model to ship: Pareto front, a trade-off rule, one test evaluation, deployables.
+
+    python -m tuner.export_best                        # the most recent search, knee rule
+    python -m tuner.export_best --results results/NAME --rule max-accuracy --max-latency-ms 5
+    python -m tuner.export_best --rule weighted --weight -0.07 --target-ms 10 --tflite
+
+1. The Pareto front of the finished trials (val accuracy up, time down; ``--time training``
+   uses training time instead of latency) is printed with the chosen trial marked and the
+   reason (rules: :mod:`tuner.choose`).
+2. The chosen trial's model is loaded from its kept checkpoint (``trials/<id>/model.keras``;
+   the search keeps them only for trials on the front), or, when it was not kept, rebuilt
+   and retrained from its hyperparameters; the output says which.
+3. It is evaluated once on the test split, which nothing read before: accuracy, loss,
+   balanced accuracy, per-class precision/recall/F1 and the confusion matrix
+   (scikit-learn), and its latency on this device.
+4. ``results/<name>/best/`` (or ``--out``): ``model.keras``; ``saved_model/`` whose
+   ``serving_default`` signature takes raw ``uint8`` RGB images of any size (resizing and
+   preprocessing inside) and returns class probabilities; ``model.tflite`` with
+   ``--tflite`` (checked against Keras on the test images); ``labels.txt``; ``metrics.json``;
+   ``model_card.md``. The folder is written beside and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from data_tools.errors import InputError, run_cli
+from tuner.choose import MNAS_WEIGHT, RULES, Choice, choose
+
+FLOAT_TOLERANCE = 1e-4  # Keras vs SavedModel vs TFLite probabilities (float32 arithmetic)
+
+
+def most_recent_search(root: str | Path = "results") -> Path:
+    """The results folder whose trials.csv changed last."""
+    found = sorted(Path(root).glob("*/trials.csv"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise InputError(
+            f"no search results in {root}/: run python -m tuner.search first, or "
+            f"pass --results results/NAME"
+        )
+    return found[-1].parent
+
+
+def load_search(folder: Path) -> tuple[dict[str, Any], pd.DataFrame]:
+    if not (folder / "trials.csv").is_file() or not (folder / "config.yaml").is_file():
+        raise InputError(
+            f"{folder} is not a search's results folder (no trials.csv or "
+            f"config.yaml): pass --results results/NAME"
+        )
+    from tuner.results import Results
+
+    return yaml.safe_load((folder / "config.yaml").read_text()), Results(folder).rows()
+
+
+def front_table(choice: Choice, column: str) -> str:
+    """The front as a printable table, the chosen row marked with an arrow."""
+    shown = choice.front[
+        ["trial_id", "backbone", "image_size", "val_accuracy", "latency_ms", "train_seconds"]
+    ].copy()
+    shown.insert(0, "", np.where(choice.front["chosen"], "->", ""))
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+
+
+# -- the model --------------------------------------------------------------------------------
+
+
+def weights_argument(label: str) -> str | None:
+    """The search's recorded weights label back to what the backbone constructors take."""
+    return None if label.startswith("none") else label
+
+
+def trial_model(folder: Path, row: pd.Series, config: dict[str, Any]):
+    """(model, how it was obtained): the kept checkpoint, or a retrain from hyperparameters."""
+    import keras
+
+    checkpoint = folder / "trials" / str(row["trial_id"]) / "model.keras"
+    if checkpoint.is_file():
+        return keras.models.load_model(checkpoint), f"loaded its checkpoint {checkpoint}"
+    return retrain(folder, row, config), (
+        "retrained it from its hyperparameters (its checkpoint was not kept)"
+    )
+
+
+def retrain(folder: Path, row: pd.Series, config: dict[str, Any]):
+    import keras_tuner as kt
+
+    from tuner import hypermodel, space
+
+    trial_json = folder / "keras_tuner" / f"trial_{row['trial_id']}" / "trial.json"
+    if not trial_json.is_file():
+        raise InputError(
+            f"trial {row['trial_id']} has neither a checkpoint nor Keras Tuner's "
+            f"record ({trial_json}): choose another trial or rerun the search"
+        )
+    hp = kt.HyperParameters.from_config(json.loads(trial_json.read_text())["hyperparameters"])
+    search_space = space.SearchSpace(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in config["space"].items()}
+    )
+    table, classes = split_table(config, ("train", "validation"))
+    data = hypermodel.SplitData(table, classes, cache_dir=str(folder / "cache"))
+    maker = hypermodel.EffNetHyperModel(search_space, data, weights_argument(config["weights"]))
+    maker.batch_override = int(row["batch_size"])
+    model = maker.build(hp)
+    epochs = int(row["hyperband_epochs"]) if pd.notna(row.get("hyperband_epochs")) else None
+    maker.fit(hp, model, epochs=epochs or search_space.epochs)
+    return model
+
+
+def split_table(config: dict[str, Any], types: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Rows of the search's split file of the given types, normalised, and the classes."""
+    from data_tools import ingest
+
+    frame = ingest.read_split_csv(config["data"])
+    frame = frame[frame["type"].isin(types)].reset_index(drop=True)
+    classes = list(config["classes"])
+    paths = ingest.resolve_paths(frame, config["images"])
+    return ingest.normalise(frame, paths, classes), classes
+
+
+def probabilities(model, pixels: np.ndarray) -> np.ndarray:
+    """Class probabilities ``[N, C]`` (a sigmoid head gives ``[1 - p, p]``)."""
+    out = np.asarray(model.predict(pixels.astype("float32"), verbose=0, batch_size=64))
+    return np.concatenate([1 - out, out], axis=1) if out.shape[1] == 1 else out
+
+
+# -- the test evaluation ----------------------------------------------------------------------
+
+
+def test_pixels(config: dict[str, Any], size: int) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """The test split decoded at ``size``: (uint8 pixels, labels, table). Read here only."""
+    from data_tools import pipeline
+
+    table, _ = split_table(config, ("test",))
+    if table.empty:
+        raise InputError(f"the split {config['data']} has no test rows: nothing to evaluate on")
+    batches = list(pipeline.make_dataset(table, size, 64).as_numpy_iterator())
+    return (np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches]), table)
+
+
+def test_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """scikit-learn's numbers for these predictions."""
+    from sklearn import metrics
+
+    predicted = probs.argmax(axis=1)
+    indices = list(range(len(classes)))
+    precision, recall, f1, support = metrics.precision_recall_fscore_support(
+        labels, predicted, labels=indices, zero_division=0
+    )
+    return {
+        "count": int(len(labels)),
+        "accuracy": float(metrics.accuracy_score(labels, predicted)),
+        "loss": float(metrics.log_loss(labels, probs, labels=indices)),
+        "balanced_accuracy": float(metrics.balanced_accuracy_score(labels, predicted)),
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(classes)
+        },
+        "confusion_matrix": metrics.confusion_matrix(labels, predicted, labels=indices).tolist(),
+    }
+
+
+# -- the exports ------------------------------------------------------------------------------
+
+
+def write_saved_model(model, size: int, target: Path) -> None:
+    """A SavedModel whose ``serving_default`` takes ``uint8 [N, H, W, 3]`` of any H, W."""
+    import keras
+    import tensorflow as tf
+
+    from data_tools.pipeline import resize_pixels
+
+    binary = model.output_shape[-1] == 1
+
+    def serve(images):
+        pixels = tf.cast(resize_pixels(images, size), tf.float32)
+        out = model(pixels, training=False)
+        return {"probabilities": tf.concat([1 - out, out], axis=1) if binary else out}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serving_default", serve, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)]
+    )
+    archive.write_out(str(target), verbose=False)
+
+
+def write_tflite(model, size: int, target: Path) -> None:
+    """TFLite from a frozen ``tf.function`` of ``model(x, training=False)`` (float pixels
+    0..255 at the model's size). Freezing matters: left as resource variables, Keras 3's
+    weights are read uninitialised by the interpreter and every output is garbage."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+    def infer(pixels):
+        return model(pixels, training=False)
+
+    frozen = convert_variables_to_constants_v2(infer.get_concrete_function())
+    target.write_bytes(tf.lite.TFLiteConverter.from_concrete_functions([frozen]).convert())
+
+
+def tflite_probabilities(path: Path, pixels: np.ndarray) -> np.ndarray:
+    """Run a .tflite model with the LiteRT interpreter (``[N, C]`` probabilities)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    entry = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(entry["index"], list(pixels.shape))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(entry["index"], pixels.astype("float32"))
+    interpreter.invoke()
+    out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    return np.concatenate([1 - out, out], axis=1) if out.shape[1] == 1 else out
+
+
+def export(args: argparse.Namespace) -> Path:
+    """Choose, evaluate and write ``best/``; returns the folder. The CLI's one call."""
+    from rich.console import Console
+
+    from data_tools.atomic import atomic_path
+    from tuner import card
+    from tuner.choose import TIME_COLUMNS
+    from tuner.trial import device_name, measure_latency
+
+    console = Console(highlight=False, soft_wrap=True)
+    folder = Path(args.results) if args.results else most_recent_search()
+    config, trials = load_search(folder)
+    choice = choose(
+        trials,
+        args.rule,
+        args.time,
+        args.max_latency_ms,
+        args.min_accuracy,
+        args.weight,
+        args.target_ms,
+    )
+    column = TIME_COLUMNS[args.time]
+    console.print(f"Pareto front of {folder} (val accuracy up, {column} down):")
+    console.print(front_table(choice, column))
+    console.print(f"chosen: trial {choice.trial_id}. {choice.reason}")
+    row = trials[trials["trial_id"].astype(str) == choice.trial_id].iloc[0]
+    model, how = trial_model(folder, row, config)
+    console.print(f"model: {how}")
+    size = int(row["image_size"])
+    pixels, labels, _ = test_pixels(config, size)
+    probs = probabilities(model, pixels)
+    metrics = test_metrics(labels, probs, list(config["classes"]))
+    latency_ms, images_per_s = measure_latency(model, size)
+    out = Path(args.out) if args.out else folder / "best"
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        model.save(tmp / "model.keras")
+        write_saved_model(model, size, tmp / "saved_model")
+        (tmp / "labels.txt").write_text("\n".join(config["classes"]) + "\n")
+        record = {
+            "search": str(folder),
+            "trial_id": choice.trial_id,
+            "rule": choice.rule,
+            "reason": choice.reason,
+            "model_source": how,
+            "backbone": row["backbone"],
+            "image_size": size,
+            "classes": list(config["classes"]),
+            "hyperparameters": {k: _plain(row[k]) for k in card.HYPERPARAMETERS if k in row},
+            "validation": {"accuracy": float(row["val_accuracy"]), "loss": float(row["val_loss"])},
+            "test": metrics,
+            "latency_ms": latency_ms,
+            "images_per_s": images_per_s,
+            "device": device_name(),
+            "params": int(model.count_params()),
+            "model_bytes": (tmp / "model.keras").stat().st_size,
+        }
+        if args.tflite:
+            write_tflite(model, size, tmp / "model.tflite")
+            lite = tflite_probabilities(tmp / "model.tflite", pixels)
+            record["tflite"] = {
+                "max_abs_difference": float(np.abs(lite - probs).max()),
+                "same_predictions": float((lite.argmax(1) == probs.argmax(1)).mean()),
+                "bytes": (tmp / "model.tflite").stat().st_size,
+            }
+            if record["tflite"]["max_abs_difference"] > FLOAT_TOLERANCE:
+                raise RuntimeError(
+                    f"the TFLite model disagrees with Keras by "
+                    f"{record['tflite']['max_abs_difference']:.2e}"
+                )
+        (tmp / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
+        (tmp / "model_card.md").write_text(card.model_card(record, config, choice, column))
+    console.print(
+        f"test: accuracy {metrics['accuracy']:.4f}, balanced accuracy "
+        f"{metrics['balanced_accuracy']:.4f}, loss {metrics['loss']:.4f} on "
+        f"{metrics['count']} images; {latency_ms:.2f} ms/image on {device_name()}"
+    )
+    console.print(f"exported to {out}/")
+    _log_artifact(folder, config, out, choice, record, console, args)
+    return out
+
+
+def _log_artifact(folder, config, out, choice, record, console, args) -> None:
+    from tuner.wandb_log import WandbLogger
+
+    logger = WandbLogger(
+        args.wandb_mode, args.wandb_project, args.wandb_entity, config["name"], folder, console
+    )
+    metadata = {
+        "trial_id": choice.trial_id,
+        "rule": choice.rule,
+        "test_accuracy": record["test"]["accuracy"],
+        "val_accuracy": record["validation"]["accuracy"],
+        "latency_ms": record["latency_ms"],
+        "backbone": record["backbone"],
+    }
+    logger.log_model(out, ["best", choice.rule], metadata)
+    if logger.sync_command():
+        console.print(f"W&B is offline; to upload: {logger.sync_command()}")
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars to Python; NaN (an empty CSV cell) to None, which JSON can hold."""
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and np.isnan(value) else value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tuner.export_best",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--results", help="results/NAME (default: the most recent search)")
+    parser.add_argument(
+        "--rule",
+        choices=RULES,
+        help="default: knee; fastest with only "
+        "--min-accuracy, max-accuracy with only --max-latency-ms",
+    )
+    parser.add_argument("--max-latency-ms", type=float, help="latency cap (ms per image)")
+    parser.add_argument("--min-accuracy", type=float, help="val accuracy floor")
+    parser.add_argument("--time", choices=["latency", "training"], default="latency")
+    parser.add_argument("--weight", type=float, default=MNAS_WEIGHT, help="weighted rule's W")
+    parser.add_argument("--target-ms", type=float, help="weighted rule's T (default: median)")
+    parser.add_argument("--tflite", action="store_true", help="also write model.tflite")
+    parser.add_argument("--out", help="export folder (default: results/NAME/best)")
+    parser.add_argument("--wandb-project")
+    parser.add_argument("--wandb-entity")
+    parser.add_argument("--wandb-mode", choices=["online", "offline", "disabled"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.rule is None:
+        only_floor = args.min_accuracy is not None and args.max_latency_ms is None
+        only_cap = args.max_latency_ms is not None and args.min_accuracy is None
+        args.rule = "fastest" if only_floor else ("max-accuracy" if only_cap else "knee")
+    export(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,107 @@
+"""Predict with an exported model: label and probability per image.
+
+    python -m tuner.predict --model results/NAME/best photo.jpg other.png
+    python -m tuner.predict --model results/NAME/best images/ > predictions.csv
+
+Images are decoded at their own size and handed to the SavedModel's ``serving_default``
+signature, which resizes them exactly as training did. One image per line
+(``path: label (probability)``); a folder gives a CSV (``path,label,probability`` and one
+column per class) on stdout or in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from data_tools.errors import InputError, run_cli
+from data_tools.ingest import IMAGE_EXTENSIONS
+
+
+def load(model_dir: str | Path):
+    """(the serving function, the class names) of an exported model folder."""
+    model_dir = Path(model_dir)
+    saved, labels = model_dir / "saved_model", model_dir / "labels.txt"
+    if not saved.is_dir() or not labels.is_file():
+        raise InputError(
+            f"{model_dir} is not an exported model (no saved_model/ or "
+            f"labels.txt): run python -m tuner.export_best first"
+        )
+    import tensorflow as tf
+
+    return tf.saved_model.load(str(saved)).signatures["serving_default"], labels.read_text().split(
+        "\n"
+    )[:-1]
+
+
+def image_files(items: Sequence[str]) -> tuple[list[Path], bool]:
+    """The image files named or found in folders; True when a folder was given."""
+    files, any_folder = [], False
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            any_folder = True
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise InputError(f"{item} does not exist: pass image files or folders")
+    if not files:
+        raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(items)}")
+    return files, any_folder
+
+
+def predict(serve, classes: list[str], files: Sequence[Path]) -> pd.DataFrame:
+    """One row per file: path, label, probability, then each class's probability."""
+    import tensorflow as tf
+
+    rows = []
+    for file in files:
+        try:
+            image = tf.io.decode_image(
+                tf.io.read_file(str(file)), channels=3, expand_animations=False
+            )
+        except tf.errors.InvalidArgumentError:
+            rows.append({"path": str(file), "label": "", "probability": float("nan")})
+            continue
+        probs = serve(tf.expand_dims(image, 0))["probabilities"].numpy()[0]
+        best = int(probs.argmax())
+        rows.append(
+            {
+                "path": str(file),
+                "label": classes[best],
+                "probability": float(probs[best]),
+                **{c: float(p) for c, p in zip(classes, probs, strict=True)},
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tuner.predict",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="an exported folder (results/NAME/best)")
+    parser.add_argument("images", nargs="+", help="image files and/or folders")
+    parser.add_argument("--out", help="write the CSV here instead of stdout")
+    args = parser.parse_args(argv)
+    serve, classes = load(args.model)
+    files, any_folder = image_files(args.images)
+    table = predict(serve, classes, files)
+    if any_folder or args.out:
+        table.to_csv(args.out or sys.stdout, index=False, float_format="%.6f")
+    else:
+        for row in table.itertuples():
+            shown = f"{row.label} ({row.probability:.4f})" if row.label else "unreadable image"
+            print(f"{row.path}: {shown}")
+    return 0 if table["label"].ne("").all() else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
