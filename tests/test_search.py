@@ -110,7 +110,7 @@ def test_interrupted_trial_is_rerun_on_resume(tmp_path, demo_dir, capsys):
         while time.monotonic() < deadline and not csv.exists():
             time.sleep(0.2)
         time.sleep(3)  # well inside trial 2's first epoch
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends; Ctrl-C shares the handler
 
     thread = threading.Thread(target=interrupt_during_second_trial, daemon=True)
     thread.start()

@@ -32,6 +32,7 @@ import pandas as pd
 
 DEFAULT_PROJECT = "effnet-tuner"
 MODES = ("online", "offline", "disabled")
+OFFLINE_INIT_TIMEOUT_S = 300
 
 
 def has_credentials() -> bool:
@@ -271,7 +272,7 @@ class WandbLogger:
                 dir=str(self.dir),
                 mode=self.mode,
                 reinit="finish_previous",
-                settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+                settings=self._settings(wandb),
             )
             if self.mode == "offline":
                 self.offline_dirs.add(str(Path(self.run.dir).parent))
@@ -283,6 +284,14 @@ class WandbLogger:
             if self.mode == "offline" and not self.degraded_reason.startswith("offline"):
                 return self._init(run_id, name, job_type, config, tags)
             return None
+
+    def _settings(self, wandb):
+        settings = {"silent": True, "console": "off", "x_disable_stats": True}
+        if self.mode == "offline":
+            # Offline needs no network, only time to start wandb's service on a busy machine:
+            # WANDB_INIT_TIMEOUT (for reaching the server) must not cut it short.
+            settings["init_timeout"] = OFFLINE_INIT_TIMEOUT_S
+        return wandb.Settings(**settings)
 
     def _finish(self, exit_code: int) -> None:
         if self.run is None:
