@@ -148,26 +148,31 @@ def make_dataset(
             data = data.shuffle(min(len(paths), 10_000), seed=seed, reshuffle_each_iteration=True)
         return data.batch(batch_size).prefetch(AUTOTUNE)
     pixels = decoded_array(paths, size, cache_dir, split)
-    return _array_dataset(pixels, labels, batch_size, shuffle=shuffle, seed=seed)
+    return array_dataset(pixels, labels, batch_size, shuffle=shuffle, seed=seed)
 
 
-def _array_dataset(
-    pixels: np.ndarray, labels: np.ndarray, batch_size: int, *, shuffle: bool, seed: int
+def array_dataset(
+    values: np.ndarray, labels: np.ndarray, batch_size: int, *, shuffle: bool = False, seed: int = 0
 ) -> tf.data.Dataset:
-    """Batches gathered from a (memory-mapped) array by shuffled index: no decoding at all."""
+    """Batches gathered from a (memory-mapped) array by shuffled index, as float32 (or the
+    array's uint8 for pixels), with int32 labels: nothing is decoded or held in memory whole.
+    """
     count = len(labels)
     order = tf.data.Dataset.range(count)
     if shuffle:
         # The whole index list fits in the buffer, so this is a full shuffle every epoch.
         order = order.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+    out_type = tf.uint8 if values.dtype == np.uint8 else tf.float32
+    labels = np.asarray(labels, dtype=np.int32)
 
     def gather(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return np.asarray(pixels[np.sort(index)]), labels[np.sort(index)]
+        index = np.sort(index)  # sorted reads from the memory map
+        return np.asarray(values[index], dtype=out_type.as_numpy_dtype), labels[index]
 
     def load(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        images, ys = tf.numpy_function(gather, [index], (tf.uint8, tf.int32), stateful=False)
-        images.set_shape([None, *pixels.shape[1:]])
+        batch, ys = tf.numpy_function(gather, [index], (out_type, tf.int32), stateful=False)
+        batch.set_shape([None, *values.shape[1:]])
         ys.set_shape([None])
-        return images, ys
+        return batch, ys
 
     return order.batch(batch_size).map(load, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)

@@ -61,3 +61,31 @@ def run_search(tmp_path: Path, demo_dir: Path, name: str, *extra: str) -> int:
         *extra,
     ]
     return run_cli(search.main, argv)
+
+
+@pytest.fixture(scope="session")
+def pretrained_t0(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Path:
+    """A weights folder whose T0 backbone was trained (2 epochs, whole network, on the demo
+    digits): frozen random features carry no information, these do, like ImageNet's."""
+    import keras_tuner as kt
+
+    from data_tools import ingest, split
+    from tuner import hypermodel, space
+
+    folder = tmp_path_factory.mktemp("pretrained")
+    labels = ingest.read_label_csv(demo_dir / "label.csv")
+    frame = split.split_frame(labels)
+    frame = frame[frame.type != "test"].reset_index(drop=True)
+    classes = ingest.class_names(frame.value)
+    table = ingest.normalise(frame, ingest.resolve_paths(frame, demo_dir / "images"), classes)
+    data = hypermodel.SplitData(table, classes, cache_dir=str(folder / "cache"))
+    search_space = space.load(
+        None,
+        {"backbones": ["T0"], "head_width": 0, "dropout": 0.0, "learning_rate": 0.005, "epochs": 2},
+    )
+    maker = hypermodel.EffNetHyperModel(search_space, data, None)
+    hp = kt.HyperParameters()
+    model = maker.build(hp)
+    maker.fit(hp, model, epochs=2)
+    model.get_layer("backbone").save_weights(folder / "T0.weights.h5")
+    return folder

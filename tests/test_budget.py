@@ -60,3 +60,14 @@ def test_ledger_counts_time_across_resumes(tmp_path: Path) -> None:
     assert second.remaining() == pytest.approx(70, abs=0.5)
     time.sleep(0.05)
     assert second.spent() > 30
+
+
+def test_batch_scales_with_free_gpu_memory() -> None:
+    from tuner.accelerate import resolve, scaled_batch
+
+    assert scaled_batch(512, None) == 512  # CPU: the table's value
+    assert scaled_batch(512, 8192) == 512
+    assert scaled_batch(512, 24000) == 1024  # 24 GB card: x2.9, rounded down to a power of 2
+    assert scaled_batch(32, 2048) == 8  # small card: never below the floor
+    assert resolve("auto", gpu=True) and not resolve("auto", gpu=False)
+    assert resolve("on", gpu=False) and not resolve("off", gpu=True)

@@ -30,10 +30,10 @@ def changed(before: dict, after: dict) -> set[str]:
     return {path for path in before if not np.array_equal(before[path], after[path])}
 
 
-def test_phase1_trains_the_head_phase2_only_top_blocks_without_batchnorm(demo_dir, tmp_path):
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    backbones.build(backbones.get("T0"), 32, None).save_weights(weights / "T0.weights.h5")
+def test_phase1_trains_the_head_phase2_only_top_blocks_without_batchnorm(
+    demo_dir, tmp_path, pretrained_t0
+):
+    weights = pretrained_t0
     search_space = space.load(
         None,
         {
@@ -97,3 +97,96 @@ def test_search_never_gets_the_test_split(tmp_path):
         assert "must not see the test split" in str(exc)
     else:
         raise AssertionError("the test split reached the search")
+
+
+def frozen_maker(demo_dir, tmp_path, weights, feature_cache=True):
+    search_space = space.load(
+        None,
+        {
+            "backbones": ["T0"],
+            "finetune_fraction": 0.0,
+            "head_width": 32,
+            "dropout": 0.0,
+            "epochs": 3,
+            "learning_rate": 0.01,
+            "class_weight": "none",
+        },
+    )
+    return hypermodel.EffNetHyperModel(
+        search_space, demo_data(demo_dir, tmp_path), str(weights), feature_cache=feature_cache
+    )
+
+
+def test_frozen_head_trains_on_cached_features_and_matches_end_to_end(
+    demo_dir, tmp_path, pretrained_t0
+):
+    maker = frozen_maker(demo_dir, tmp_path, pretrained_t0)
+    hp = kt.HyperParameters()
+    model = maker.build(hp)
+    frozen_before = {v.path: v.numpy().copy() for v in model.get_layer("backbone").weights}
+    result = maker.fit(hp, model, epochs=3)
+    assert maker.last_fit["cache"] == ["computed", "computed"]
+    assert result["val_accuracy"] > 0.3
+    files = sorted((tmp_path / "cache" / "features").glob("*.npy"))
+    assert [f.name.split("-")[0] for f in files] == ["train", "validation"]
+    cached = np.load(files[1])
+    assert cached.dtype == np.float16 and cached.shape[0] == 140
+    # The backbone did not move; the head, put back on it, predicts what it learned.
+    assert all(
+        np.array_equal(v.numpy(), frozen_before[v.path])
+        for v in model.get_layer("backbone").weights
+    )
+    pixels, _ = maker.data.pixels("validation", 32)
+    end_to_end = model.predict(np.asarray(pixels, dtype="float32"), verbose=0)
+    on_features = model.get_layer("head").predict(cached.astype("float32"), verbose=0)
+    np.testing.assert_allclose(end_to_end, on_features, atol=2e-3)  # float16 features
+    # A second trial on the same backbone and size computes nothing.
+    second = maker.build(kt.HyperParameters())
+    maker.fit(kt.HyperParameters(), second, epochs=1)
+    assert maker.last_fit["cache"] == ["loaded", "loaded"]
+
+
+def test_feature_cache_off_trains_end_to_end(demo_dir, tmp_path, pretrained_t0):
+    maker = frozen_maker(demo_dir, tmp_path, pretrained_t0, feature_cache=False)
+    hp = kt.HyperParameters()
+    maker.fit(hp, maker.build(hp), epochs=1)
+    assert "cache" not in maker.last_fit
+    assert not (tmp_path / "cache" / "features").exists()
+
+
+def test_finetune_trains_the_top_on_cached_activations_and_matches_end_to_end(
+    demo_dir, tmp_path, pretrained_t0
+):
+    from tuner import features
+
+    maker = frozen_maker(demo_dir, tmp_path, pretrained_t0)
+    maker.space = space.load(
+        None,
+        {
+            "backbones": ["T0"],
+            "finetune_fraction": 0.25,
+            "head_width": 16,
+            "dropout": 0.0,
+            "epochs": 2,
+            "learning_rate": 0.01,
+            "class_weight": "none",
+        },
+    )
+    hp = kt.HyperParameters()
+    model = maker.build(hp)
+    maker.fit(hp, model, epochs=2)
+    # Phase 1 cached the pooled features, phase 2 the activations after block 6a.
+    assert maker.last_fit["cache"] == ["computed"] * 4
+    assert maker.last_fit["activation_cut"] == "block6a_project_bn"
+    assert maker.last_fit["unfrozen_blocks"] == ["7a", "top"]
+    bottom, top, cut = features.split_backbone(model, 2)
+    folder = tmp_path / "cache" / "features"
+    (cached,) = [
+        f for f in folder.glob("validation-T0-*.npy") if np.load(f, mmap_mode="r").ndim == 4
+    ]  # activations, not pooled features
+    activations = np.load(cached).astype("float32")
+    pixels, _ = maker.data.pixels("validation", 32)
+    end_to_end = model.predict(np.asarray(pixels, dtype="float32"), verbose=0)
+    head = model.get_layer("head")
+    on_cache = head.predict(top.predict(activations, verbose=0), verbose=0)
+    np.testing.assert_allclose(end_to_end, on_cache, atol=5e-3)  # float16 activations

@@ -30,7 +30,7 @@ import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
 from data_tools import pipeline
-from tuner import backbones
+from tuner import accelerate, backbones, features
 from tuner import space as space_mod
 
 
@@ -94,6 +94,21 @@ class SplitData:
         )
         return train.map(as_float), val.map(as_float)
 
+    def pixels(self, split: str, size: int) -> tuple[np.ndarray, str]:
+        """(uint8 pixels of a split at ``size``, a name for them): from the decoded cache when
+        there is one, else decoded now."""
+        table = self.train if split == "train" else self.validation
+        paths = table["path"].tolist()
+        if self.cache_dir is not None:
+            name = pipeline.cache_file(self.cache_dir, split, size, paths).name
+            return pipeline.decoded_array(paths, size, self.cache_dir, split), name
+        batches = pipeline.make_dataset(table, size, 256).as_numpy_iterator()
+        return np.concatenate([x for x, _ in batches]), f"{split}-{size}-uncached"
+
+    def labels(self, split: str) -> np.ndarray:
+        table = self.train if split == "train" else self.validation
+        return table["class_index"].to_numpy(dtype=np.int32)
+
     def class_weights(self) -> dict[int, float]:
         """scikit-learn's ``balanced`` weights over the train split."""
         y = self.train["class_index"].to_numpy()
@@ -111,12 +126,18 @@ class EffNetHyperModel(kt.HyperModel):
         data: SplitData,
         weights: str | None,
         callbacks_factory=None,
+        feature_cache: bool = True,
+        jit_compile: bool | str = "auto",
+        gpu_free_mib: float | None = None,
     ) -> None:
         super().__init__(name="effnet")
+        self.jit_compile = jit_compile  # XLA; "auto" lets Keras decide
+        self.gpu_free_mib = gpu_free_mib  # scales the table's default batch sizes
         self.space = space
         self.data = data
         self.weights = weights  # "imagenet", None (random) or a path
         self.callbacks_factory = callbacks_factory  # () -> list of per-fit callbacks
+        self.feature_cache = feature_cache  # train frozen heads on cached backbone features
         self.batch_override: int | None = None  # set by out-of-memory retries
         self.last_fit: dict[str, Any] = {}
 
@@ -128,7 +149,11 @@ class EffNetHyperModel(kt.HyperModel):
         size = entry.size if size == "native" else int(size)
         if "image_size" not in values and isinstance(fixed, int):
             size = fixed
-        batch = entry.batch if self.space.batch_size == "native" else int(self.space.batch_size)
+        batch = (
+            accelerate.scaled_batch(entry.batch, self.gpu_free_mib)
+            if self.space.batch_size == "native"
+            else int(self.space.batch_size)
+        )
         return TrialPlan(
             backbone=entry.name,
             image_size=size,
@@ -165,7 +190,7 @@ class EffNetHyperModel(kt.HyperModel):
             features = base(x)
         head = build_head(features.shape[-1], plan.head_width, plan.dropout, self.data.num_classes)
         model = keras.Model(inputs, head(features), name=f"effnet_{plan.backbone.lower()}")
-        compile_model(model, plan.learning_rate, self.data.num_classes)
+        compile_model(model, plan.learning_rate, self.data.num_classes, self.jit_compile)
         return model
 
     def fit(
@@ -179,11 +204,13 @@ class EffNetHyperModel(kt.HyperModel):
         **kwargs,
     ) -> dict[str, float]:
         plan = self.plan(hp)
+        self.last_fit = {}  # facts of this fit only (the runner reads them after)
         epochs = epochs or self.space.epochs
         train, val = self.data.datasets(plan.image_size, plan.batch_size, self.space.seed)
         weights = self.data.class_weights() if plan.class_weight == "balanced" else None
         own = list(self.callbacks_factory()) if self.callbacks_factory else []
-        callbacks = [*callbacks, *own, keras.callbacks.TerminateOnNaN()]
+        given = list(callbacks)  # Keras Tuner's: progress to the oracle, best-epoch checkpoint
+        callbacks = [*given, *own, keras.callbacks.TerminateOnNaN()]
         phase1_end = epochs - self.finetune_epochs(epochs) if plan.fine_tunes else epochs
         history: dict[str, list[float]] = {}
         # shuffle=False: the dataset shuffles itself (Keras warns that it ignores the flag).
@@ -194,26 +221,51 @@ class EffNetHyperModel(kt.HyperModel):
             verbose=0,
             shuffle=False,
         )
-        if initial_epoch < phase1_end:
+        if initial_epoch < phase1_end and self.uses_feature_cache(plan):
+            tuner_callbacks = [features.ForModel(cb, model) for cb in given]
+            _extend(
+                history,
+                self._fit_head_on_features(
+                    model,
+                    plan,
+                    phase1_end,
+                    initial_epoch,
+                    weights,
+                    [*tuner_callbacks, *own, keras.callbacks.TerminateOnNaN()],
+                ),
+            )
+        elif initial_epoch < phase1_end:
             _extend(
                 history,
                 model.fit(train, epochs=phase1_end, initial_epoch=initial_epoch, **fit_args),
             )
         if plan.fine_tunes and epochs > phase1_end and not model.stop_training:
             base = model.get_layer("backbone")
-            unfrozen = backbones.unfreeze_top(
-                base, backbones.blocks_for_fraction(base, plan.finetune_fraction)
-            )
-            self.last_fit["unfrozen_blocks"] = unfrozen
-            compile_model(
-                model, plan.learning_rate * plan.finetune_lr_factor, self.data.num_classes
-            )
-            _extend(
-                history,
-                model.fit(
-                    train, epochs=epochs, initial_epoch=max(initial_epoch, phase1_end), **fit_args
-                ),
-            )
+            count = backbones.blocks_for_fraction(base, plan.finetune_fraction)
+            self.last_fit["unfrozen_blocks"] = backbones.unfreeze_top(base, count)
+            start = max(initial_epoch, phase1_end)
+            if self.uses_feature_cache(plan) and count < len(backbones.blocks(base)):
+                tuner_callbacks = [features.ForModel(cb, model) for cb in given]
+                _extend(
+                    history,
+                    self._fit_top_on_activations(
+                        model,
+                        plan,
+                        count,
+                        epochs,
+                        start,
+                        weights,
+                        [*tuner_callbacks, *own, keras.callbacks.TerminateOnNaN()],
+                    ),
+                )
+            else:
+                compile_model(
+                    model,
+                    plan.learning_rate * plan.finetune_lr_factor,
+                    self.data.num_classes,
+                    self.jit_compile,
+                )
+                _extend(history, model.fit(train, epochs=epochs, initial_epoch=start, **fit_args))
         self.last_fit.update(
             history=history,
             epochs_run=len(history.get("loss", [])),
@@ -221,6 +273,114 @@ class EffNetHyperModel(kt.HyperModel):
             plan=plan,
         )
         return best_metrics(history)
+
+    def uses_feature_cache(self, plan: TrialPlan) -> bool:
+        """Phase 1 trains the head on cached features when the backbone is frozen and fixed
+        (pretrained weights), caching is on and there is a cache folder."""
+        return self.feature_cache and plan.pretrained and self.data.cache_dir is not None
+
+    def _cached(
+        self,
+        model: keras.Model,
+        plan: TrialPlan,
+        split: str,
+        part: keras.Model | None = None,
+        cut: str = "pooled",
+    ) -> np.ndarray:
+        """A split's cached backbone outputs (features, or activations at ``cut``)."""
+        pixels, source = self.data.pixels(split, plan.image_size)
+        target = features.cache_file(
+            self.data.cache_dir, plan.backbone, plan.image_size, self.weights, split, source, cut
+        )
+        self.last_fit.setdefault("cache", []).append("loaded" if target.exists() else "computed")
+        return features.cached_features(model, pixels, target, part)
+
+    def _fit_on_cache(
+        self,
+        trainer: keras.Model,
+        model: keras.Model,
+        plan: TrialPlan,
+        arrays: dict[str, np.ndarray],
+        epochs: int,
+        initial_epoch: int,
+        class_weight,
+        callbacks,
+    ) -> keras.callbacks.History:
+        """Fit ``trainer`` (head, or trainable top + head) on cached arrays streamed from
+        disk; Keras Tuner's callbacks see the full ``model``."""
+        train = pipeline.array_dataset(
+            arrays["train"],
+            self.data.labels("train"),
+            plan.batch_size,
+            shuffle=True,
+            seed=self.space.seed,
+        )
+        val = pipeline.array_dataset(
+            arrays["validation"], self.data.labels("validation"), plan.batch_size
+        )
+        result = trainer.fit(
+            train,
+            validation_data=val,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            class_weight=class_weight,
+            callbacks=callbacks,
+            shuffle=False,
+            verbose=0,
+        )
+        model.stop_training = trainer.stop_training
+        return result
+
+    def _fit_head_on_features(
+        self,
+        model: keras.Model,
+        plan: TrialPlan,
+        epochs: int,
+        initial_epoch: int,
+        class_weight,
+        callbacks,
+    ) -> keras.callbacks.History:
+        """Phase 1 on cached backbone features: one backbone pass per split for the whole
+        search, then only the head trains (it is the same layer object as in ``model``)."""
+        arrays = {split: self._cached(model, plan, split) for split in ("train", "validation")}
+        head = model.get_layer("head")
+        compile_model(head, plan.learning_rate, self.data.num_classes, self.jit_compile)
+        self.last_fit["feature_cache"] = True
+        return self._fit_on_cache(
+            head, model, plan, arrays, epochs, initial_epoch, class_weight, callbacks
+        )
+
+    def _fit_top_on_activations(
+        self,
+        model: keras.Model,
+        plan: TrialPlan,
+        top_blocks: int,
+        epochs: int,
+        initial_epoch: int,
+        class_weight,
+        callbacks,
+    ) -> keras.callbacks.History:
+        """Phase 2 on activations cached at the cut (the output of the last frozen block):
+        only the unfrozen top blocks and the head run, forward and backward."""
+        bottom, top, cut = features.split_backbone(model, top_blocks)
+        arrays = {
+            split: self._cached(model, plan, split, bottom, cut)
+            for split in ("train", "validation")
+        }
+        inputs = keras.Input(top.input_shape[1:], name="activations")
+        # training=False: BatchNorm and stochastic depth in inference mode, as in `build`.
+        outputs = model.get_layer("head")(top(inputs, training=False))
+        trainer = keras.Model(inputs, outputs, name="top_and_head")
+        compile_model(
+            trainer,
+            plan.learning_rate * plan.finetune_lr_factor,
+            self.data.num_classes,
+            self.jit_compile,
+        )
+        self.last_fit["activation_cut"] = cut
+        return self._fit_on_cache(
+            trainer, model, plan, arrays, epochs, initial_epoch, class_weight, callbacks
+        )
 
     def finetune_epochs(self, epochs: int) -> int:
         """Phase-2 epochs out of ``epochs``: the space's setting, else half (at least 1)."""
@@ -238,13 +398,20 @@ def build_head(features: int, width: int, dropout: float, num_classes: int) -> k
     if dropout > 0:
         x = keras.layers.Dropout(dropout, name="dropout")(x)
     if num_classes == 2:
-        outputs = keras.layers.Dense(1, activation="sigmoid", name="probability")(x)
+        # float32 outputs even under mixed precision: probabilities near 0 and 1 need it.
+        outputs = keras.layers.Dense(1, activation="sigmoid", name="probability", dtype="float32")(
+            x
+        )
     else:
-        outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+        outputs = keras.layers.Dense(
+            num_classes, activation="softmax", name="probabilities", dtype="float32"
+        )(x)
     return keras.Model(inputs, outputs, name="head")
 
 
-def compile_model(model: keras.Model, learning_rate: float, num_classes: int) -> None:
+def compile_model(
+    model: keras.Model, learning_rate: float, num_classes: int, jit_compile: bool | str = "auto"
+) -> None:
     """Adam, and the loss that matches the head (keywords: compile's third positional
     argument is loss_weights in Keras 3)."""
     loss = "binary_crossentropy" if num_classes == 2 else "sparse_categorical_crossentropy"
@@ -252,6 +419,7 @@ def compile_model(model: keras.Model, learning_rate: float, num_classes: int) ->
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss=loss,
         metrics=["accuracy"],
+        jit_compile=jit_compile,
     )
 
 

@@ -54,6 +54,9 @@ class SearchRequest:
     wandb_project: str | None = None
     wandb_entity: str | None = None
     wandb_mode: str | None = None
+    feature_cache: bool = True
+    mixed_precision: str = "auto"
+    xla: str = "auto"
 
 
 def default_cache() -> Path:
@@ -97,6 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a search-space key (value read as YAML); repeatable",
     )
     parser.add_argument("--overwrite", action="store_true", help="start the search again")
+    parser.add_argument(
+        "--feature-cache",
+        choices=["on", "off"],
+        default="on",
+        help="train frozen heads on backbone features computed once (default)",
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="mixed float16 (auto: on when a GPU is present)",
+    )
+    parser.add_argument(
+        "--xla",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="XLA compilation (auto: on when a GPU is present)",
+    )
     parser.add_argument("--wandb-project", help="W&B project (default: effnet-tuner)")
     parser.add_argument("--wandb-entity", help="W&B entity (team or user)")
     parser.add_argument(
@@ -137,6 +158,9 @@ def resolve_request(args: argparse.Namespace) -> SearchRequest:
         wandb_project=args.wandb_project,
         wandb_entity=args.wandb_entity,
         wandb_mode=args.wandb_mode,
+        feature_cache=args.feature_cache == "on",
+        mixed_precision=args.mixed_precision,
+        xla=args.xla,
     )
 
 
@@ -153,7 +177,7 @@ def run_search(request: SearchRequest) -> int:
     """Run (or resume) one search; returns the exit code. Reads top to bottom."""
     from rich.console import Console
 
-    from tuner import budget, hypermodel, trial
+    from tuner import accelerate, budget, hypermodel, trial
     from tuner import space as space_mod
     from tuner.results import Results
     from tuner.wandb_log import WandbLogger
@@ -174,12 +198,15 @@ def run_search(request: SearchRequest) -> int:
         request.weights, space, demo=request.data is None, console=console
     )
     table, classes, data_facts = load_data(request, out)
+    accelerated = accelerate.apply(request.mixed_precision, request.xla)
     config = {
         "name": request.name,
         "space_file": request.space,
         "space": space.as_dict(),
         "weights": weights_label,
         "budget_s": request.budget_s,
+        "feature_cache": request.feature_cache,
+        **accelerated,
         **data_facts,
     }
     check_resume(out, config)
@@ -199,7 +226,15 @@ def run_search(request: SearchRequest) -> int:
         wandb=logger,
     )
     data = hypermodel.SplitData(table, classes, cache_dir=str(out / "cache"))
-    model = hypermodel.EffNetHyperModel(space, data, weights, callbacks_factory=context.callbacks)
+    model = hypermodel.EffNetHyperModel(
+        space,
+        data,
+        weights,
+        callbacks_factory=context.callbacks,
+        feature_cache=request.feature_cache,
+        jit_compile=bool(accelerated["xla"]),
+        gpu_free_mib=accelerated["gpu_free_mib"],
+    )
     tuner = make_tuner(trial.tuner_class(space.algorithm), model, space, out)
     tuner.context = context
 

@@ -1,0 +1,135 @@
+"""Backbone features computed once and reused: a frozen trial costs one backbone pass.
+
+A frozen backbone (pretrained weights, no fine-tuning, no augmentation) maps each image to the
+same features in every epoch of every trial. They are computed once per (backbone, image
+size, weights, split) from the decoded-pixel cache and stored as float16 under
+``results/<name>/cache/features/`` (written to a temporary file, then renamed; checked on
+load, rebuilt when the check fails). The head then trains on them; because the head is the
+same layer object inside the full model, the full model is trained too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from data_tools.atomic import atomic_path
+from tuner import backbones
+
+BATCH = 64
+
+
+def extractor(model: keras.Model, part: keras.Model | None = None) -> keras.Model:
+    """``pixels -> [input_scale] -> backbone`` (or ``part`` of it, from the backbone's input)
+    of a model built by the hypermodel, sharing its layers (so its weights), in inference
+    mode."""
+    inputs = keras.Input(model.input_shape[1:], name="pixels")
+    x = inputs
+    if any(layer.name == "input_scale" for layer in model.layers):
+        x = model.get_layer("input_scale")(x)
+    net = part or model.get_layer("backbone")
+    return keras.Model(inputs, net(x, training=False), name="feature_extractor")
+
+
+def split_backbone(model: keras.Model, top_blocks: int) -> tuple[keras.Model, keras.Model, str]:
+    """(bottom, top, cut layer name): the backbone cut after its last frozen block.
+
+    EfficientNet's blocks connect only through their outputs (residuals stay inside a
+    block), so ``top(bottom(x)) == backbone(x)``; both share the backbone's layers.
+    """
+    base = model.get_layer("backbone")
+    units = backbones.blocks(base)
+    last_frozen = units[len(units) - top_blocks - 1]
+    cut = [layer for layer in base.layers if backbones.block_of(layer.name) == last_frozen][-1]
+    bottom = keras.Model(base.input, cut.output, name="frozen_bottom")
+    top = keras.Model(cut.output, base.output, name="trainable_top")
+    return bottom, top, cut.name
+
+
+def weights_fingerprint(weights: str | None) -> str:
+    """What identifies the backbone's weights: 'imagenet', or a weights folder's file stats."""
+    if weights in (None, "imagenet"):
+        return str(weights)
+    stats = [
+        f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+        for p in sorted(Path(weights).glob("*"))
+        if p.is_file()
+    ]
+    return hashlib.sha1("\n".join(stats).encode()).hexdigest()[:12]
+
+
+def cache_file(
+    cache_dir: str | os.PathLike[str],
+    backbone: str,
+    size: int,
+    weights: str | None,
+    split: str,
+    source: str,
+    cut: str = "pooled",
+) -> Path:
+    """``source`` names the pixels (the decoded cache's file name, which fingerprints the
+    image files), so new images never meet old features; ``cut`` names the layer whose
+    output is cached (``pooled``: the backbone's features)."""
+    key = hashlib.sha1(f"{backbone}|{size}|{weights_fingerprint(weights)}|{source}|{cut}".encode())
+    safe = backbone.replace(":", "_").replace("/", "_")[-40:]
+    return Path(cache_dir) / "features" / f"{split}-{safe}-{size}px-{key.hexdigest()[:16]}.npy"
+
+
+def cached_features(
+    model: keras.Model, pixels: np.ndarray, target: Path, part: keras.Model | None = None
+) -> np.ndarray:
+    """float16 outputs of the model's frozen backbone (or of ``part`` of it) for ``pixels``
+    (uint8 [N, S, S, 3]), memory-mapped from ``target`` when it holds them, else computed
+    once and written there."""
+    net = extractor(model, part)
+    expected = (len(pixels), *(int(d) for d in net.output_shape[1:]))
+    if target.exists():
+        try:
+            cached = np.load(target, mmap_mode="r")
+            if cached.shape == expected and cached.dtype == np.float16:
+                return cached
+        except (ValueError, OSError, EOFError):
+            pass  # truncated or corrupt: rebuild
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=expected)
+        for start in range(0, len(pixels), BATCH):
+            batch = np.asarray(pixels[start : start + BATCH], dtype=np.float32)
+            out[start : start + len(batch)] = np.asarray(net.predict_on_batch(batch))
+        out.flush()
+        del out
+    return np.load(target, mmap_mode="r")
+
+
+class ForModel(keras.callbacks.Callback):
+    """Runs a callback as if the full model were training while its head trains on features
+    (Keras Tuner's checkpoint callback must save the whole model, not the head)."""
+
+    def __init__(self, inner: keras.callbacks.Callback, model: keras.Model) -> None:
+        super().__init__()
+        self.inner = inner
+        self.full_model = model
+
+    def set_model(self, model: keras.Model) -> None:
+        super().set_model(model)
+        self.inner.set_model(self.full_model)
+
+    def set_params(self, params: dict) -> None:
+        super().set_params(params)
+        self.inner.set_params(params)
+
+
+def _forward(name: str):
+    def method(self, *args, **kwargs):
+        return getattr(self.inner, name)(*args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+for _name in [n for n in dir(keras.callbacks.Callback) if n.startswith("on_")]:
+    setattr(ForModel, _name, _forward(_name))
