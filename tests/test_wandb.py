@@ -137,11 +137,16 @@ def test_interrupted_trial_reuses_its_run_id(tmp_path, demo_dir, monkeypatch):
 
 def test_wandb_unreachable_degrades_once_and_the_search_goes_on(tmp_path, demo_dir):
     # A fresh process, as a user runs it: wandb's service starts with these settings.
+    # A user's shell: none of the WANDB_* variables that earlier in-process runs left behind
+    # (wandb's service address among them), then an unreachable server with a key.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env = {
-        **os.environ,
+        **clean,
         "WANDB_API_KEY": "x" * 40,
         "WANDB_INIT_TIMEOUT": "5",
         "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "NETRC": os.environ["NETRC"],
+        "WANDB_CONFIG_DIR": os.environ["WANDB_CONFIG_DIR"],
     }  # nothing listens there
     argv = [
         "--results",
@@ -170,7 +175,7 @@ def test_wandb_unreachable_degrades_once_and_the_search_goes_on(tmp_path, demo_d
     )
     assert result.returncode == 0, result.stderr[-2000:]
     output = result.stdout
-    assert output.count("W&B logging degraded") == 1
+    assert output.count("W&B logging degraded") == 1, output
     assert "logging offline under" in output
     assert "Traceback" not in output + result.stderr
     trials = pd.read_csv(tmp_path / "results" / "u" / "trials.csv")
@@ -198,7 +203,7 @@ def test_full_disk_under_wandb_turns_logging_off_and_the_search_goes_on(tmp_path
         == 0
     )
     output = capsys.readouterr().out
-    assert output.count("W&B logging degraded") == 1
+    assert output.count("W&B logging degraded") == 1, output
     assert "W&B logging is off for the rest of this search" in output
     assert pd.read_csv(out / "trials.csv").status.tolist() == ["completed"]
 

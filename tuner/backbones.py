@@ -95,10 +95,15 @@ def keras_cache_dir() -> Path:
 
 def build(backbone: Backbone, size: int, weights: str | None) -> keras.Model:
     """The backbone as a Keras model from ``[size, size, 3]`` pixels (already scaled) to
-    pooled features. ``weights`` is ``"imagenet"``, ``None`` or a weights file path."""
+    pooled features. ``weights``: ``"imagenet"``, ``None`` (random), or a folder holding this
+    backbone's Keras notop file (``efficientnetb0_notop.h5``) or a Keras 3 weights file
+    (``B0.weights.h5``, as ``model.save_weights`` writes)."""
     shape = (size, size, 3)
-    if weights not in (None, "imagenet") and Path(weights).is_dir():
-        weights = str(Path(weights) / (backbone.weights_file or f"{backbone.name}.weights.h5"))
+    own_file = None
+    if weights not in (None, "imagenet"):
+        own_file = weights_file_in(Path(weights), backbone)
+        # Keras 3 weights files load after construction; the notop file by the constructor.
+        weights = None if own_file.name.endswith(".weights.h5") else str(own_file)
     if backbone.constructor == "hub":
         return _hub_model(backbone.handle, shape)
     if backbone.constructor == "tiny":
@@ -116,11 +121,25 @@ def build(backbone: Backbone, size: int, weights: str | None) -> keras.Model:
             input_shape=shape,
             pooling="avg",
         )
-        if weights not in (None, "imagenet"):
-            model.load_weights(weights)
-        return model
-    constructor = getattr(keras.applications, backbone.constructor)
-    return constructor(include_top=False, weights=weights, input_shape=shape, pooling="avg")
+    else:
+        constructor = getattr(keras.applications, backbone.constructor)
+        model = constructor(include_top=False, weights=weights, input_shape=shape, pooling="avg")
+    if own_file is not None and own_file.name.endswith(".weights.h5"):
+        model.load_weights(own_file)
+    return model
+
+
+def weights_file_in(folder: Path, backbone: Backbone) -> Path:
+    """This backbone's weights file in a ``--weights`` folder (or the file itself)."""
+    if folder.is_file():
+        return folder
+    names = [n for n in (backbone.weights_file, f"{backbone.name}.weights.h5") if n]
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise InputError(
+        f"--weights {folder} has no weights for {backbone.name}: put {' or '.join(names)} there"
+    )
 
 
 def blocks(model: keras.Model) -> list[str]:

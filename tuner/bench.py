@@ -1,0 +1,202 @@
+"""Benchmark: what the caches buy, against the reference way, side by side in one process.
+
+    python -m tuner.bench [--backbone B0] [--size 128] [--images 3000] [--epochs 10]
+
+On the same images (the demo digits, shifted and written as 160 px JPEG files in class
+folders) and the same model (random weights: time does not depend on their values):
+
+* reference: the end-to-end model, its backbone frozen, trained with
+  ``keras.utils.image_dataset_from_directory``: every epoch decodes every image again and
+  runs it through the whole backbone;
+* ours: the search's own trial (``EffNetHyperModel.fit``) with the decoded-pixel and feature
+  caches, for a frozen trial, a second frozen trial on the same backbone, and a fine-tune of
+  the top 20% of blocks (half the epochs frozen, half fine-tuning, both ways);
+* decoding: images/s over all epochs, ``image_dataset_from_directory`` against our pipeline.
+
+Each measure is one timed run of a whole trial (build + fit), after a warm-up that builds
+and runs the model once; the table ends with one line per measure, ``<measure>: <ratio>x``.
+Targets on a 2-core CPU: frozen >= 8x, second frozen >= 50x, fine-tune >= 2x, decoding >= 3x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+FINETUNE_FRACTION = 0.2
+TARGETS = {"frozen trial": 8, "second frozen trial": 50, "fine-tune top 20%": 2, "decoding": 3}
+
+
+def write_images(root: Path, count: int, seed: int = 0) -> pd.DataFrame:
+    """``count`` JPEG files (digits shifted by a few pixels, 160 px) in ``root/<split>/<class>``;
+    returns the table our pipeline reads (objectId, path, value, class_index, type)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(count):
+        k = i % len(digits.images)
+        gray = np.roll(digits.images[k] * (255 / 16), rng.integers(-1, 2, size=2), (0, 1))
+        image = Image.fromarray(np.stack([gray.astype(np.uint8)] * 3, -1)).resize((160, 160))
+        split = "validation" if i % 7 == 0 else "train"
+        label = str(digits.target[k])
+        path = root / split / label / f"{i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, quality=90)
+        rows.append((f"{i:05d}", str(path), label, int(label), split))
+    return pd.DataFrame(rows, columns=["objectId", "path", "value", "class_index", "type"])
+
+
+def timed(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tuner.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--backbone", default="B0")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args(argv)
+
+    import keras
+    import keras_tuner as kt
+    import tensorflow as tf
+
+    from data_tools import pipeline
+    from tuner import backbones, hypermodel, space
+    from tuner.trial import device_name
+
+    tf.get_logger().setLevel("ERROR")  # retracing notices for every fresh model: expected here
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        table = write_images(root / "images", args.images)
+        weights = root / "weights"
+        weights.mkdir()
+        entry = backbones.get(args.backbone)
+        backbones.build(entry, args.size, None).save_weights(weights / f"{entry.name}.weights.h5")
+        classes = [str(d) for d in range(10)]
+
+        def maker(finetune: float, cache: Path) -> hypermodel.EffNetHyperModel:
+            fixed = {
+                "backbones": [args.backbone],
+                "image_size": args.size,
+                "batch_size": args.batch,
+                "head_width": 128,
+                "dropout": 0.0,
+                "learning_rate": 1e-3,
+                "finetune_fraction": finetune,
+                "class_weight": "none",
+                "epochs": args.epochs,
+            }
+            data = hypermodel.SplitData(table, classes, cache_dir=str(cache))
+            return hypermodel.EffNetHyperModel(
+                space.load(None, fixed), data, str(weights), jit_compile=False
+            )
+
+        def ours(finetune: float, cache: Path) -> None:
+            m = maker(finetune, cache)
+            hp = kt.HyperParameters()
+            m.fit(hp, m.build(hp))
+
+        def keras_data(split: str) -> tf.data.Dataset:
+            return keras.utils.image_dataset_from_directory(
+                root / "images" / split,
+                image_size=(args.size, args.size),
+                batch_size=args.batch,
+                shuffle=split == "train",
+                seed=0,
+                verbose=False,
+            )
+
+        def reference(finetune: float) -> None:
+            m = maker(finetune, root / "unused")
+            hp = kt.HyperParameters()
+            model = m.build(hp)
+            train, val = keras_data("train"), keras_data("validation")
+            frozen_epochs = args.epochs - (m.finetune_epochs(args.epochs) if finetune else 0)
+            model.fit(train, validation_data=val, epochs=frozen_epochs, verbose=0)
+            if finetune:
+                base = model.get_layer("backbone")
+                backbones.unfreeze_top(base, backbones.blocks_for_fraction(base, finetune))
+                hypermodel.compile_model(model, 1e-4, 10, jit_compile=False)
+                model.fit(
+                    train,
+                    validation_data=val,
+                    epochs=args.epochs,
+                    initial_epoch=frozen_epochs,
+                    verbose=0,
+                )
+
+        def decode_ours(cache: Path) -> None:
+            for _ in range(args.epochs):
+                for _batch in pipeline.make_dataset(
+                    table, args.size, args.batch, shuffle=True, cache_dir=cache, split="all"
+                ):
+                    pass
+
+        def decode_keras() -> None:
+            data = keras.utils.image_dataset_from_directory(
+                root / "images" / "train",
+                image_size=(args.size, args.size),
+                batch_size=args.batch,
+                verbose=False,
+            )
+            data = data.concatenate(keras_data("validation"))
+            for _ in range(args.epochs):
+                for _batch in data:
+                    pass
+
+        # Warm-up: build the backbone and run it once (TensorFlow's first-call costs).
+        timed(lambda: ours(0.0, root / "warmup"))
+        cache = root / "cache"
+        rows = [
+            ("frozen trial", timed(lambda: reference(0.0)), timed(lambda: ours(0.0, cache))),
+        ]
+        rows.append(("second frozen trial", rows[0][1], timed(lambda: ours(0.0, cache))))
+        rows.append(
+            (
+                "fine-tune top 20%",
+                timed(lambda: reference(FINETUNE_FRACTION)),
+                timed(lambda: ours(FINETUNE_FRACTION, cache)),
+            )
+        )
+        images = len(table) * args.epochs
+        keras_s, ours_s = timed(decode_keras), timed(lambda: decode_ours(root / "decode"))
+        rows.append(("decoding", keras_s, ours_s))
+
+    print(
+        f"{args.backbone} at {args.size} px, {len(table)} images "
+        f"({(table.type == 'train').sum()} train), {args.epochs} epochs, batch {args.batch}, "
+        f"on {device_name()}"
+    )
+    print(f"{'measure':<22}{'reference s':>12}{'ours s':>10}{'ratio':>9}{'target':>8}")
+    for name, ref, mine in rows:
+        print(f"{name:<22}{ref:>12.1f}{mine:>10.1f}{ref / mine:>8.1f}x{TARGETS[name]:>7}x")
+    print(
+        f"decoding images/s: image_dataset_from_directory {images / keras_s:,.0f}, "
+        f"ours {images / ours_s:,.0f}"
+    )
+    for name, ref, mine in rows:
+        print(f"{name}: {ref / mine:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
