@@ -182,3 +182,50 @@ def test_export_bad_input_is_one_line(searched, tmp_path, capsys, argv, expected
 def test_predict_bad_model_folder(tmp_path, capsys):
     assert run_cli(predict.main, ["--model", str(tmp_path), str(tmp_path)]) == 2
     assert "is not an exported model" in capsys.readouterr().err
+
+
+def test_binary_labels_search_and_export(tmp_path, demo_dir):
+    """The reference problem is binary: a sigmoid head, then two-column probabilities."""
+    labels = pd.read_csv(demo_dir / "label.csv", dtype=str)
+    labels["value"] = np.where(labels["value"].astype(int) >= 5, "yes", "no")
+    data = tmp_path / "binary" / "label.csv"
+    data.parent.mkdir()
+    labels.to_csv(data, index=False)
+    argv = [
+        "--results",
+        str(tmp_path / "r"),
+        "--data",
+        str(data),
+        "--images",
+        str(demo_dir / "images"),
+        "--name",
+        "bin",
+        "--set",
+        "backbones=[T0]",
+        "--algorithm",
+        "random",
+        "--set",
+        "epochs=2",
+        "--set",
+        "max_trials=1",
+        "--set",
+        "class_weight=balanced",
+        "--budget",
+        "10m",
+        "--wandb-mode",
+        "disabled",
+    ]
+    assert run_cli(search.main, argv) == 0
+    folder = tmp_path / "r" / "bin"
+    assert run_cli(export_best.main, ["--results", str(folder), "--wandb-mode", "disabled"]) == 0
+    record = json.loads((folder / "best" / "metrics.json").read_text())
+    assert record["classes"] == ["no", "yes"]
+    assert len(record["test"]["confusion_matrix"]) == 2
+    model = keras.models.load_model(folder / "best" / "model.keras")
+    assert model.output_shape == (None, 1)  # sigmoid head
+    config, _ = export_best.load_search(folder)
+    pixels, _, _ = export_best.test_pixels(config, 32)
+    probs = export_best.probabilities(model, pixels)
+    assert probs.shape == (len(pixels), 2)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+    assert record["test"]["accuracy"] > 0.6

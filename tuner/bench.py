@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = m.build(hp)
             train, val = keras_data("train"), keras_data("validation")
             frozen_epochs = args.epochs - (m.finetune_epochs(args.epochs) if finetune else 0)
-            model.fit(train, validation_data=val, epochs=frozen_epochs, verbose=0)
+            model.fit(train, validation_data=val, epochs=frozen_epochs, verbose=0, shuffle=False)
             if finetune:
                 base = model.get_layer("backbone")
                 backbones.unfreeze_top(base, backbones.blocks_for_fraction(base, finetune))
@@ -142,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     epochs=args.epochs,
                     initial_epoch=frozen_epochs,
                     verbose=0,
+                    shuffle=False,  # the dataset shuffles itself
                 )
 
         def decode_ours(cache: Path) -> None:

@@ -33,6 +33,9 @@ from data_tools import pipeline
 from tuner import accelerate, backbones, features
 from tuner import space as space_mod
 
+# Cached features or activations up to this size (as float32) are trained on in memory.
+IN_MEMORY_BYTES = 2 * 1024**3
+
 
 @dataclass(frozen=True)
 class TrialPlan:
@@ -306,26 +309,40 @@ class EffNetHyperModel(kt.HyperModel):
         class_weight,
         callbacks,
     ) -> keras.callbacks.History:
-        """Fit ``trainer`` (head, or trainable top + head) on cached arrays streamed from
-        disk; Keras Tuner's callbacks see the full ``model``."""
-        train = pipeline.array_dataset(
-            arrays["train"],
-            self.data.labels("train"),
-            plan.batch_size,
-            shuffle=True,
-            seed=self.space.seed,
-        )
-        val = pipeline.array_dataset(
-            arrays["validation"], self.data.labels("validation"), plan.batch_size
-        )
+        """Fit ``trainer`` (head, or trainable top + head) on cached arrays; Keras Tuner's
+        callbacks see the full ``model``. Arrays that fit in memory (pooled features always
+        do) are trained on in memory; larger ones (activations of big images) stream from
+        their memory map batch by batch."""
+        labels = {split: self.data.labels(split) for split in arrays}
+        if sum(a.size for a in arrays.values()) * 4 <= IN_MEMORY_BYTES:
+            train = {
+                "x": np.asarray(arrays["train"], dtype=np.float32),
+                "y": labels["train"],
+                "batch_size": plan.batch_size,
+                "shuffle": True,
+            }
+            val = (np.asarray(arrays["validation"], dtype=np.float32), labels["validation"])
+        else:
+            train = {
+                "x": pipeline.array_dataset(
+                    arrays["train"],
+                    labels["train"],
+                    plan.batch_size,
+                    shuffle=True,
+                    seed=self.space.seed,
+                ),
+                "shuffle": False,
+            }
+            val = pipeline.array_dataset(
+                arrays["validation"], labels["validation"], plan.batch_size
+            )
         result = trainer.fit(
-            train,
+            **train,
             validation_data=val,
             epochs=epochs,
             initial_epoch=initial_epoch,
             class_weight=class_weight,
             callbacks=callbacks,
-            shuffle=False,
             verbose=0,
         )
         model.stop_training = trainer.stop_training
