@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -80,26 +81,31 @@ def cache_file(
 
 
 def cached_features(
-    model: keras.Model, pixels: np.ndarray, target: Path, part: keras.Model | None = None
+    make_net: Callable[[], keras.Model], pixels: np.ndarray, target: Path
 ) -> np.ndarray:
-    """float16 outputs of the model's frozen backbone (or of ``part`` of it) for ``pixels``
-    (uint8 [N, S, S, 3]), memory-mapped from ``target`` when it holds them, else computed
-    once and written there."""
-    net = extractor(model, part)
-    expected = (len(pixels), *(int(d) for d in net.output_shape[1:]))
+    """float16 outputs of ``make_net()`` (a frozen extractor, see :func:`extractor`) for
+    ``pixels`` (uint8 [N, S, S, 3]), memory-mapped from ``target`` when it holds them, else
+    computed once and written there. The extractor is only built when something must be
+    computed."""
     if target.exists():
         try:
             cached = np.load(target, mmap_mode="r")
-            if cached.shape == expected and cached.dtype == np.float16:
+            if cached.shape[0] == len(pixels) and cached.ndim >= 2 and cached.dtype == np.float16:
                 return cached
         except (ValueError, OSError, EOFError):
             pass  # truncated or corrupt: rebuild
+    net = make_net()
+    expected = (len(pixels), *(int(d) for d in net.output_shape[1:]))
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=expected)
         for start in range(0, len(pixels), BATCH):
             batch = np.asarray(pixels[start : start + BATCH], dtype=np.float32)
-            out[start : start + len(batch)] = np.asarray(net.predict_on_batch(batch))
+            real = len(batch)
+            if real < BATCH:  # pad: one traced batch shape for the whole pass
+                padding = np.zeros((BATCH - real, *batch.shape[1:]), dtype=np.float32)
+                batch = np.concatenate([batch, padding])
+            out[start : start + real] = np.asarray(net.predict_on_batch(batch))[:real]
         out.flush()
         del out
     return np.load(target, mmap_mode="r")

@@ -17,6 +17,7 @@ trial trains the whole network, BatchNorm included, in one phase.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -209,7 +210,10 @@ class EffNetHyperModel(kt.HyperModel):
         plan = self.plan(hp)
         self.last_fit = {}  # facts of this fit only (the runner reads them after)
         epochs = epochs or self.space.epochs
-        train, val = self.data.datasets(plan.image_size, plan.batch_size, self.space.seed)
+        # Pixel datasets only for the end-to-end paths (the cached paths never touch pixels).
+        datasets = functools.cache(
+            lambda: self.data.datasets(plan.image_size, plan.batch_size, self.space.seed)
+        )
         weights = self.data.class_weights() if plan.class_weight == "balanced" else None
         own = list(self.callbacks_factory()) if self.callbacks_factory else []
         given = list(callbacks)  # Keras Tuner's: progress to the oracle, best-epoch checkpoint
@@ -218,7 +222,6 @@ class EffNetHyperModel(kt.HyperModel):
         history: dict[str, list[float]] = {}
         # shuffle=False: the dataset shuffles itself (Keras warns that it ignores the flag).
         fit_args = dict(
-            validation_data=val,
             class_weight=weights,
             callbacks=callbacks,
             verbose=0,
@@ -240,7 +243,13 @@ class EffNetHyperModel(kt.HyperModel):
         elif initial_epoch < phase1_end:
             _extend(
                 history,
-                model.fit(train, epochs=phase1_end, initial_epoch=initial_epoch, **fit_args),
+                model.fit(
+                    datasets()[0],
+                    epochs=phase1_end,
+                    initial_epoch=initial_epoch,
+                    validation_data=datasets()[1],
+                    **fit_args,
+                ),
             )
         if plan.fine_tunes and epochs > phase1_end and not model.stop_training:
             base = model.get_layer("backbone")
@@ -268,7 +277,16 @@ class EffNetHyperModel(kt.HyperModel):
                     self.data.num_classes,
                     self.jit_compile,
                 )
-                _extend(history, model.fit(train, epochs=epochs, initial_epoch=start, **fit_args))
+                _extend(
+                    history,
+                    model.fit(
+                        datasets()[0],
+                        epochs=epochs,
+                        initial_epoch=start,
+                        validation_data=datasets()[1],
+                        **fit_args,
+                    ),
+                )
         self.last_fit.update(
             history=history,
             epochs_run=len(history.get("loss", [])),
@@ -282,21 +300,14 @@ class EffNetHyperModel(kt.HyperModel):
         (pretrained weights), caching is on and there is a cache folder."""
         return self.feature_cache and plan.pretrained and self.data.cache_dir is not None
 
-    def _cached(
-        self,
-        model: keras.Model,
-        plan: TrialPlan,
-        split: str,
-        part: keras.Model | None = None,
-        cut: str = "pooled",
-    ) -> np.ndarray:
+    def _cached(self, make_net, plan: TrialPlan, split: str, cut: str = "pooled") -> np.ndarray:
         """A split's cached backbone outputs (features, or activations at ``cut``)."""
         pixels, source = self.data.pixels(split, plan.image_size)
         target = features.cache_file(
             self.data.cache_dir, plan.backbone, plan.image_size, self.weights, split, source, cut
         )
         self.last_fit.setdefault("cache", []).append("loaded" if target.exists() else "computed")
-        return features.cached_features(model, pixels, target, part)
+        return features.cached_features(make_net, pixels, target)
 
     def _fit_on_cache(
         self,
@@ -359,7 +370,8 @@ class EffNetHyperModel(kt.HyperModel):
     ) -> keras.callbacks.History:
         """Phase 1 on cached backbone features: one backbone pass per split for the whole
         search, then only the head trains (it is the same layer object as in ``model``)."""
-        arrays = {split: self._cached(model, plan, split) for split in ("train", "validation")}
+        make_net = functools.cache(lambda: features.extractor(model))  # built once, if needed
+        arrays = {split: self._cached(make_net, plan, split) for split in ("train", "validation")}
         head = model.get_layer("head")
         compile_model(head, plan.learning_rate, self.data.num_classes, self.jit_compile)
         self.last_fit["feature_cache"] = True
@@ -380,9 +392,9 @@ class EffNetHyperModel(kt.HyperModel):
         """Phase 2 on activations cached at the cut (the output of the last frozen block):
         only the unfrozen top blocks and the head run, forward and backward."""
         bottom, top, cut = features.split_backbone(model, top_blocks)
+        make_net = functools.cache(lambda: features.extractor(model, bottom))
         arrays = {
-            split: self._cached(model, plan, split, bottom, cut)
-            for split in ("train", "validation")
+            split: self._cached(make_net, plan, split, cut) for split in ("train", "validation")
         }
         inputs = keras.Input(top.input_shape[1:], name="activations")
         # training=False: BatchNorm and stochastic depth in inference mode, as in `build`.
