@@ -190,4 +190,8 @@ def array_dataset(
         ys.set_shape([None])
         return batch, ys
 
-    return order.batch(batch_size).map(load, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+    # A shuffled epoch has no order to keep: let batches arrive as they are ready.
+    batches = order.batch(batch_size).map(
+        load, num_parallel_calls=AUTOTUNE, deterministic=not shuffle
+    )
+    return batches.prefetch(AUTOTUNE)

@@ -5,21 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from tuner.choose import Choice
+from tuner.results import HYPERPARAMETER_COLUMNS
 
-HYPERPARAMETERS = [
-    "backbone",
-    "image_size",
-    "batch_size",
-    "head_width",
-    "dropout",
-    "learning_rate",
-    "finetune_fraction",
-    "finetune_lr_factor",
-    "class_weight",
-    "weights",
-    "epochs",
-    "unfrozen_blocks",
-]
+HYPERPARAMETERS = [*HYPERPARAMETER_COLUMNS, "epochs", "unfrozen_blocks"]
 
 
 def _value(value: Any) -> str:

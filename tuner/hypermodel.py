@@ -36,6 +36,10 @@ from tuner import space as space_mod
 
 # Cached features or activations up to this size (as float32) are trained on in memory.
 IN_MEMORY_BYTES = 2 * 1024**3
+# Training on cached arrays takes many tiny steps; one call per step spends more time in
+# dispatch than in arithmetic (2.5 ms a step for a Dense head on B0 features): run 16 per
+# call (the same updates, callbacks see every 16th batch).
+CACHED_STEPS_PER_EXECUTION = 16
 
 
 @dataclass(frozen=True)
@@ -373,7 +377,13 @@ class EffNetHyperModel(kt.HyperModel):
         make_net = functools.cache(lambda: features.extractor(model))  # built once, if needed
         arrays = {split: self._cached(make_net, plan, split) for split in ("train", "validation")}
         head = model.get_layer("head")
-        compile_model(head, plan.learning_rate, self.data.num_classes, self.jit_compile)
+        compile_model(
+            head,
+            plan.learning_rate,
+            self.data.num_classes,
+            self.jit_compile,
+            CACHED_STEPS_PER_EXECUTION,
+        )
         self.last_fit["feature_cache"] = True
         return self._fit_on_cache(
             head, model, plan, arrays, epochs, initial_epoch, class_weight, callbacks
@@ -405,6 +415,7 @@ class EffNetHyperModel(kt.HyperModel):
             plan.learning_rate * plan.finetune_lr_factor,
             self.data.num_classes,
             self.jit_compile,
+            CACHED_STEPS_PER_EXECUTION,
         )
         self.last_fit["activation_cut"] = cut
         return self._fit_on_cache(
@@ -439,7 +450,11 @@ def build_head(features: int, width: int, dropout: float, num_classes: int) -> k
 
 
 def compile_model(
-    model: keras.Model, learning_rate: float, num_classes: int, jit_compile: bool | str = "auto"
+    model: keras.Model,
+    learning_rate: float,
+    num_classes: int,
+    jit_compile: bool | str = "auto",
+    steps_per_execution: int = 1,
 ) -> None:
     """Adam, and the loss that matches the head (keywords: compile's third positional
     argument is loss_weights in Keras 3)."""
@@ -449,6 +464,7 @@ def compile_model(
         loss=loss,
         metrics=["accuracy"],
         jit_compile=jit_compile,
+        steps_per_execution=steps_per_execution,
     )
 
 

@@ -17,10 +17,8 @@ import pandas as pd
 from data_tools.atomic import atomic_path, write_text
 
 # trials.csv columns, in order (results/README.md explains each).
-COLUMNS = [
-    "trial_id",
-    "status",
-    "reason",
+# The hyperparameters of a trial, as trials.csv, W&B and the model card name them.
+HYPERPARAMETER_COLUMNS = [
     "backbone",
     "image_size",
     "batch_size",
@@ -31,6 +29,12 @@ COLUMNS = [
     "finetune_lr_factor",
     "class_weight",
     "weights",
+]
+COLUMNS = [
+    "trial_id",
+    "status",
+    "reason",
+    *HYPERPARAMETER_COLUMNS,
     "val_accuracy",
     "val_loss",
     "train_accuracy",
