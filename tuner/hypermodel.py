@@ -61,6 +61,13 @@ class TrialPlan:
     def fine_tunes(self) -> bool:
         return self.pretrained and self.finetune_fraction > 0
 
+    @property
+    def mode(self) -> str:
+        """``fine-tuned``, ``frozen`` (pretrained backbone) or ``whole-network`` (random init)."""
+        if not self.pretrained:
+            return "whole-network"
+        return "fine-tuned" if self.fine_tunes else "frozen"
+
 
 class SplitData:
     """Train and validation rows of the normalised table, served as tf.data per size.
@@ -102,20 +109,18 @@ class SplitData:
         )
         return train.map(as_float), val.map(as_float)
 
+    def rows(self, split: str) -> pd.DataFrame:
+        return self.train if split == "train" else self.validation
+
     def pixels(self, split: str, size: int) -> tuple[np.ndarray, str]:
-        """(uint8 pixels of a split at ``size``, a name for them): from the decoded cache when
-        there is one, else decoded now."""
-        table = self.train if split == "train" else self.validation
-        paths = table["path"].tolist()
-        if self.cache_dir is not None:
-            name = pipeline.cache_file(self.cache_dir, split, size, paths).name
-            return pipeline.decoded_array(paths, size, self.cache_dir, split), name
-        batches = pipeline.make_dataset(table, size, 256).as_numpy_iterator()
-        return np.concatenate([x for x, _ in batches]), f"{split}-{size}-uncached"
+        """(uint8 pixels of a split at ``size`` from the decoded cache, the cache file's name,
+        which fingerprints the image files)."""
+        paths = self.rows(split)["path"].tolist()
+        name = pipeline.cache_file(self.cache_dir, split, size, paths).name
+        return pipeline.decoded_array(paths, size, self.cache_dir, split), name
 
     def labels(self, split: str) -> np.ndarray:
-        table = self.train if split == "train" else self.validation
-        return table["class_index"].to_numpy(dtype=np.int32)
+        return self.rows(split)["class_index"].to_numpy(dtype=np.int32)
 
     def class_weights(self) -> dict[int, float]:
         """scikit-learn's ``balanced`` weights over the train split."""
@@ -153,10 +158,7 @@ class EffNetHyperModel(kt.HyperModel):
         values = space_mod.declare(hp, self.space)
         entry = backbones.get(values["backbone"])
         size = values.get("image_size", "native")
-        fixed = self.space.image_size
         size = entry.size if size == "native" else int(size)
-        if "image_size" not in values and isinstance(fixed, int):
-            size = fixed
         batch = (
             accelerate.scaled_batch(entry.batch, self.gpu_free_mib)
             if self.space.batch_size == "native"
@@ -221,7 +223,10 @@ class EffNetHyperModel(kt.HyperModel):
         weights = self.data.class_weights() if plan.class_weight == "balanced" else None
         own = list(self.callbacks_factory()) if self.callbacks_factory else []
         given = list(callbacks)  # Keras Tuner's: progress to the oracle, best-epoch checkpoint
-        callbacks = [*given, *own, keras.callbacks.TerminateOnNaN()]
+        ours = [*own, keras.callbacks.TerminateOnNaN()]
+        callbacks = [*given, *ours]
+        # On the cached paths a part of the model trains; Keras Tuner's callbacks see it whole.
+        on_cache = [*(features.ForModel(cb, model) for cb in given), *ours]
         phase1_end = epochs - self.finetune_epochs(epochs) if plan.fine_tunes else epochs
         history: dict[str, list[float]] = {}
         # shuffle=False: the dataset shuffles itself (Keras warns that it ignores the flag).
@@ -232,16 +237,10 @@ class EffNetHyperModel(kt.HyperModel):
             shuffle=False,
         )
         if initial_epoch < phase1_end and self.uses_feature_cache(plan):
-            tuner_callbacks = [features.ForModel(cb, model) for cb in given]
             _extend(
                 history,
                 self._fit_head_on_features(
-                    model,
-                    plan,
-                    phase1_end,
-                    initial_epoch,
-                    weights,
-                    [*tuner_callbacks, *own, keras.callbacks.TerminateOnNaN()],
+                    model, plan, phase1_end, initial_epoch, weights, on_cache
                 ),
             )
         elif initial_epoch < phase1_end:
@@ -261,17 +260,10 @@ class EffNetHyperModel(kt.HyperModel):
             self.last_fit["unfrozen_blocks"] = backbones.unfreeze_top(base, count)
             start = max(initial_epoch, phase1_end)
             if self.uses_feature_cache(plan) and count < len(backbones.blocks(base)):
-                tuner_callbacks = [features.ForModel(cb, model) for cb in given]
                 _extend(
                     history,
                     self._fit_top_on_activations(
-                        model,
-                        plan,
-                        count,
-                        epochs,
-                        start,
-                        weights,
-                        [*tuner_callbacks, *own, keras.callbacks.TerminateOnNaN()],
+                        model, plan, count, epochs, start, weights, on_cache
                     ),
                 )
             else:
@@ -294,7 +286,6 @@ class EffNetHyperModel(kt.HyperModel):
         self.last_fit.update(
             history=history,
             epochs_run=len(history.get("loss", [])),
-            planned_epochs=epochs - initial_epoch,
             plan=plan,
         )
         return best_metrics(history)
@@ -384,7 +375,6 @@ class EffNetHyperModel(kt.HyperModel):
             self.jit_compile,
             CACHED_STEPS_PER_EXECUTION,
         )
-        self.last_fit["feature_cache"] = True
         return self._fit_on_cache(
             head, model, plan, arrays, epochs, initial_epoch, class_weight, callbacks
         )
@@ -480,5 +470,10 @@ def best_metrics(history: dict[str, list[float]]) -> dict[str, float]:
     if not losses or any(math.isnan(v) for v in losses + history.get("val_loss", [])):
         at = next((i + 1 for i, v in enumerate(losses) if math.isnan(v)), len(losses))
         raise kt.errors.FailedTrialError(f"loss became NaN at epoch {at}")
-    best = int(np.argmax(history["val_accuracy"]))
+    best = best_epoch(history)
     return {key: values[best] for key, values in history.items()}
+
+
+def best_epoch(history: dict[str, list[float]]) -> int:
+    """Index of the epoch with the best val accuracy (the first, on ties)."""
+    return int(np.argmax(history["val_accuracy"]))

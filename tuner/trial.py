@@ -15,6 +15,7 @@ next; the runner does the effects around each trial:
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -34,7 +35,7 @@ from rich.console import Console
 
 from data_tools.atomic import atomic_path
 from tuner import budget as budget_mod
-from tuner.hypermodel import TrialPlan
+from tuner.hypermodel import TrialPlan, best_epoch
 from tuner.results import Results
 from tuner.wandb_log import WandbLogger
 
@@ -61,7 +62,6 @@ class SearchContext:
     weights_label: str
     interrupt_requested: bool = False
     stopped_by_budget: bool = False
-    stop_note: str = ""
     trials_run: int = 0
     facts: dict[str, Any] = field(default_factory=dict)
     wandb: WandbLogger | None = None
@@ -136,7 +136,7 @@ class TrialRunner:
         estimate = budget_mod.estimate_seconds(history, epochs)
         remaining = ctx.ledger.remaining()
         if not budget_mod.can_start(estimate, remaining):
-            ctx.stop_note = (
+            note = (
                 f"budget left {budget_mod.format_seconds(remaining)}; the next "
                 f"trial ({plan.backbone} at {plan.image_size}px, {epochs} epochs) "
                 + (
@@ -145,7 +145,7 @@ class TrialRunner:
                     else "cannot start"
                 )
             )
-            raise BudgetExhausted(ctx.stop_note)
+            raise BudgetExhausted(note)
         ctx.stopped_by_budget = False
         ctx.trials_run += 1
         self._announce(trial, plan, epochs, estimate)
@@ -277,7 +277,7 @@ class TrialRunner:
         tune = (
             f"fine-tune top {plan.finetune_fraction:.0%} at lr x{plan.finetune_lr_factor:g}"
             if plan.fine_tunes
-            else ("whole network" if not plan.pretrained else "frozen")
+            else plan.mode.replace("-", " ")
         )
         guess = f", about {budget_mod.format_seconds(estimate)}" if estimate else ""
         self.context.console.rule(
@@ -294,8 +294,7 @@ class TrialRunner:
 
 
 def _tags(plan: TrialPlan) -> list[str]:
-    mode = "fine-tuned" if plan.fine_tunes else ("frozen" if plan.pretrained else "whole-network")
-    return [plan.backbone, mode]
+    return [plan.backbone, plan.mode]
 
 
 def tuner_class(algorithm: str) -> type:
@@ -309,7 +308,7 @@ def tuner_class(algorithm: str) -> type:
 
 
 def _best_epoch(history: dict[str, list[float]]) -> dict[str, float]:
-    best = int(np.argmax(history["val_accuracy"]))
+    best = best_epoch(history)
     return {
         "val_accuracy": history["val_accuracy"][best],
         "val_loss": history["val_loss"][best],
@@ -357,6 +356,7 @@ def save_model(model: keras.Model, path: Path) -> int:
     return path.stat().st_size
 
 
+@functools.cache  # asked for every trial row; the device does not change under a process
 def device_name() -> str:
     """The accelerator's name, or the CPU's with its core count."""
     gpus = tf.config.list_physical_devices("GPU")
