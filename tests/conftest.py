@@ -44,12 +44,9 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_demo(tmp_path_factory.mktemp("demo") / "digits").parent
 
 
-def run_search(tmp_path: Path, demo_dir: Path, name: str, *extra: str) -> int:
-    """``python -m tuner.search`` in-process on the demo digits with the tiny T0 backbone."""
-    from data_tools.errors import run_cli
-    from tuner import search
-
-    argv = [
+def search_argv(tmp_path: Path, demo_dir: Path, name: str, *extra: str) -> list[str]:
+    """``python -m tuner.search`` arguments: the demo digits, the tiny T0 backbone."""
+    return [
         "--results",
         str(tmp_path / "results"),
         "--cache",
@@ -60,7 +57,14 @@ def run_search(tmp_path: Path, demo_dir: Path, name: str, *extra: str) -> int:
         "backbones=[T0]",
         *extra,
     ]
-    return run_cli(search.main, argv)
+
+
+def run_search(tmp_path: Path, demo_dir: Path, name: str, *extra: str) -> int:
+    """``python -m tuner.search`` in-process (see :func:`search_argv`)."""
+    from data_tools.errors import run_cli
+    from tuner import search
+
+    return run_cli(search.main, search_argv(tmp_path, demo_dir, name, *extra))
 
 
 @pytest.fixture(scope="session")

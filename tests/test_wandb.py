@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from data_tools.errors import run_cli
-from tests.conftest import run_search
+from tests.conftest import run_search, search_argv
 from tests.wandb_files import read_runs
 from tuner import search
 
@@ -148,15 +148,10 @@ def test_wandb_unreachable_degrades_once_and_the_search_goes_on(tmp_path, demo_d
         "NETRC": os.environ["NETRC"],
         "WANDB_CONFIG_DIR": os.environ["WANDB_CONFIG_DIR"],
     }  # nothing listens there
-    argv = [
-        "--results",
-        str(tmp_path / "results"),
-        "--cache",
-        str(demo_dir.parent),
-        "--name",
+    argv = search_argv(
+        tmp_path,
+        demo_dir,
         "u",
-        "--set",
-        "backbones=[T0]",
         "--algorithm",
         "random",
         "--set",
@@ -165,7 +160,7 @@ def test_wandb_unreachable_degrades_once_and_the_search_goes_on(tmp_path, demo_d
         "max_trials=2",
         "--budget",
         "10m",
-    ]
+    )
     result = subprocess.run(
         [sys.executable, "-m", "tuner.search", *argv],
         env=env,

@@ -34,6 +34,7 @@ import yaml
 
 from data_tools.errors import InputError, run_cli
 from tuner.choose import MNAS_WEIGHT, RULES, Choice, choose
+from tuner.results import plain_value
 
 FLOAT_TOLERANCE = 1e-4  # Keras vs SavedModel vs TFLite probabilities (float32 arithmetic)
 
@@ -101,9 +102,7 @@ def retrain(folder: Path, row: pd.Series, config: dict[str, Any]):
             f"record ({trial_json}): choose another trial or rerun the search"
         )
     hp = kt.HyperParameters.from_config(json.loads(trial_json.read_text())["hyperparameters"])
-    search_space = space.SearchSpace(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in config["space"].items()}
-    )
+    search_space = space.load(None, config["space"])
     table, classes = split_table(config, ("train", "validation"))
     data = hypermodel.SplitData(table, classes, cache_dir=str(folder / "cache"))
     maker = hypermodel.EffNetHyperModel(search_space, data, weights_argument(config["weights"]))
@@ -127,7 +126,13 @@ def split_table(config: dict[str, Any], types: Sequence[str]) -> tuple[pd.DataFr
 
 def probabilities(model, pixels: np.ndarray) -> np.ndarray:
     """Class probabilities ``[N, C]`` (a sigmoid head gives ``[1 - p, p]``)."""
-    out = np.asarray(model.predict(pixels.astype("float32"), verbose=0, batch_size=64))
+    return two_columns(
+        np.asarray(model.predict(pixels.astype("float32"), verbose=0, batch_size=64))
+    )
+
+
+def two_columns(out: np.ndarray) -> np.ndarray:
+    """A sigmoid head's ``[N, 1]`` as ``[N, 2]`` class probabilities; softmax as it is."""
     return np.concatenate([1 - out, out], axis=1) if out.shape[1] == 1 else out
 
 
@@ -224,8 +229,7 @@ def tflite_probabilities(path: Path, pixels: np.ndarray) -> np.ndarray:
     interpreter.allocate_tensors()
     interpreter.set_tensor(entry["index"], pixels.astype("float32"))
     interpreter.invoke()
-    out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-    return np.concatenate([1 - out, out], axis=1) if out.shape[1] == 1 else out
+    return two_columns(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
 
 
 def export(args: argparse.Namespace) -> Path:
@@ -276,7 +280,7 @@ def export(args: argparse.Namespace) -> Path:
             "backbone": row["backbone"],
             "image_size": size,
             "classes": list(config["classes"]),
-            "hyperparameters": {k: _plain(row[k]) for k in card.HYPERPARAMETERS if k in row},
+            "hyperparameters": {k: plain_value(row[k]) for k in card.HYPERPARAMETERS if k in row},
             "validation": {"accuracy": float(row["val_accuracy"]), "loss": float(row["val_loss"])},
             "test": metrics,
             "latency_ms": latency_ms,
@@ -327,12 +331,6 @@ def _log_artifact(folder, config, out, choice, record, console, args) -> None:
     logger.log_model(out, ["best", choice.rule], metadata)
     if logger.sync_command():
         console.print(f"W&B is offline; to upload: {logger.sync_command()}")
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars to Python; NaN (an empty CSV cell) to None, which JSON can hold."""
-    value = value.item() if hasattr(value, "item") else value
-    return None if isinstance(value, float) and np.isnan(value) else value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ The decisions here are pure functions over a trials table (:func:`pareto_front`,
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,6 +54,13 @@ COLUMNS = [
     "wandb_run_id",
 ]
 FINISHED = ("completed", "stopped-budget")
+
+
+def plain_value(value: Any) -> Any:
+    """A trial value as JSON and W&B take it: numpy scalars as Python, NaN (an empty CSV
+    cell) as None."""
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 class Results:
@@ -117,14 +125,15 @@ class Results:
     def trial_dir(self, trial_id: str) -> Path:
         return self.dir / "trials" / str(trial_id)
 
-    def write_summary(self) -> pd.DataFrame:
-        """leaderboard.md and pareto.png from trials.csv; returns the finished trials."""
+    def write_summary(self) -> tuple[pd.DataFrame, str]:
+        """leaderboard.md and pareto.png from trials.csv; returns (all trials, leaderboard)."""
         table = self.rows()
         done = table[table["status"].isin(FINISHED)].reset_index(drop=True)
-        write_text(self.dir / "leaderboard.md", leaderboard_markdown(table))
+        leaderboard = leaderboard_markdown(table)
+        write_text(self.dir / "leaderboard.md", leaderboard)
         if not done.empty:
             plot_pareto(done, self.dir / "pareto.png")
-        return done
+        return table, leaderboard
 
 
 def pareto_front(accuracy: Iterable[float], cost: Iterable[float]) -> np.ndarray:
@@ -140,16 +149,27 @@ def pareto_front(accuracy: Iterable[float], cost: Iterable[float]) -> np.ndarray
     return ~dominated
 
 
+def pareto_flags(table: pd.DataFrame) -> np.ndarray:
+    """Per trials.csv row: on the front of finished trials (val accuracy up, latency down);
+    unfinished trials are never on it."""
+    finished = table["status"].isin(FINISHED).to_numpy()
+    flags = np.zeros(len(table), dtype=bool)
+    if finished.any():
+        flags[finished] = pareto_front(
+            table.loc[finished, "val_accuracy"], table.loc[finished, "latency_ms"]
+        )
+    return flags
+
+
 def leaderboard_markdown(table: pd.DataFrame) -> str:
     """The reference table, filled in: finished trials by val accuracy, best first."""
-    done = table[table["status"].isin(FINISHED)].copy()
+    done = table.assign(pareto=pareto_flags(table))[table["status"].isin(FINISHED)]
     lines = [
         "| trial | model | px | batch | file size | params | val loss | val acc | "
         "train time | latency | vs fastest | pareto |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     if not done.empty:
-        done["pareto"] = pareto_front(done["val_accuracy"], done["latency_ms"])
         fastest = done["train_seconds"].astype(float).min()
         done = done.sort_values(["val_accuracy", "latency_ms"], ascending=[False, True])
         for row in done.itertuples():

@@ -179,7 +179,7 @@ def run_search(request: SearchRequest) -> int:
 
     from tuner import accelerate, budget, hypermodel, trial
     from tuner import space as space_mod
-    from tuner.results import Results
+    from tuner.results import FINISHED, Results, pareto_flags
     from tuner.wandb_log import WandbLogger
 
     console = Console(highlight=False, soft_wrap=True)
@@ -269,32 +269,18 @@ def run_search(request: SearchRequest) -> int:
             )
             code = 1
     ledger.save()
-    done = results.write_summary()
-    leaderboard = (out / "leaderboard.md").read_text()
+    rows, leaderboard = results.write_summary()
+    finished = int(rows["status"].isin(FINISHED).sum())
     print(leaderboard)
-    rows = results.rows()
     logger.log_search(rows, pareto_flags(rows), config, leaderboard, out / "pareto.png")
     if logger.sync_command():
         console.print(f"W&B runs are offline; to upload them: {logger.sync_command()}")
     console.print(
-        f"{len(done)} finished trial(s) in {budget.format_seconds(ledger.spent())} of "
+        f"{finished} finished trial(s) in {budget.format_seconds(ledger.spent())} of "
         f"{budget.format_seconds(request.budget_s)}; results in {out}/; resume with "
         f"the same command (--name {request.name})"
     )
     return code
-
-
-def pareto_flags(rows) -> list[bool]:
-    """Pareto flag per trials.csv row (accuracy up, latency down; unfinished trials False)."""
-    from tuner.results import FINISHED, pareto_front
-
-    flags = [False] * len(rows)
-    done = rows["status"].isin(FINISHED).to_numpy()
-    if done.any():
-        front = pareto_front(rows.loc[done, "val_accuracy"], rows.loc[done, "latency_ms"])
-        for position, flag in zip(done.nonzero()[0], front, strict=True):
-            flags[position] = bool(flag)
-    return flags
 
 
 def load_data(request: SearchRequest, out: Path):

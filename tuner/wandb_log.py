@@ -20,15 +20,17 @@ back from online to offline, and from offline to nothing; the search goes on.
 from __future__ import annotations
 
 import json
-import math
 import netrc
 import os
 import re
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from tuner.results import plain_value
 
 DEFAULT_PROJECT = "effnet-tuner"
 MODES = ("online", "offline", "disabled")
@@ -53,15 +55,6 @@ def resolve_mode(requested: str | None) -> str:
         requested or os.environ.get("WANDB_MODE") or ("online" if has_credentials() else "offline")
     )
     return "disabled" if mode in ("disabled", "dryrun-disabled") else mode
-
-
-def _clean(value: Any) -> Any:
-    """JSON-friendly scalars: NaN -> None, numpy numbers -> Python numbers."""
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
 
 
 def _teardown() -> None:
@@ -93,8 +86,7 @@ class WandbLogger:
         self.search = search
         self.dir = Path(results_dir)
         self.console = console
-        self.degraded_reason = ""
-        self.offline_dirs: set[str] = set()
+        self.logged_offline = False  # some run of this invocation was written offline
         self.run = None
         self.token = self._token() if self.mode != "disabled" else ""
 
@@ -153,10 +145,10 @@ class WandbLogger:
             return
         try:
             self.run.config.update(
-                {k: _clean(row[k]) for k in ("params", "batch_size") if k in row},
+                {k: plain_value(row[k]) for k in ("params", "batch_size") if k in row},
                 allow_val_change=True,
             )
-            self.run.summary.update({k: _clean(v) for k, v in row.items()})
+            self.run.summary.update({k: plain_value(v) for k, v in row.items()})
         except Exception as exc:  # noqa: BLE001
             self._degrade(exc)
         self._finish(exit_code=1 if failed else 0)
@@ -166,7 +158,7 @@ class WandbLogger:
     def log_search(
         self,
         trials: pd.DataFrame,
-        pareto: list[bool],
+        pareto: Sequence[bool],
         config: dict[str, Any],
         leaderboard: str,
         pareto_png: Path | None,
@@ -204,7 +196,7 @@ class WandbLogger:
                 {
                     "trial_count": len(trials),
                     "finished_trials": len(finished),
-                    "best_val_accuracy": _clean(finished["val_accuracy"].max())
+                    "best_val_accuracy": plain_value(finished["val_accuracy"].max())
                     if len(finished)
                     else None,
                 }
@@ -233,7 +225,7 @@ class WandbLogger:
             artifact = wandb.Artifact(
                 f"{self.search}-model",
                 type="model",
-                metadata={k: _clean(v) for k, v in metadata.items()},
+                metadata={k: plain_value(v) for k, v in metadata.items()},
             )
             artifact.add_dir(str(path))
             run.log_artifact(artifact, aliases=aliases)
@@ -243,7 +235,7 @@ class WandbLogger:
 
     def sync_command(self) -> str | None:
         """The ``wandb sync`` command that uploads this search's offline runs, if any."""
-        if not self.offline_dirs:
+        if not self.logged_offline:
             return None
         # A glob over the folder: runs of earlier invocations of this search are there too,
         # and `wandb sync` skips the ones already uploaded.
@@ -274,14 +266,14 @@ class WandbLogger:
                 reinit="finish_previous",
                 settings=self._settings(wandb),
             )
-            if self.mode == "offline":
-                self.offline_dirs.add(str(Path(self.run.dir).parent))
+            self.logged_offline |= self.mode == "offline"
             return self.run
         except Exception as exc:  # noqa: BLE001
             self.run = None
+            tried_online = self.mode == "online"
             self._degrade(exc)
             _teardown()  # the failed run still holds its id in wandb's service process
-            if self.mode == "offline" and not self.degraded_reason.startswith("offline"):
+            if tried_online:  # now offline: this run is not lost
                 return self._init(run_id, name, job_type, config, tags)
             return None
 
@@ -308,7 +300,6 @@ class WandbLogger:
             return
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         next_mode, consequence = _FALLBACK[self.mode]
-        self.degraded_reason = f"{self.mode}: {first_line}"
         self.mode = next_mode
         self.console.print(
             f"[yellow]W&B logging degraded[/yellow] ({first_line}); "
