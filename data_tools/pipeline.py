@@ -34,10 +34,14 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 def decode_image(path: tf.Tensor, size: int) -> tf.Tensor:
     """Read one image file and return ``uint8 [size, size, 3]`` RGB. Works eagerly and in graphs."""
-    data = tf.io.read_file(path)
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    return resize_pixels(read_rgb(path), size)
+
+
+def read_rgb(path: tf.Tensor) -> tf.Tensor:
+    """The package's one decoder: a file's pixels as ``uint8 [H, W, 3]`` RGB."""
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
-    return resize_pixels(image, size)
+    return image
 
 
 def resize_pixels(images: tf.Tensor, size: int) -> tf.Tensor:
@@ -66,18 +70,20 @@ def find_unreadable(paths: Sequence[str]) -> list[int]:
     Uses the same decoder as training, in parallel, so a file passes here exactly when the
     pipeline can use it.
     """
-    indices = tf.data.Dataset.range(len(paths))
-    files = tf.data.Dataset.from_tensor_slices(tf.constant(list(paths), dtype=tf.string))
 
     def probe(i: tf.Tensor, path: tf.Tensor) -> tf.Tensor:
-        data = tf.io.read_file(path)
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
-        return tf.reduce_min(tf.shape(image)) * 0 + tf.cast(i, tf.int32)
+        return tf.reduce_min(tf.shape(read_rgb(path))) * 0 + tf.cast(i, tf.int32)
 
-    ok = tf.data.Dataset.zip(indices, files).map(probe, num_parallel_calls=AUTOTUNE)
+    ok = _indexed_paths(paths).map(probe, num_parallel_calls=AUTOTUNE)
     ok = ok.ignore_errors()
     readable = {int(i) for i in ok.as_numpy_iterator()}
     return [i for i in range(len(paths)) if i not in readable]
+
+
+def _indexed_paths(paths: Sequence[str]) -> tf.data.Dataset:
+    """``(row index, path)`` pairs."""
+    files = tf.data.Dataset.from_tensor_slices(tf.constant(list(paths), dtype=tf.string))
+    return tf.data.Dataset.zip(tf.data.Dataset.range(len(paths)), files)
 
 
 def paths_dataset(paths: Sequence[str], labels: Sequence[int], size: int) -> tf.data.Dataset:
@@ -125,9 +131,7 @@ def decoded_array(
     with atomic_path(target) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=expected)
         # Order-free decoding (a third faster); each image carries its row index.
-        files = tf.data.Dataset.from_tensor_slices(tf.constant(list(paths), dtype=tf.string))
-        indexed = tf.data.Dataset.zip(tf.data.Dataset.range(len(paths)), files)
-        decoded = indexed.map(
+        decoded = _indexed_paths(paths).map(
             lambda i, p: (i, decode_image(p, size)),
             num_parallel_calls=AUTOTUNE,
             deterministic=False,
