@@ -11,15 +11,18 @@ Resizing squashes to a square with antialiased bilinear interpolation, as
 ``keras.utils.image_dataset_from_directory`` does by default; EXIF orientation is not
 applied (neither does Keras).
 
-With ``cache_dir`` the decoded-and-resized pixels of a split are written once to a ``.npy``
-file per (split, size, file list) and every later epoch and trial reads them from there
-(memory-mapped) instead of decoding again. A file that fails its check on load is rebuilt.
+With ``cache_dir`` the decoded-and-resized pixels of a split are decoded once per (split,
+size, file list) and kept: in memory for this process, and in a ``.npy`` file (written in the
+background) that every later trial and run reads memory-mapped instead of decoding again. A
+file that fails its check on load is rebuilt.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +33,10 @@ import tensorflow as tf
 from data_tools.atomic import atomic_path
 
 AUTOTUNE = tf.data.AUTOTUNE
+# Decoded sets up to this size are decoded in memory and written to the cache in the background.
+IN_MEMORY_BYTES = 2 * 1024**3
+_PENDING: dict[Path, tuple[threading.Thread, np.ndarray]] = {}  # cache files being written
+_PENDING_LOCK = threading.Lock()
 
 
 def decode_image(path: tf.Tensor, size: int) -> tf.Tensor:
@@ -114,13 +121,20 @@ def cache_file(
 def decoded_array(
     paths: Sequence[str], size: int, cache_dir: str | os.PathLike[str], split: str = "data"
 ) -> np.ndarray:
-    """All images of ``paths`` decoded and resized, memory-mapped from the on-disk cache.
+    """All images of ``paths`` decoded and resized, from the on-disk cache when it holds them.
 
-    Built on first use (written to a temporary file, then renamed); a cache file of the
-    wrong shape or type, or one that cannot be read, is rebuilt.
+    On first use the images are decoded once. Up to ``IN_MEMORY_BYTES`` they are decoded
+    into memory and returned at once while a background thread writes the cache file
+    (temporary file, then rename), so training starts without waiting for the disk; larger
+    sets are decoded straight into a memory-mapped file. A cache file of the wrong shape or
+    type, or one that cannot be read, is rebuilt.
     """
     target = cache_file(cache_dir, split, size, paths)
     expected = (len(paths), size, size, 3)
+    with _PENDING_LOCK:
+        pending = _PENDING.get(target)
+    if pending is not None:
+        return pending[1]
     if target.exists():
         try:
             cached = np.load(target, mmap_mode="r")
@@ -128,19 +142,57 @@ def decoded_array(
                 return cached
         except (ValueError, OSError, EOFError):
             pass  # corrupt or truncated: fall through and rebuild
+    if math.prod(expected) <= IN_MEMORY_BYTES:
+        pixels = np.empty(expected, dtype=np.uint8)
+        _decode_into(pixels, paths, size)
+        _write_in_background(target, pixels)
+        return pixels
     with atomic_path(target) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=expected)
-        # Order-free decoding (a third faster); each image carries its row index.
-        decoded = _indexed_paths(paths).map(
-            lambda i, p: (i, decode_image(p, size)),
-            num_parallel_calls=AUTOTUNE,
-            deterministic=False,
-        )
-        for index, images in decoded.batch(256).prefetch(2).as_numpy_iterator():
-            out[index] = images
+        _decode_into(out, paths, size)
         out.flush()
         del out
     return np.load(target, mmap_mode="r")
+
+
+def _decode_into(out: np.ndarray, paths: Sequence[str], size: int) -> None:
+    # Order-free decoding (a third faster); each image carries its row index.
+    decoded = _indexed_paths(paths).map(
+        lambda i, p: (i, decode_image(p, size)),
+        num_parallel_calls=AUTOTUNE,
+        deterministic=False,
+    )
+    for index, images in decoded.batch(256).prefetch(2).as_numpy_iterator():
+        out[index] = images
+
+
+def _write_in_background(target: Path, pixels: np.ndarray) -> None:
+    """Write ``pixels`` to ``target`` (atomically) in a thread; until it is on disk, the
+    array is served from memory. Python waits for the thread before exiting; a failed write
+    (full disk) leaves no file and is reported once: the next run decodes again."""
+
+    def write() -> None:
+        try:
+            with atomic_path(target) as tmp, open(tmp, "wb") as handle:
+                np.save(handle, pixels)
+        except OSError as error:
+            print(f"warning: could not write the decoded-image cache {target}: {error}")
+        finally:
+            with _PENDING_LOCK:
+                _PENDING.pop(target, None)
+
+    thread = threading.Thread(target=write, name=f"cache-writer-{target.name}")
+    with _PENDING_LOCK:
+        _PENDING[target] = (thread, pixels)
+    thread.start()
+
+
+def finish_cache_writes() -> None:
+    """Wait until every decoded-image cache file being written in the background is on disk."""
+    with _PENDING_LOCK:
+        threads = [thread for thread, _ in _PENDING.values()]
+    for thread in threads:
+        thread.join()
 
 
 def make_dataset(
@@ -173,8 +225,12 @@ def make_dataset(
 def array_dataset(
     values: np.ndarray, labels: np.ndarray, batch_size: int, *, shuffle: bool = False, seed: int = 0
 ) -> tf.data.Dataset:
-    """Batches gathered from a (memory-mapped) array by shuffled index, as float32 (or the
-    array's uint8 for pixels), with int32 labels: nothing is decoded or held in memory whole.
+    """Batches gathered from an array (in memory or memory-mapped) by shuffled index, as
+    float32 (or the array's uint8 for pixels), with int32 labels: nothing is decoded, and a
+    memory-mapped array is never held in memory whole.
+
+    (Copying an in-memory array into a TensorFlow variable and gathering inside the graph
+    makes epochs faster, but allocating the copy costs as much as the epochs it saves.)
     """
     count = len(labels)
     order = tf.data.Dataset.range(count)
@@ -185,7 +241,7 @@ def array_dataset(
     labels = np.asarray(labels, dtype=np.int32)
 
     def gather(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        index = np.sort(index)  # sorted reads from the memory map
+        index = np.sort(index)  # sorted reads from a memory map
         return np.asarray(values[index], dtype=out_type.as_numpy_dtype), labels[index]
 
     def load(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

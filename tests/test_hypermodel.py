@@ -140,8 +140,9 @@ def test_frozen_head_trains_on_cached_features_and_matches_end_to_end(
     end_to_end = model.predict(np.asarray(pixels, dtype="float32"), verbose=0)
     on_features = model.get_layer("head").predict(cached.astype("float32"), verbose=0)
     np.testing.assert_allclose(end_to_end, on_features, atol=2e-3)  # float16 features
-    # A second trial on the same backbone and size computes nothing.
+    # A second trial on the same backbone and size computes nothing and builds no backbone.
     second = maker.build(kt.HyperParameters())
+    assert second.get_layer("backbone") is model.get_layer("backbone")
     maker.fit(kt.HyperParameters(), second, epochs=1)
     assert maker.last_fit["cache"] == ["loaded", "loaded"]
 
@@ -160,6 +161,7 @@ def test_finetune_trains_the_top_on_cached_activations_and_matches_end_to_end(
     from tuner import features
 
     maker = frozen_maker(demo_dir, tmp_path, pretrained_t0)
+    frozen = maker.build(kt.HyperParameters()).get_layer("backbone")  # shared by frozen trials
     maker.space = space.load(
         None,
         {
@@ -179,6 +181,8 @@ def test_finetune_trains_the_top_on_cached_activations_and_matches_end_to_end(
     assert maker.last_fit["cache"] == ["computed"] * 4
     assert maker.last_fit["activation_cut"] == "block6a_project_bn"
     assert maker.last_fit["unfrozen_blocks"] == ["7a", "top"]
+    # The fine-tune unfroze its own backbone, not the one frozen trials share.
+    assert model.get_layer("backbone") is not frozen and not frozen.trainable_weights
     bottom, top, cut = features.split_backbone(model, 2)
     folder = tmp_path / "cache" / "features"
     (cached,) = [

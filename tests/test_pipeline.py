@@ -94,6 +94,7 @@ def test_cache_gives_the_same_pixels_and_never_decodes_again(tmp_path: Path) -> 
     cached = pipeline.make_dataset(table, 16, 8, cache_dir=cache, split="train")
     first = np.concatenate([x for x, _ in cached.as_numpy_iterator()])
     assert np.array_equal(first, direct)
+    pipeline.finish_cache_writes()  # the file is written in the background
     files = list((cache / "decoded").glob("train-16px-*.npy"))
     assert len(files) == 1 and files[0].stat().st_size >= 23 * 16 * 16 * 3
     # Make every source file undecodable (same size and mtime, so the cache stays valid):
@@ -110,6 +111,7 @@ def test_corrupt_cache_file_is_rebuilt(tmp_path: Path) -> None:
     table = make_table(tmp_path, count=6)
     cache = tmp_path / "cache"
     pipeline.decoded_array(table["path"].tolist(), 16, cache, "train")
+    pipeline.finish_cache_writes()
     (cache_file,) = (cache / "decoded").glob("*.npy")
     cache_file.write_bytes(cache_file.read_bytes()[:200])  # truncated by a crash
     rebuilt = pipeline.decoded_array(table["path"].tolist(), 16, cache, "train")

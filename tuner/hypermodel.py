@@ -34,8 +34,9 @@ from data_tools import pipeline
 from tuner import accelerate, backbones, features
 from tuner import space as space_mod
 
-# Cached features or activations up to this size (as float32) are trained on in memory.
-IN_MEMORY_BYTES = 2 * 1024**3
+# Cached features or activations up to this size (as float32) are trained on in memory
+# (under the 2 GB limit of a tensor in a tf.data graph).
+IN_MEMORY_BYTES = 1024**3
 # Training on cached arrays takes many tiny steps; one call per step spends more time in
 # dispatch than in arithmetic (2.5 ms a step for a Dense head on B0 features): run 16 per
 # call (the same updates, callbacks see every 16th batch).
@@ -153,6 +154,7 @@ class EffNetHyperModel(kt.HyperModel):
         self.feature_cache = feature_cache  # train frozen heads on cached backbone features
         self.batch_override: int | None = None  # set by out-of-memory retries
         self.last_fit: dict[str, Any] = {}
+        self._frozen_backbone: tuple[tuple[str, int], keras.Model] | None = None
 
     def plan(self, hp: kt.HyperParameters) -> TrialPlan:
         values = space_mod.declare(hp, self.space)
@@ -184,8 +186,7 @@ class EffNetHyperModel(kt.HyperModel):
         x = inputs
         if entry.input_scale != 1.0:
             x = keras.layers.Rescaling(entry.input_scale, name="input_scale")(x)
-        base = backbones.build(entry, plan.image_size, self.weights)
-        base.name = "backbone"
+        base = self._backbone(plan)
         if plan.pretrained:
             base.trainable = False
             # training=False keeps BatchNorm in inference mode even when blocks are unfrozen.
@@ -202,6 +203,21 @@ class EffNetHyperModel(kt.HyperModel):
         model = keras.Model(inputs, head(features), name=f"effnet_{plan.backbone.lower()}")
         compile_model(model, plan.learning_rate, self.data.num_classes, self.jit_compile)
         return model
+
+    def _backbone(self, plan: TrialPlan) -> keras.Model:
+        """The trial's backbone. A frozen pretrained backbone never changes, so trials on the
+        same backbone and size share one built instance (building and loading B0 is ~1.3 s of
+        a 2 s trial on cached features); fine-tunes and random init get their own."""
+        entry = backbones.get(plan.backbone)
+        shared = plan.pretrained and not plan.fine_tunes
+        key = (plan.backbone, plan.image_size)
+        if shared and self._frozen_backbone is not None and self._frozen_backbone[0] == key:
+            return self._frozen_backbone[1]
+        base = backbones.build(entry, plan.image_size, self.weights)
+        base.name = "backbone"
+        # One at a time: a B7 is 64M parameters.
+        self._frozen_backbone = (key, base) if shared else self._frozen_backbone
+        return base
 
     def fit(
         self,
@@ -321,29 +337,30 @@ class EffNetHyperModel(kt.HyperModel):
         their memory map batch by batch."""
         labels = {split: self.data.labels(split) for split in arrays}
         if sum(a.size for a in arrays.values()) * 4 <= IN_MEMORY_BYTES:
-            train = {
-                "x": np.asarray(arrays["train"], dtype=np.float32),
-                "y": labels["train"],
-                "batch_size": plan.batch_size,
-                "shuffle": True,
-            }
-            val = (np.asarray(arrays["validation"], dtype=np.float32), labels["validation"])
+            # tf.data over in-memory tensors: 1.6x faster than fit(x=numpy) for a small head.
+            def dataset(split: str) -> tf.data.Dataset:
+                x = np.asarray(arrays[split], dtype=np.float32)
+                return tf.data.Dataset.from_tensor_slices((x, labels[split]))
+
+            train = dataset("train").shuffle(
+                len(labels["train"]), seed=self.space.seed, reshuffle_each_iteration=True
+            )
+            train = train.batch(plan.batch_size).prefetch(tf.data.AUTOTUNE)
+            val = dataset("validation").batch(plan.batch_size).prefetch(tf.data.AUTOTUNE)
         else:
-            train = {
-                "x": pipeline.array_dataset(
-                    arrays["train"],
-                    labels["train"],
-                    plan.batch_size,
-                    shuffle=True,
-                    seed=self.space.seed,
-                ),
-                "shuffle": False,
-            }
+            train = pipeline.array_dataset(
+                arrays["train"],
+                labels["train"],
+                plan.batch_size,
+                shuffle=True,
+                seed=self.space.seed,
+            )
             val = pipeline.array_dataset(
                 arrays["validation"], labels["validation"], plan.batch_size
             )
         result = trainer.fit(
-            **train,
+            train,
+            shuffle=False,  # the dataset shuffles itself
             validation_data=val,
             epochs=epochs,
             initial_epoch=initial_epoch,
