@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+from filelock import FileLock
 
 from data_tools.atomic import atomic_path
 
@@ -135,24 +136,50 @@ def decoded_array(
         pending = _PENDING.get(target)
     if pending is not None:
         return pending[1]
-    if target.exists():
-        try:
-            cached = np.load(target, mmap_mode="r")
-            if cached.shape == expected and cached.dtype == np.uint8:
-                return cached
-        except (ValueError, OSError, EOFError):
-            pass  # corrupt or truncated: fall through and rebuild
-    if math.prod(expected) <= IN_MEMORY_BYTES:
-        pixels = np.empty(expected, dtype=np.uint8)
-        _decode_into(pixels, paths, size)
-        _write_in_background(target, pixels)
-        return pixels
-    with atomic_path(target) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=expected)
-        _decode_into(out, paths, size)
-        out.flush()
-        del out
+    # Processes sharing the folder (workers of a distributed search) build it once: the
+    # first takes the lock, the others wait for it and read the file.
+    lock = cache_lock(target)
+    lock.acquire()
+    try:
+        cached = load_checked(target, expected, np.uint8)
+        if cached is not None:
+            lock.release()
+            return cached
+        if math.prod(expected) <= IN_MEMORY_BYTES:
+            pixels = np.empty(expected, dtype=np.uint8)
+            _decode_into(pixels, paths, size)
+            _write_in_background(target, pixels, lock)  # releases the lock when written
+            return pixels
+        with atomic_path(target) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=expected)
+            _decode_into(out, paths, size)
+            out.flush()
+            del out
+    except BaseException:
+        lock.release()
+        raise
+    lock.release()
     return np.load(target, mmap_mode="r")
+
+
+def cache_lock(target: Path) -> FileLock:
+    """The inter-process lock for building ``target`` (releasable from another thread)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(target) + ".lock", thread_local=False)
+
+
+def load_checked(target: Path, shape: tuple[int, ...] | None, dtype) -> np.ndarray | None:
+    """``target`` memory-mapped when it holds an array of ``dtype`` (and ``shape``, when
+    given); None when it is missing, truncated or corrupt (the caller rebuilds it)."""
+    if not target.exists():
+        return None
+    try:
+        cached = np.load(target, mmap_mode="r")
+    except (ValueError, OSError, EOFError):
+        return None
+    if cached.dtype != dtype or (shape is not None and cached.shape != shape):
+        return None
+    return cached
 
 
 def _decode_into(out: np.ndarray, paths: Sequence[str], size: int) -> None:
@@ -166,7 +193,7 @@ def _decode_into(out: np.ndarray, paths: Sequence[str], size: int) -> None:
         out[index] = images
 
 
-def _write_in_background(target: Path, pixels: np.ndarray) -> None:
+def _write_in_background(target: Path, pixels: np.ndarray, lock: FileLock) -> None:
     """Write ``pixels`` to ``target`` (atomically) in a thread; until it is on disk, the
     array is served from memory. Python waits for the thread before exiting; a failed write
     (full disk) leaves no file and is reported once: the next run decodes again."""
@@ -180,6 +207,7 @@ def _write_in_background(target: Path, pixels: np.ndarray) -> None:
         finally:
             with _PENDING_LOCK:
                 _PENDING.pop(target, None)
+            lock.release()
 
     thread = threading.Thread(target=write, name=f"cache-writer-{target.name}")
     with _PENDING_LOCK:

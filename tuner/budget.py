@@ -64,12 +64,18 @@ def can_start(estimate: float | None, remaining: float) -> bool:
 
 @dataclass
 class Ledger:
-    """Time spent by earlier invocations of this search, and the clock of this one."""
+    """Time spent by earlier invocations of this search, and the clock of this one.
+
+    The single process or the chief of a distributed search owns the ledger: it counts the
+    time and writes ``budget.json``, including the wall-clock deadline. Workers
+    (:meth:`follow`) only read that deadline, so several workers never add their hours up.
+    """
 
     path: Path
     budget_s: float
     spent_before_s: float = 0.0
     started: float = 0.0
+    follower: bool = False
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], budget_s: float) -> Ledger:
@@ -79,15 +85,34 @@ class Ledger:
             spent = float(json.loads(path.read_text()).get("spent_s", 0.0))
         return cls(path, budget_s, spent, time.monotonic())
 
+    @classmethod
+    def follow(cls, path: str | os.PathLike[str], budget_s: float) -> Ledger:
+        """A worker's view: the deadline the chief wrote to ``path`` (read when asked, so a
+        worker started before its chief sees the chief's deadline once trials arrive)."""
+        return cls(Path(path), budget_s, follower=True)
+
     def spent(self) -> float:
+        if self.follower:
+            return self.budget_s - self.remaining()
         return self.spent_before_s + (time.monotonic() - self.started)
 
     def remaining(self) -> float:
+        if self.follower:
+            try:
+                deadline = float(json.loads(self.path.read_text())["deadline_unix"])
+            except (OSError, ValueError, KeyError):
+                return self.budget_s  # no chief yet: it decides when trials start
+            return deadline - time.time()
         return self.budget_s - self.spent()
 
     def save(self) -> None:
-        """Write the time spent so far (atomically), so a resume counts it."""
-        write_text(
-            self.path,
-            json.dumps({"spent_s": round(self.spent(), 3), "budget_s": self.budget_s}) + "\n",
-        )
+        """Write the time spent so far and the deadline (atomically), so a resume counts
+        the time and workers know when to stop. Workers write nothing."""
+        if self.follower:
+            return
+        state = {
+            "spent_s": round(self.spent(), 3),
+            "budget_s": self.budget_s,
+            "deadline_unix": round(time.time() + self.remaining(), 3),
+        }
+        write_text(self.path, json.dumps(state) + "\n")

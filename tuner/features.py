@@ -18,6 +18,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from data_tools import pipeline
 from data_tools.atomic import atomic_path
 from tuner import backbones
 
@@ -87,28 +88,24 @@ def cached_features(
     ``pixels`` (uint8 [N, S, S, 3]), memory-mapped from ``target`` when it holds them, else
     computed once and written there. The extractor is only built when something must be
     computed."""
-    if target.exists():
-        try:
-            cached = np.load(target, mmap_mode="r")
-            if cached.shape[0] == len(pixels) and cached.ndim >= 2 and cached.dtype == np.float16:
-                return cached
-        except (ValueError, OSError, EOFError):
-            pass  # truncated or corrupt: rebuild
-    net = make_net()
-    expected = (len(pixels), *(int(d) for d in net.output_shape[1:]))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=expected)
-        for start in range(0, len(pixels), BATCH):
-            batch = np.asarray(pixels[start : start + BATCH], dtype=np.float32)
-            real = len(batch)
-            if real < BATCH:  # pad: one traced batch shape for the whole pass
-                padding = np.zeros((BATCH - real, *batch.shape[1:]), dtype=np.float32)
-                batch = np.concatenate([batch, padding])
-            out[start : start + real] = np.asarray(net.predict_on_batch(batch))[:real]
-        out.flush()
-        del out
-    return np.load(target, mmap_mode="r")
+    with pipeline.cache_lock(target):  # one builder among processes sharing the folder
+        cached = pipeline.load_checked(target, None, np.float16)
+        if cached is not None and cached.shape[0] == len(pixels) and cached.ndim >= 2:
+            return cached
+        net = make_net()
+        expected = (len(pixels), *(int(d) for d in net.output_shape[1:]))
+        with atomic_path(target) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=expected)
+            for start in range(0, len(pixels), BATCH):
+                batch = np.asarray(pixels[start : start + BATCH], dtype=np.float32)
+                real = len(batch)
+                if real < BATCH:  # pad: one traced batch shape for the whole pass
+                    padding = np.zeros((BATCH - real, *batch.shape[1:]), dtype=np.float32)
+                    batch = np.concatenate([batch, padding])
+                out[start : start + real] = np.asarray(net.predict_on_batch(batch))[:real]
+            out.flush()
+            del out
+        return np.load(target, mmap_mode="r")
 
 
 class ForModel(keras.callbacks.Callback):

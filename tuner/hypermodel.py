@@ -229,6 +229,19 @@ class EffNetHyperModel(kt.HyperModel):
         callbacks: Sequence[keras.callbacks.Callback] = (),
         **kwargs,
     ) -> dict[str, float]:
+        # Under --strategy mirrored the model was built in the strategy's scope: the head
+        # trainers and optimizers made here must be too.
+        with model.distribute_strategy.scope():
+            return self._fit(hp, model, epochs, initial_epoch, callbacks)
+
+    def _fit(
+        self,
+        hp: kt.HyperParameters,
+        model: keras.Model,
+        epochs: int | None,
+        initial_epoch: int,
+        callbacks: Sequence[keras.callbacks.Callback],
+    ) -> dict[str, float]:
         plan = self.plan(hp)
         self.last_fit = {}  # facts of this fit only (the runner reads them after)
         epochs = epochs or self.space.epochs

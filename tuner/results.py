@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 
 from data_tools.atomic import atomic_path, write_text
 
@@ -52,6 +53,7 @@ COLUMNS = [
     "hyperband_epochs",
     "resumed_from",
     "wandb_run_id",
+    "worker",
 ]
 FINISHED = ("completed", "stopped-budget")
 
@@ -74,19 +76,37 @@ class Results:
         """trials.csv as a table (empty, with every column, before the first trial)."""
         if not self.trials_csv.is_file():
             return pd.DataFrame(columns=COLUMNS)
-        return pd.read_csv(
+        table = pd.read_csv(
             self.trials_csv,
-            dtype={"trial_id": str, "resumed_from": str, "reason": str, "wandb_run_id": str},
+            dtype={
+                "trial_id": str,
+                "resumed_from": str,
+                "reason": str,
+                "wandb_run_id": str,
+                "worker": str,
+            },
         )
+        return table.reindex(columns=COLUMNS)  # a file from before a column was added
 
     def upsert(self, row: dict[str, Any]) -> None:
-        """Add a trial's row, or replace the row with the same trial_id; atomic rewrite."""
-        table = self.rows()
-        table = table[table["trial_id"] != str(row["trial_id"])]
-        new = pd.DataFrame([{column: row.get(column, "") for column in COLUMNS}])
-        table = new if table.empty else pd.concat([table, new], ignore_index=True)
-        with atomic_path(self.trials_csv) as tmp:
-            table[COLUMNS].to_csv(tmp, index=False)
+        """Add a trial's row, or replace the row with the same trial_id; atomic rewrite.
+
+        Workers of a distributed search share the file: the read-modify-write holds a file
+        lock, so concurrent writers never lose or double a row.
+        """
+        with self.lock():
+            table = self.rows()
+            table = table[table["trial_id"] != str(row["trial_id"])]
+            new = pd.DataFrame([{column: row.get(column, "") for column in COLUMNS}])
+            table = new if table.empty else pd.concat([table, new], ignore_index=True)
+            with atomic_path(self.trials_csv) as tmp:
+                table[COLUMNS].to_csv(tmp, index=False)
+
+    def lock(self) -> FileLock:
+        """The lock every writer of trials.csv holds (across processes and machines that
+        share the folder)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.trials_csv) + ".lock")
 
     def history(self, backbone: str, image_size: int) -> list[tuple[float, int]]:
         """(train seconds, epochs) of finished trials of this backbone and size."""

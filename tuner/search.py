@@ -29,6 +29,7 @@ import yaml
 from data_tools import ingest
 from data_tools.atomic import write_text
 from data_tools.errors import InputError, run_cli
+from tuner.distribute import Role
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACES = ROOT / "search_spaces"
@@ -57,6 +58,8 @@ class SearchRequest:
     feature_cache: bool = True
     mixed_precision: str = "auto"
     xla: str = "auto"
+    role: Role = Role("single")
+    strategy: str = "none"
 
 
 def default_cache() -> Path:
@@ -128,11 +131,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cache", default=str(default_cache()), help="where the demo data is written"
     )
+    scale = parser.add_argument_group("scaling out (see README, 'Scaling out')")
+    scale.add_argument(
+        "--chief",
+        metavar="HOST:PORT",
+        help="serve Keras Tuner's oracle on HOST:PORT for --worker processes (trains nothing)",
+    )
+    scale.add_argument(
+        "--worker", metavar="HOST:PORT", help="run trials handed out by the chief at HOST:PORT"
+    )
+    scale.add_argument(
+        "--worker-id",
+        help="this worker's name (unique; reuse it after a crash to rerun its trial); "
+        "default: KERASTUNER_TUNER_ID, else <host>-gpu<N> or <host>-<pid>",
+    )
+    scale.add_argument(
+        "--gpus",
+        metavar="0,1,...",
+        help="on this machine: start a chief and one worker per listed GPU",
+    )
+    scale.add_argument(
+        "--strategy",
+        choices=["none", "mirrored"],
+        default="none",
+        help="mirrored: each trial trains on all GPUs this process sees (MirroredStrategy)",
+    )
     return parser
 
 
 def resolve_request(args: argparse.Namespace) -> SearchRequest:
-    from tuner import budget, space
+    from tuner import budget, distribute, space
 
     demo = args.data is None
     if not demo and not Path(args.data).exists():
@@ -161,6 +189,8 @@ def resolve_request(args: argparse.Namespace) -> SearchRequest:
         feature_cache=args.feature_cache == "on",
         mixed_precision=args.mixed_precision,
         xla=args.xla,
+        role=distribute.resolve_role(args.chief, args.worker, args.worker_id),
+        strategy=args.strategy,
     )
 
 
@@ -169,21 +199,47 @@ def _name_from_data(data: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.gpus is not None:
+        return launch_gpus(args, argv)
     return run_search(resolve_request(args))
+
+
+def launch_gpus(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--gpus 0,1``: a chief and one worker per GPU on this machine, on loopback."""
+    from tuner import distribute
+
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+    if not gpus or not all(g.isdigit() for g in gpus) or len(set(gpus)) != len(gpus):
+        raise InputError(f"--gpus {args.gpus!r}: list distinct GPU numbers, e.g. --gpus 0,1,2,3")
+    if args.chief or args.worker:
+        raise InputError("--gpus starts its own chief and workers: drop --chief/--worker")
+    request = resolve_request(args)
+    out = Path(request.results) / request.name
+    if request.overwrite and out.exists():
+        shutil.rmtree(out)  # here, once, before any process uses the folder
+    return distribute.launch(distribute.launcher_argv(argv), gpus)
 
 
 def run_search(request: SearchRequest) -> int:
     """Run (or resume) one search; returns the exit code. Reads top to bottom."""
+    from filelock import FileLock
     from rich.console import Console
 
-    from tuner import accelerate, budget, hypermodel, trial
+    from tuner import accelerate, budget, distribute, hypermodel, trial
     from tuner import space as space_mod
-    from tuner.results import FINISHED, Results, pareto_flags
+    from tuner.results import FINISHED, Results
     from tuner.wandb_log import WandbLogger
 
     console = Console(highlight=False, soft_wrap=True)
     out = Path(request.results) / request.name
+    role = request.role
+    if request.overwrite and role.kind == "worker":
+        raise InputError(
+            "--overwrite on a --worker would delete the folder its chief is using: pass it "
+            "to the chief (or to --gpus)"
+        )
     if request.overwrite and out.exists():
         shutil.rmtree(out)
     overrides = dict(request.overrides)
@@ -193,25 +249,35 @@ def run_search(request: SearchRequest) -> int:
         overrides["seed"] = request.seed
     space = space_mod.load(request.space, overrides)
     # The clock starts before the data is read: splitting and caching count against the budget.
-    ledger = budget.Ledger.open(out / "budget.json", request.budget_s)
+    # The chief (or the single process) owns it; workers follow the deadline it writes.
+    if role.kind == "worker":
+        ledger = budget.Ledger.follow(out / "budget.json", request.budget_s)
+    else:
+        ledger = budget.Ledger.open(out / "budget.json", request.budget_s)
+        ledger.save()
     weights, weights_label = resolve_weights(
         request.weights, space, demo=request.data is None, console=console
     )
-    table, classes, data_facts = load_data(request, out)
-    accelerated = accelerate.apply(request.mixed_precision, request.xla)
-    config = {
-        "name": request.name,
-        "space_file": request.space,
-        "space": space.as_dict(),
-        "weights": weights_label,
-        "budget_s": request.budget_s,
-        "feature_cache": request.feature_cache,
-        **accelerated,
-        **data_facts,
-    }
-    check_resume(out, config)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    # Processes sharing the folder prepare it one at a time (demo data, split, config).
+    Path(request.results).mkdir(parents=True, exist_ok=True)
+    with FileLock(str(Path(request.results) / f".{request.name}.lock")):
+        table, classes, data_facts = load_data(request, out)
+        accelerated = accelerate.apply(request.mixed_precision, request.xla)
+        config = {
+            "name": request.name,
+            "space_file": request.space,
+            "space": space.as_dict(),
+            "weights": weights_label,
+            "budget_s": request.budget_s,
+            "feature_cache": request.feature_cache,
+            "strategy": request.strategy,
+            **accelerated,
+            **data_facts,
+        }
+        check_resume(out, config)
+        out.mkdir(parents=True, exist_ok=True)
+        if role.kind != "worker":
+            write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     results = Results(out)
     logger = WandbLogger(
@@ -224,6 +290,7 @@ def run_search(request: SearchRequest) -> int:
         weights_label=weights_label,
         facts=config,
         wandb=logger,
+        role=role.kind,
     )
     data = hypermodel.SplitData(table, classes, cache_dir=str(out / "cache"))
     model = hypermodel.EffNetHyperModel(
@@ -235,8 +302,21 @@ def run_search(request: SearchRequest) -> int:
         jit_compile=bool(accelerated["xla"]),
         gpu_free_mib=accelerated["gpu_free_mib"],
     )
-    tuner = make_tuner(trial.tuner_class(space.algorithm), model, space, out)
+    tuner = make_tuner(
+        trial.tuner_class(space.algorithm), model, space, out, strategy(request.strategy)
+    )
     tuner.context = context
+    if role.kind == "chief":
+        distribute.budget_gate(
+            tuner.oracle,
+            lambda t: trial.start_refusal(
+                model.plan(t.hyperparameters),
+                trial.trial_epochs(t.hyperparameters, space.epochs),
+                context,
+            ),
+            lambda line: (ledger.save(), console.print(line)),
+        )
+        return serve_chief(tuner, context, ledger, logger, role, console, space, results)
 
     console.print(
         f"search [bold]{request.name}[/bold]: {len(data.train)} train / "
@@ -253,9 +333,13 @@ def run_search(request: SearchRequest) -> int:
         except trial.BudgetExhausted as exc:
             console.print(f"budget reached: {exc}")
         except trial.Interrupted:
+            again = (
+                f"stays with the chief and runs again when --worker-id {role.tuner_id} restarts"
+                if role.kind == "worker"
+                else "is discarded and will run again on resume"
+            )
             console.print(
-                "[yellow]interrupted[/yellow]: the running trial is discarded and "
-                "will run again on resume; finished trials are kept"
+                f"[yellow]interrupted[/yellow]: the running trial {again}; finished trials are kept"
             )
             code = EXIT_INTERRUPTED
         except RuntimeError as exc:
@@ -269,6 +353,23 @@ def run_search(request: SearchRequest) -> int:
             )
             code = 1
     ledger.save()
+    if role.kind == "worker":  # the chief writes the summary once every worker is done
+        mine = results.rows()
+        mine = mine[mine["worker"] == role.tuner_id]
+        console.print(
+            f"worker {role.tuner_id}: {int(mine['status'].isin(FINISHED).sum())} finished "
+            f"trial(s); no more trials from the chief at {role.host}:{role.port}"
+        )
+        return code
+    return finish_search(results, logger, config, ledger, console, code)
+
+
+def finish_search(results, logger, config, ledger, console, code: int) -> int:
+    """leaderboard.md, pareto.png, the W&B search run, the closing lines; returns ``code``."""
+    from tuner import budget
+    from tuner.results import FINISHED, pareto_flags
+
+    out = results.dir
     rows, leaderboard = results.write_summary()
     finished = int(rows["status"].isin(FINISHED).sum())
     print(leaderboard)
@@ -277,8 +378,8 @@ def run_search(request: SearchRequest) -> int:
         console.print(f"W&B runs are offline; to upload them: {logger.sync_command()}")
     console.print(
         f"{finished} finished trial(s) in {budget.format_seconds(ledger.spent())} of "
-        f"{budget.format_seconds(request.budget_s)}; results in {out}/; resume with "
-        f"the same command (--name {request.name})"
+        f"{budget.format_seconds(config['budget_s'])}; results in {out}/; resume with "
+        f"the same command (--name {config['name']})"
     )
     return code
 
@@ -360,12 +461,52 @@ def check_resume(out: Path, config: dict[str, Any]) -> None:
             )
 
 
-def make_tuner(cls: type, model, space, out: Path):
+def serve_chief(tuner, context, ledger, logger, role, console, space, results) -> int:
+    """The chief: serve the oracle until the workers are done (or the budget is), then
+    write the summary. Ctrl-C/SIGTERM stop it at once (trials stay with the oracle)."""
+    import threading
+
+    console.print(
+        f"chief: serving trials on {role.host}:{role.port}; start workers with "
+        f"--worker {role.host}:{role.port}"
+    )
+    stop = threading.Event()
+
+    def keep_time() -> None:  # the chief sleeps in Keras Tuner's server loop
+        while not stop.wait(10):
+            ledger.save()
+
+    threading.Thread(target=keep_time, daemon=True).start()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    code = 0
+    try:
+        tuner.search(verbose=0)
+    except KeyboardInterrupt:
+        console.print("[yellow]chief interrupted[/yellow]: restart it to go on")
+        code = EXIT_INTERRUPTED
+    finally:
+        stop.set()
+        signal.signal(signal.SIGTERM, previous)
+    ledger.save()
+    return finish_search(results, context.wandb, context.facts, ledger, console, code)
+
+
+def strategy(name: str):
+    """The tf.distribute strategy for one trial (None: Keras' default, one device)."""
+    if name == "none":
+        return None
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy()
+
+
+def make_tuner(cls: type, model, space, out: Path, distribution_strategy=None):
     """The Keras Tuner object, reloading its state from ``out/keras_tuner`` when present."""
     import keras_tuner as kt
 
     common = dict(
         hypermodel=model,
+        distribution_strategy=distribution_strategy,
         objective=kt.Objective("val_accuracy", "max"),
         seed=space.seed,
         directory=str(out),

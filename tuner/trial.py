@@ -66,6 +66,7 @@ class SearchContext:
     facts: dict[str, Any] = field(default_factory=dict)
     wandb: WandbLogger | None = None
     last_row: dict[str, Any] = field(default_factory=dict)
+    role: str = "single"  # or "chief" / "worker" of a distributed search
 
     def callbacks(self) -> list[keras.callbacks.Callback]:
         """Fresh per-fit callbacks (Keras Tuner deep-copies the ones passed to search)."""
@@ -131,21 +132,14 @@ class TrialRunner:
         if ctx.interrupt_requested:
             raise Interrupted("interrupted")
         plan = self.hypermodel.plan(trial.hyperparameters)
-        epochs = kwargs.get("epochs", self.hypermodel.space.epochs) - kwargs.get("initial_epoch", 0)
-        history = ctx.results.history(plan.backbone, plan.image_size)
-        estimate = budget_mod.estimate_seconds(history, epochs)
-        remaining = ctx.ledger.remaining()
-        if not budget_mod.can_start(estimate, remaining):
-            note = (
-                f"budget left {budget_mod.format_seconds(remaining)}; the next "
-                f"trial ({plan.backbone} at {plan.image_size}px, {epochs} epochs) "
-                + (
-                    f"needs about {budget_mod.format_seconds(estimate)}"
-                    if estimate
-                    else "cannot start"
-                )
-            )
-            raise BudgetExhausted(note)
+        epochs = trial_epochs(trial.hyperparameters, self.hypermodel.space.epochs)
+        estimate = budget_mod.estimate_seconds(
+            ctx.results.history(plan.backbone, plan.image_size), epochs
+        )
+        # A worker's trials were admitted by the chief, which holds the budget.
+        refusal = None if ctx.role == "worker" else start_refusal(plan, epochs, ctx)
+        if refusal:
+            raise BudgetExhausted(refusal)
         ctx.stopped_by_budget = False
         ctx.trials_run += 1
         self._announce(trial, plan, epochs, estimate)
@@ -268,6 +262,7 @@ class TrialRunner:
             "hyperband_epochs": hp.get("tuner/epochs", ""),
             "resumed_from": hp.get("tuner/trial_id", ""),
             "wandb_run_id": getattr(self, "_wandb_run_id", ""),
+            "worker": self.tuner_id,
             **values,
         }
         row.pop("pretrained", None)
@@ -291,6 +286,29 @@ class TrialRunner:
             f"{budget_mod.format_seconds(self.context.ledger.remaining())}",
             highlight=False,
         )
+
+
+def trial_epochs(hp: kt.HyperParameters, epochs: int) -> int:
+    """Epochs this trial trains: Hyperband's ``tuner/epochs - tuner/initial_epoch``, else the
+    space's ``epochs``."""
+    values = hp.values
+    return int(values.get("tuner/epochs", epochs)) - int(values.get("tuner/initial_epoch", 0))
+
+
+def start_refusal(plan: TrialPlan, epochs: int, ctx: SearchContext) -> str | None:
+    """Why the trial cannot start within the budget (None when it can): no time left, or
+    earlier trials of its backbone and size say it would not finish."""
+    estimate = budget_mod.estimate_seconds(
+        ctx.results.history(plan.backbone, plan.image_size), epochs
+    )
+    remaining = ctx.ledger.remaining()
+    if budget_mod.can_start(estimate, remaining):
+        return None
+    needs = f"needs about {budget_mod.format_seconds(estimate)}" if estimate else "cannot start"
+    return (
+        f"budget left {budget_mod.format_seconds(remaining)}; the next trial "
+        f"({plan.backbone} at {plan.image_size}px, {epochs} epochs) {needs}"
+    )
 
 
 def _tags(plan: TrialPlan) -> list[str]:
