@@ -342,6 +342,12 @@ def run_search(request: SearchRequest) -> int:
                 f"[yellow]interrupted[/yellow]: the running trial {again}; finished trials are kept"
             )
             code = EXIT_INTERRUPTED
+        except trial.DiskFull as exc:
+            console.print(
+                f"[red]stopped: the disk is full[/red] ({exc}); the results written so far "
+                f"are intact: free some space, then resume with the same command"
+            )
+            return 1  # writing the summary would fail too
         except RuntimeError as exc:
             if "consecutive failures" not in str(exc):
                 raise

@@ -15,6 +15,7 @@ next; the runner does the effects around each trial:
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import platform
@@ -50,6 +51,15 @@ class BudgetExhausted(kt.errors.FatalError):
 
 class Interrupted(kt.errors.FatalError):
     """Ctrl-C or SIGTERM: stop the running trial now; it is re-run on resume."""
+
+
+class DiskFull(kt.errors.FatalError):
+    """No space left for the results: stop; the files written so far stay valid (every
+    write is write-then-rename) and the trial that could not be recorded runs on resume."""
+
+
+def disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -156,6 +166,8 @@ class TrialRunner:
                 ctx.wandb.finish_trial({"status": "interrupted"}, failed=True)
             raise
         except Exception as exc:  # noqa: BLE001 - any trial failure is recorded, search goes on
+            if disk_full(exc):
+                raise DiskFull(f"{failure_reason(exc)}: {getattr(exc, 'filename', '')}") from None
             reason = failure_reason(exc)
             ctx.console.print(f"  [red]trial {trial.trial_id} failed:[/red] {reason}")
             row = self._row(

@@ -1,0 +1,102 @@
+"""Faults a 20-hour search meets: the process killed outright, the disk filling up, a cache
+file corrupted. (SIGTERM, out of memory, NaN loss and an unreachable W&B are tested beside
+the features they hit: test_search.py and test_wandb.py.)"""
+
+from __future__ import annotations
+
+import errno
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+
+from tests.conftest import run_search, search_argv
+from tests.test_distribute import ROOT, clean_env
+from tuner import features
+
+COMMON = ["--algorithm", "random", "--set", "epochs=2", "--set", "max_trials=2", "--budget", "10m"]
+
+
+def read_trials(out) -> pd.DataFrame:
+    return pd.read_csv(out / "trials.csv", dtype={"trial_id": str})
+
+
+def test_kill_9_mid_trial_loses_only_that_trials_progress(tmp_path, demo_dir):
+    argv = [sys.executable, "-m", "tuner.search", *search_argv(tmp_path, demo_dir, "k", *COMMON)]
+    out = tmp_path / "results" / "k"
+    process = subprocess.Popen(
+        argv, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (out / "trials.csv").exists():
+        time.sleep(0.2)
+    time.sleep(4)  # inside the second trial
+    process.send_signal(signal.SIGKILL)
+    process.wait(60)
+    first = read_trials(out)
+    assert first.trial_id.tolist() == ["0"] and first.status[0] == "completed"
+    spent_before = float(pd.read_json(out / "budget.json", typ="series")["spent_s"])
+    # Resume: the killed trial runs again from its start; nothing lost, nothing doubled.
+    done = subprocess.run(argv, cwd=ROOT, env=clean_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    table = read_trials(out)
+    assert sorted(table.trial_id) == ["0", "1"] and (table.status == "completed").all()
+    pd.testing.assert_series_equal(table.iloc[0], first.iloc[0], check_names=False)
+    kt_trials = sorted((out / "keras_tuner").glob("trial_*"))
+    assert len(kt_trials) == 2
+    assert float(pd.read_json(out / "budget.json", typ="series")["spent_s"]) > spent_before
+
+
+def test_full_disk_stops_cleanly_and_the_results_stay_valid(
+    tmp_path, demo_dir, capsys, monkeypatch
+):
+    out = tmp_path / "results" / "full"
+    real_to_csv = pd.DataFrame.to_csv
+    writes = []
+
+    def to_csv(self, path=None, *args, **kwargs):
+        if str(path).endswith(".tmp") and ".trials.csv." in str(path):
+            writes.append(path)
+            if len(writes) == 2:  # the second trial's row: half written, then no space
+                with open(path, "w") as handle:
+                    handle.write("trial_id,status\n0,compl")
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_to_csv(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", to_csv)
+    assert run_search(tmp_path, demo_dir, "full", *COMMON) == 1
+    output = capsys.readouterr().out
+    assert "stopped: the disk is full" in output and "resume with the same command" in output
+    assert "Traceback" not in output
+    first = read_trials(out)  # the file from before the failed write, whole
+    assert first.trial_id.tolist() == ["0"] and first.status[0] == "completed"
+    assert not list(out.rglob("*.tmp"))
+    # Space again: resume records the trial that could not be recorded, once.
+    monkeypatch.setattr(pd.DataFrame, "to_csv", real_to_csv)
+    assert run_search(tmp_path, demo_dir, "full", *COMMON) == 0
+    table = read_trials(out)
+    assert sorted(table.trial_id) == ["0", "1"] and table.trial_id.is_unique
+
+
+def test_corrupt_feature_cache_is_detected_and_rebuilt(tmp_path):
+    calls = []
+
+    class Net:
+        output_shape = (None, 4)
+
+        def predict_on_batch(self, batch):
+            calls.append(len(batch))
+            return batch.reshape(len(batch), -1)[:, :4] + 1
+
+    pixels = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
+    target = tmp_path / "features" / "train.npy"
+    first = np.array(features.cached_features(lambda: Net(), pixels, target))
+    assert len(calls) == 1 and first.shape == (10, 4)
+    target.write_bytes(target.read_bytes()[:100])  # truncated by a crash mid-copy
+    again = features.cached_features(lambda: Net(), pixels, target)
+    assert len(calls) == 2 and np.array_equal(again, first)
+    assert np.array_equal(features.cached_features(lambda: Net(), pixels, target), first)
+    assert len(calls) == 2  # whole again: loaded, not computed
