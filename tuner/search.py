@@ -254,13 +254,12 @@ def run_search(request: SearchRequest) -> int:
         ledger = budget.Ledger.follow(out / "budget.json", request.budget_s)
     else:
         ledger = budget.Ledger.open(out / "budget.json", request.budget_s)
-        ledger.save()
     weights, weights_label = resolve_weights(
         request.weights, space, demo=request.data is None, console=console
     )
-    # Processes sharing the folder prepare it one at a time (demo data, split, config).
-    Path(request.results).mkdir(parents=True, exist_ok=True)
-    with FileLock(str(Path(request.results) / f".{request.name}.lock")):
+    # Processes of one machine prepare the folder one at a time (demo data, split, config);
+    # the lock lives in the temp folder, so a bad input leaves nothing in the results.
+    with FileLock(prepare_lock(out)):
         table, classes, data_facts = load_data(request, out)
         accelerated = accelerate.apply(request.mixed_precision, request.xla)
         config = {
@@ -278,6 +277,7 @@ def run_search(request: SearchRequest) -> int:
         out.mkdir(parents=True, exist_ok=True)
         if role.kind != "worker":
             write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+            ledger.save()  # the deadline, for workers
 
     results = Results(out)
     logger = WandbLogger(
@@ -368,6 +368,15 @@ def run_search(request: SearchRequest) -> int:
         )
         return code
     return finish_search(results, logger, config, ledger, console, code)
+
+
+def prepare_lock(out: Path) -> str:
+    """The lock file for preparing ``out`` (one per results folder, in the temp folder)."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
+    return str(Path(tempfile.gettempdir()) / f"effnet-tuner-{key}.lock")
 
 
 def finish_search(results, logger, config, ledger, console, code: int) -> int:

@@ -97,15 +97,19 @@ class WandbLogger:
     def _token(self) -> str:
         """A random token per results folder, so ``--overwrite`` or a reused name never
         appends to an older search's runs."""
+        from filelock import FileLock
+
+        from data_tools.atomic import write_text
+
         path = self.dir / "wandb_ids.json"
         try:
-            if path.is_file():
-                return json.loads(path.read_text())["token"]
-            from data_tools.atomic import write_text
-
-            token = secrets.token_hex(3)
-            write_text(path, json.dumps({"token": token}) + "\n")
-            return token
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(path) + ".lock"):  # workers of one search share one token
+                if path.is_file():
+                    return json.loads(path.read_text())["token"]
+                token = secrets.token_hex(3)
+                write_text(path, json.dumps({"token": token}) + "\n")
+                return token
         except (OSError, ValueError, KeyError) as exc:
             self._degrade(exc)
             return secrets.token_hex(3)
