@@ -70,8 +70,10 @@ def test_budget_stops_the_running_trial_at_an_epoch_boundary(tmp_path, demo_dir,
 
 
 def test_resume_keeps_finished_trials_and_counts_spent_time(tmp_path, demo_dir, capsys):
+    # 5 s: the first trial starts (data preparation takes a second or two, more under load)
+    # and its first epoch (10 s or more: tracing) ends past the deadline.
     common = ["--algorithm", "random", "--set", "epochs=2", "--set", "max_trials=3"]
-    assert run(tmp_path, demo_dir, "r", "--budget", "1s", *common) == 0
+    assert run(tmp_path, demo_dir, "r", "--budget", "5s", *common) == 0
     first = trials(tmp_path, "r")
     first_spent = spent(tmp_path, "r")
     assert first.trial_id.tolist() == ["0"] and first.status[0] == "stopped-budget"
