@@ -10,6 +10,9 @@ cache folder and ``search_spaces/quick.yaml`` is used.
 
 Re-running with the same ``--name`` resumes: finished trials are kept and never repeated,
 and the budget counts the time already spent. ``--overwrite`` starts again.
+
+``--gpus 0,1`` runs a chief and one worker per GPU; ``--chief HOST:PORT`` and ``--worker
+HOST:PORT`` run them by hand, on several machines (see :mod:`tuner.distribute`).
 """
 
 from __future__ import annotations
@@ -316,7 +319,7 @@ def run_search(request: SearchRequest) -> int:
             ),
             lambda line: (ledger.save(), console.print(line)),
         )
-        return serve_chief(tuner, context, ledger, logger, role, console, space, results)
+        return serve_chief(tuner, context, ledger, role, console, results)
 
     console.print(
         f"search [bold]{request.name}[/bold]: {len(data.train)} train / "
@@ -362,9 +365,10 @@ def run_search(request: SearchRequest) -> int:
     if role.kind == "worker":  # the chief writes the summary once every worker is done
         mine = results.rows()
         mine = mine[mine["worker"] == role.tuner_id]
+        ended = "" if code else f"; no more trials from the chief at {role.host}:{role.port}"
         console.print(
             f"worker {role.tuner_id}: {int(mine['status'].isin(FINISHED).sum())} finished "
-            f"trial(s); no more trials from the chief at {role.host}:{role.port}"
+            f"trial(s){ended}"
         )
         return code
     return finish_search(results, logger, config, ledger, console, code)
@@ -476,7 +480,7 @@ def check_resume(out: Path, config: dict[str, Any]) -> None:
             )
 
 
-def serve_chief(tuner, context, ledger, logger, role, console, space, results) -> int:
+def serve_chief(tuner, context, ledger, role, console, results) -> int:
     """The chief: serve the oracle until the workers are done (or the budget is), then
     write the summary. Ctrl-C/SIGTERM stop it at once (trials stay with the oracle)."""
     import threading
