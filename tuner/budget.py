@@ -113,6 +113,6 @@ class Ledger:
         state = {
             "spent_s": round(self.spent(), 3),
             "budget_s": self.budget_s,
-            "deadline_unix": round(time.time() + self.remaining(), 3),
+            "deadline_unix": time.time() + self.remaining(),
         }
         write_text(self.path, json.dumps(state) + "\n")
