@@ -19,6 +19,7 @@ file that fails its check on load is rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -199,6 +200,8 @@ def _write_in_background(target: Path, pixels: np.ndarray, lock: FileLock) -> No
     (full disk) leaves no file and is reported once: the next run decodes again."""
 
     def write() -> None:
+        with contextlib.suppress(OSError, AttributeError):  # Linux: this thread only
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # training first
         try:
             with atomic_path(target) as tmp, open(tmp, "wb") as handle:
                 np.save(handle, pixels)
