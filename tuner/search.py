@@ -312,11 +312,7 @@ def run_search(request: SearchRequest) -> int:
     if role.kind == "chief":
         distribute.budget_gate(
             tuner.oracle,
-            lambda t: trial.start_refusal(
-                model.plan(t.hyperparameters),
-                trial.trial_epochs(t.hyperparameters, space.epochs),
-                context,
-            ),
+            lambda t: trial.chief_refusal(model, t.hyperparameters, context),
             lambda line: (ledger.save(), console.print(line)),
         )
         return serve_chief(tuner, context, ledger, role, console, results)

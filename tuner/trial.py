@@ -143,11 +143,11 @@ class TrialRunner:
             raise Interrupted("interrupted")
         plan = self.hypermodel.plan(trial.hyperparameters)
         epochs = trial_epochs(trial.hyperparameters, self.hypermodel.space.epochs)
-        estimate = budget_mod.estimate_seconds(
-            ctx.results.history(plan.backbone, plan.image_size), epochs
-        )
+        estimate = trial_estimate(plan, epochs, ctx)
         # A worker's trials were admitted by the chief, which holds the budget.
-        refusal = None if ctx.role == "worker" else start_refusal(plan, epochs, ctx)
+        refusal = (
+            None if ctx.role == "worker" else start_refusal(plan, epochs, estimate, ctx.ledger)
+        )
         if refusal:
             raise BudgetExhausted(refusal)
         ctx.stopped_by_budget = False
@@ -307,13 +307,12 @@ def trial_epochs(hp: kt.HyperParameters, epochs: int) -> int:
     return int(values.get("tuner/epochs", epochs)) - int(values.get("tuner/initial_epoch", 0))
 
 
-def start_refusal(plan: TrialPlan, epochs: int, ctx: SearchContext) -> str | None:
+def start_refusal(
+    plan: TrialPlan, epochs: int, estimate: float | None, ledger: budget_mod.Ledger
+) -> str | None:
     """Why the trial cannot start within the budget (None when it can): no time left, or
-    earlier trials of its backbone and size say it would not finish."""
-    estimate = budget_mod.estimate_seconds(
-        ctx.results.history(plan.backbone, plan.image_size), epochs
-    )
-    remaining = ctx.ledger.remaining()
+    the ``estimate`` from earlier trials of its backbone and size says it would not finish."""
+    remaining = ledger.remaining()
     if budget_mod.can_start(estimate, remaining):
         return None
     needs = f"needs about {budget_mod.format_seconds(estimate)}" if estimate else "cannot start"
@@ -321,6 +320,19 @@ def start_refusal(plan: TrialPlan, epochs: int, ctx: SearchContext) -> str | Non
         f"budget left {budget_mod.format_seconds(remaining)}; the next trial "
         f"({plan.backbone} at {plan.image_size}px, {epochs} epochs) {needs}"
     )
+
+
+def chief_refusal(hypermodel, hp: kt.HyperParameters, ctx: SearchContext) -> str | None:
+    """:func:`start_refusal` for a trial the chief's oracle is about to hand out."""
+    plan = hypermodel.plan(hp)
+    epochs = trial_epochs(hp, hypermodel.space.epochs)
+    return start_refusal(plan, epochs, trial_estimate(plan, epochs, ctx), ctx.ledger)
+
+
+def trial_estimate(plan: TrialPlan, epochs: int, ctx: SearchContext) -> float | None:
+    """Seconds the trial should take, from finished trials of its backbone and size."""
+    history = ctx.results.history(plan.backbone, plan.image_size)
+    return budget_mod.estimate_seconds(history, epochs)
 
 
 def _tags(plan: TrialPlan) -> list[str]:
