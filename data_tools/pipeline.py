@@ -139,27 +139,20 @@ def decoded_array(
         return pending[1]
     # Processes sharing the folder (workers of a distributed search) build it once: the
     # first takes the lock, the others wait for it and read the file.
-    lock = cache_lock(target)
-    lock.acquire()
-    try:
+    with cache_lock(target) as lock:
         cached = load_checked(target, expected, np.uint8)
         if cached is not None:
-            lock.release()
             return cached
         if math.prod(expected) <= IN_MEMORY_BYTES:
             pixels = np.empty(expected, dtype=np.uint8)
             _decode_into(pixels, paths, size)
-            _write_in_background(target, pixels, lock)  # releases the lock when written
+            _write_in_background(target, pixels, lock)
             return pixels
         with atomic_path(target) as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=expected)
             _decode_into(out, paths, size)
             out.flush()
             del out
-    except BaseException:
-        lock.release()
-        raise
-    lock.release()
     return np.load(target, mmap_mode="r")
 
 
@@ -196,8 +189,11 @@ def _decode_into(out: np.ndarray, paths: Sequence[str], size: int) -> None:
 
 def _write_in_background(target: Path, pixels: np.ndarray, lock: FileLock) -> None:
     """Write ``pixels`` to ``target`` (atomically) in a thread; until it is on disk, the
-    array is served from memory. Python waits for the thread before exiting; a failed write
-    (full disk) leaves no file and is reported once: the next run decodes again."""
+    array is served from memory. The thread holds ``lock`` (the caller's, taken once more:
+    it counts) until the file is written. Python waits for the thread before exiting; a
+    failed write (full disk) leaves no file and is reported once: the next run decodes
+    again."""
+    lock.acquire()
 
     def write() -> None:
         with contextlib.suppress(OSError, AttributeError):  # Linux: this thread only

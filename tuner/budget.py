@@ -75,7 +75,6 @@ class Ledger:
     budget_s: float
     spent_before_s: float = 0.0
     started: float = 0.0
-    follower: bool = False
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], budget_s: float) -> Ledger:
@@ -85,34 +84,42 @@ class Ledger:
             spent = float(json.loads(path.read_text()).get("spent_s", 0.0))
         return cls(path, budget_s, spent, time.monotonic())
 
-    @classmethod
-    def follow(cls, path: str | os.PathLike[str], budget_s: float) -> Ledger:
-        """A worker's view: the deadline the chief wrote to ``path`` (read when asked, so a
-        worker started before its chief sees the chief's deadline once trials arrive)."""
-        return cls(Path(path), budget_s, follower=True)
+    @staticmethod
+    def follow(path: str | os.PathLike[str], budget_s: float) -> Ledger:
+        """A worker's view of the chief's ledger (see :class:`DeadlineFollower`)."""
+        return DeadlineFollower(Path(path), budget_s)
 
     def spent(self) -> float:
-        if self.follower:
-            return self.budget_s - self.remaining()
         return self.spent_before_s + (time.monotonic() - self.started)
 
     def remaining(self) -> float:
-        if self.follower:
-            try:
-                deadline = float(json.loads(self.path.read_text())["deadline_unix"])
-            except (OSError, ValueError, KeyError):
-                return self.budget_s  # no chief yet: it decides when trials start
-            return deadline - time.time()
         return self.budget_s - self.spent()
 
     def save(self) -> None:
         """Write the time spent so far and the deadline (atomically), so a resume counts
-        the time and workers know when to stop. Workers write nothing."""
-        if self.follower:
-            return
+        the time and workers know when to stop."""
         state = {
             "spent_s": round(self.spent(), 3),
             "budget_s": self.budget_s,
             "deadline_unix": time.time() + self.remaining(),
         }
         write_text(self.path, json.dumps(state) + "\n")
+
+
+class DeadlineFollower(Ledger):
+    """A worker's ledger: the deadline the chief wrote to ``path``, read when asked (so a
+    worker started before its chief sees the chief's deadline once trials arrive); it
+    writes nothing."""
+
+    def spent(self) -> float:
+        return self.budget_s - self.remaining()
+
+    def remaining(self) -> float:
+        try:
+            deadline = float(json.loads(self.path.read_text())["deadline_unix"])
+        except (OSError, ValueError, KeyError):
+            return self.budget_s  # no chief yet: it decides when trials start
+        return deadline - time.time()
+
+    def save(self) -> None:
+        pass

@@ -245,10 +245,6 @@ class EffNetHyperModel(kt.HyperModel):
         plan = self.plan(hp)
         self.last_fit = {}  # facts of this fit only (the runner reads them after)
         epochs = epochs or self.space.epochs
-        # Pixel datasets only for the end-to-end paths (the cached paths never touch pixels).
-        datasets = functools.cache(
-            lambda: self.data.datasets(plan.image_size, plan.batch_size, self.space.seed)
-        )
         weights = self.data.class_weights() if plan.class_weight == "balanced" else None
         own = list(self.callbacks_factory()) if self.callbacks_factory else []
         given = list(callbacks)  # Keras Tuner's: progress to the oracle, best-epoch checkpoint
@@ -258,13 +254,24 @@ class EffNetHyperModel(kt.HyperModel):
         on_cache = [*(features.ForModel(cb, model) for cb in given), *ours]
         phase1_end = epochs - self.finetune_epochs(epochs) if plan.fine_tunes else epochs
         history: dict[str, list[float]] = {}
-        # shuffle=False: the dataset shuffles itself (Keras warns that it ignores the flag).
-        fit_args = dict(
-            class_weight=weights,
-            callbacks=callbacks,
-            verbose=0,
-            shuffle=False,
+        # Pixel datasets only for the end-to-end paths (the cached paths never touch pixels).
+        datasets = functools.cache(
+            lambda: self.data.datasets(plan.image_size, plan.batch_size, self.space.seed)
         )
+
+        def end_to_end(until: int, start: int) -> keras.callbacks.History:
+            train, val = datasets()
+            return model.fit(
+                train,
+                epochs=until,
+                initial_epoch=start,
+                validation_data=val,
+                class_weight=weights,
+                callbacks=callbacks,
+                verbose=0,
+                shuffle=False,  # the dataset shuffles itself (Keras warns it ignores the flag)
+            )
+
         if initial_epoch < phase1_end and self.uses_feature_cache(plan):
             _extend(
                 history,
@@ -273,16 +280,7 @@ class EffNetHyperModel(kt.HyperModel):
                 ),
             )
         elif initial_epoch < phase1_end:
-            _extend(
-                history,
-                model.fit(
-                    datasets()[0],
-                    epochs=phase1_end,
-                    initial_epoch=initial_epoch,
-                    validation_data=datasets()[1],
-                    **fit_args,
-                ),
-            )
+            _extend(history, end_to_end(phase1_end, initial_epoch))
         if plan.fine_tunes and epochs > phase1_end and not model.stop_training:
             base = model.get_layer("backbone")
             count = backbones.blocks_for_fraction(base, plan.finetune_fraction)
@@ -302,16 +300,7 @@ class EffNetHyperModel(kt.HyperModel):
                     self.data.num_classes,
                     self.jit_compile,
                 )
-                _extend(
-                    history,
-                    model.fit(
-                        datasets()[0],
-                        epochs=epochs,
-                        initial_epoch=start,
-                        validation_data=datasets()[1],
-                        **fit_args,
-                    ),
-                )
+                _extend(history, end_to_end(epochs, start))
         self.last_fit.update(
             history=history,
             epochs_run=len(history.get("loss", [])),
