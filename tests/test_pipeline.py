@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import gc
 import os
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import tensorflow as tf
 from PIL import Image
 
 from data_tools import pipeline
+from data_tools.atomic import atomic_path
 from tests.conftest import random_rgb, save_image
 
 # (format, PIL mode, extension, max abs difference from PIL's own RGB conversion)
@@ -94,6 +97,11 @@ def test_cache_gives_the_same_pixels_and_never_decodes_again(tmp_path: Path) -> 
     cached = pipeline.make_dataset(table, 16, 8, cache_dir=cache, split="train")
     first = np.concatenate([x for x, _ in cached.as_numpy_iterator()])
     assert np.array_equal(first, direct)
+    # While a dataset holds the decoded tensor, the next call gets that same tensor.
+    in_memory = pipeline.decoded_pixels(table["path"].tolist(), 16, cache, "train")
+    assert isinstance(in_memory, tf.Tensor) and np.array_equal(in_memory, direct)
+    del cached, in_memory
+    gc.collect()
     pipeline.finish_cache_writes()  # the file is written in the background
     files = list((cache / "decoded").glob("train-16px-*.npy"))
     assert len(files) == 1 and files[0].stat().st_size >= 23 * 16 * 16 * 3
@@ -105,6 +113,54 @@ def test_cache_gives_the_same_pixels_and_never_decodes_again(tmp_path: Path) -> 
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     again = pipeline.make_dataset(table, 16, 8, cache_dir=cache, split="train")
     assert np.array_equal(np.concatenate([x for x, _ in again.as_numpy_iterator()]), direct)
+    loaded = pipeline.decoded_pixels(table["path"].tolist(), 16, cache, "train")
+    assert isinstance(loaded, np.memmap)  # from the file, not from memory
+
+
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [
+        ((3, 50, 50, 3), np.uint8),
+        ((7, 1280), np.float16),
+        ((0, 4, 4, 3), np.uint8),
+        ((1,), np.uint8),
+    ],
+)
+def test_cache_file_written_past_the_page_cache_is_what_np_save_writes(
+    tmp_path: Path, shape, dtype
+) -> None:
+    array = (np.random.default_rng(0).random(shape) * 200).astype(dtype)
+    np.save(tmp_path / "expected.npy", array)
+    # A small chunk so the array spans several direct writes, the last one partial.
+    pipeline.save_uncached(tmp_path / "ours.npy", array, chunk=8192)
+    assert (tmp_path / "ours.npy").read_bytes() == (tmp_path / "expected.npy").read_bytes()
+
+
+def test_cache_file_falls_back_to_np_save_where_direct_io_is_refused(
+    tmp_path: Path, monkeypatch
+) -> None:
+    real_open = os.open
+
+    def refuse_direct(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse_direct)
+    array = np.arange(5000, dtype=np.uint8).reshape(5, 1000)
+    pipeline.save_uncached(tmp_path / "x.npy", array)
+    assert np.array_equal(np.load(tmp_path / "x.npy"), array)
+
+
+def test_cache_file_on_a_full_disk_raises_and_leaves_no_file(tmp_path: Path, monkeypatch) -> None:
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no direct I/O on this system")
+    monkeypatch.setattr(os, "write", lambda fd, data: len(data) // 2)  # the disk filled up
+    target = tmp_path / "decoded" / "x.npy"
+    with pytest.raises(OSError) as raised, atomic_path(target) as tmp:
+        pipeline.save_uncached(tmp, np.zeros((3, 4096), np.uint8))
+    assert raised.value.errno == errno.ENOSPC
+    assert list(target.parent.iterdir()) == []
 
 
 def test_corrupt_cache_file_is_rebuilt(tmp_path: Path) -> None:
