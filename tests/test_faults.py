@@ -82,21 +82,22 @@ def test_full_disk_stops_cleanly_and_the_results_stay_valid(
 
 
 def test_corrupt_feature_cache_is_detected_and_rebuilt(tmp_path):
+    import keras
+
     calls = []
 
-    class Net:
-        output_shape = (None, 4)
-
-        def predict_on_batch(self, batch):
-            calls.append(len(batch))
-            return batch.reshape(len(batch), -1)[:, :4] + 1
+    def make_net() -> keras.Model:  # built only when something must be computed
+        calls.append(1)
+        inputs = keras.Input((2, 2, 3))
+        return keras.Model(inputs, keras.layers.Flatten()(inputs)[:, :4] + 1)
 
     pixels = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
     target = tmp_path / "features" / "train.npy"
-    first = np.array(features.cached_features(lambda: Net(), pixels, target))
+    first = np.array(features.cached_features(make_net, pixels, target))
     assert len(calls) == 1 and first.shape == (10, 4)
+    assert np.array_equal(first, pixels.reshape(10, -1)[:, :4] + 1)
     target.write_bytes(target.read_bytes()[:100])  # truncated by a crash mid-copy
-    again = features.cached_features(lambda: Net(), pixels, target)
+    again = features.cached_features(make_net, pixels, target)
     assert len(calls) == 2 and np.array_equal(again, first)
-    assert np.array_equal(features.cached_features(lambda: Net(), pixels, target), first)
+    assert np.array_equal(features.cached_features(make_net, pixels, target), first)
     assert len(calls) == 2  # whole again: loaded, not computed
