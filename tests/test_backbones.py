@@ -33,7 +33,7 @@ def tiny() -> keras.Model:
 
 
 def test_blocks_are_listed_bottom_to_top(tiny: keras.Model) -> None:
-    assert backbones.blocks(tiny) == ["1a", "2a", "3a", "4a", "5a", "6a", "7a", "top"]
+    assert backbones.blocks(tiny) == ["1a", "2a", "3a", "4a", "5a", "6a", "6b", "7a", "top"]
     assert backbones.block_of("block6a_expand_conv") == "6a"
     assert backbones.block_of("top_bn") == "top"
     assert backbones.block_of("stem_conv") is None
@@ -47,7 +47,7 @@ def trainable_blocks(model: keras.Model) -> set[str]:
     }
 
 
-@pytest.mark.parametrize("count,expected", [(0, set()), (1, {"top"}), (3, {"6a", "7a", "top"})])
+@pytest.mark.parametrize("count,expected", [(0, set()), (1, {"top"}), (3, {"6b", "7a", "top"})])
 def test_unfreeze_top_whole_blocks_and_batchnorm_stays_frozen(
     tiny: keras.Model, count: int, expected: set[str]
 ) -> None:

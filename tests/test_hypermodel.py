@@ -63,7 +63,7 @@ def test_phase1_trains_the_head_phase2_only_top_blocks_without_batchnorm(
     moved = changed(initial, after_phase1)
     assert moved and all(path.startswith(("hidden", "probabilities")) for path in moved), moved
 
-    # Phase 2: 25% of T0's 8 units = the top 2 (7a and top), BatchNorm frozen.
+    # Phase 2: 25% of T0's 9 units = the top 2 (7a and top), BatchNorm frozen.
     model_maker.fit(hp, model, epochs=2, initial_epoch=1)
     assert model_maker.last_fit["unfrozen_blocks"] == ["7a", "top"]
     moved = changed(after_phase1, snapshot(model))
@@ -177,9 +177,9 @@ def test_finetune_trains_the_top_on_cached_activations_and_matches_end_to_end(
     hp = kt.HyperParameters()
     model = maker.build(hp)
     maker.fit(hp, model, epochs=2)
-    # Phase 1 cached the pooled features, phase 2 the activations after block 6a.
+    # Phase 1 cached the pooled features, phase 2 the activations after block 6b.
     assert maker.last_fit["cache"] == ["computed"] * 4
-    assert maker.last_fit["activation_cut"] == "block6a_project_bn"
+    assert maker.last_fit["activation_cut"] == "block6b_add"
     assert maker.last_fit["unfrozen_blocks"] == ["7a", "top"]
     # The fine-tune unfroze its own backbone, not the one frozen trials share.
     assert model.get_layer("backbone") is not frozen and not frozen.trainable_weights

@@ -1,6 +1,6 @@
 """End to end through the production path: the tiny T0 backbone on the demo digits.
 
-Each search here trains real models (T0: 128k parameters, 32 px, random init) for a few
+Each search here trains real models (T0: 173k parameters, 32 px, random init) for a few
 epochs; trial-level faults (NaN, out of memory, crashes) are injected around the real fit.
 """
 
@@ -196,6 +196,10 @@ def test_consecutive_failures_end_with_a_clear_message(tmp_path, demo_dir, capsy
 def test_out_of_memory_halves_the_batch_then_fails_at_the_floor(
     tmp_path, demo_dir, capsys, monkeypatch
 ):
+    import keras
+    import numpy as np
+    from keras_tuner.src.engine.tuner_utils import SaveBestEpoch
+
     real_fit = hypermodel.EffNetHyperModel.fit
     tried = []
 
@@ -203,6 +207,10 @@ def test_out_of_memory_halves_the_batch_then_fails_at_the_floor(
         batch = self.plan(hp).batch_size
         tried.append(batch)
         if batch > 8:
+            # The abandoned attempt got to a (perfect) best epoch before running out.
+            (saver,) = [c for c in kwargs["callbacks"] if isinstance(c, SaveBestEpoch)]
+            saver.set_model(model)
+            saver.on_epoch_end(0, {"val_accuracy": 1.0})
             raise tf.errors.ResourceExhaustedError(None, None, f"OOM at batch {batch}")
         return real_fit(self, hp, model, *args, **kwargs)
 
@@ -213,6 +221,14 @@ def test_out_of_memory_halves_the_batch_then_fails_at_the_floor(
     table = trials(tmp_path, "oom")
     assert table.status[0] == "completed" and table.batch_size[0] == 8
     assert "out of memory at batch 32: retrying at 16" in capsys.readouterr().out
+    # Keras Tuner's best-epoch checkpoint (what a Hyperband continuation loads) is the
+    # retry's best epoch, the model kept, not the abandoned attempt's.
+    out = tmp_path / "results" / "oom"
+    kept = keras.models.load_model(out / "trials" / "0" / "model.keras")
+    checkpoint = keras.models.load_model(out / "trials" / "0" / "model.keras")
+    checkpoint.load_weights(out / "keras_tuner" / "trial_0" / "checkpoint.weights.h5")
+    for a, b in zip(kept.weights, checkpoint.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert run(tmp_path, demo_dir, "floor", *common, "--set", "min_batch_size=16") == 0
     table = trials(tmp_path, "floor")
     assert table.reason[0] == ("FailedTrialError: out of memory at batch size 16 (the floor is 16)")

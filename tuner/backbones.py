@@ -12,8 +12,15 @@ Sources:
 * ``hub:<handle or SavedModel path>``: a TF-Hub image feature-vector module, always frozen,
   wrapped in a Keras 3 layer around ``hub.load`` (``hub.KerasLayer`` is a Keras 2 layer).
   TF-Hub EfficientNet feature vectors take pixels in 0..1.
-* ``T0``: a tiny EfficientNet (width and depth x0.25, 32 px, 128k parameters) built by the
-  same Keras code, for fast tests of the production path.
+* ``T0``: a tiny EfficientNet (width x0.25, depth x0.3, 32 px, 173k parameters) built by
+  the same Keras code, for fast tests of the production path. Its depth gives stage 6 a
+  second block (6b), whose residual branch has stochastic depth as B0..B7's do.
+
+Keras' official notop files store the ImageNet std (not its square) as the Normalization
+layer's variance, and ``keras.applications`` adds the missing ``Rescaling(1/sqrt(std))`` only
+for ``weights="imagenet"`` (tensorflow issue 49930). A file loaded from a ``--weights``
+folder in that layout gets the variance it should have had (std squared), so it computes
+what ``--weights imagenet`` computes.
 """
 
 from __future__ import annotations
@@ -24,10 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from data_tools.errors import InputError
 
 BLOCK_NAME = re.compile(r"^block(\d+[a-z])_")
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)  # what the official files store as the variance
 TOP_BLOCK = "top"  # top_conv / top_bn / top_activation: the last unit to unfreeze
 
 
@@ -111,10 +120,10 @@ def build(backbone: Backbone, size: int, weights: str | None) -> keras.Model:
 
         model = EfficientNet(
             0.25,
-            0.25,
+            0.3,  # stage 6 repeats: one residual block with stochastic depth (6b)
             32,
             dropout_rate=0.0,
-            drop_connect_rate=0.0,
+            drop_connect_rate=0.2,  # stochastic depth, as in B0..B7
             name="efficientnet_t0",
             include_top=False,
             weights=None,
@@ -126,7 +135,37 @@ def build(backbone: Backbone, size: int, weights: str | None) -> keras.Model:
         model = constructor(include_top=False, weights=weights, input_shape=shape, pooling="avg")
     if own_file is not None and own_file.name.endswith(".weights.h5"):
         model.load_weights(own_file)
+    if own_file is not None:
+        fix_official_normalization(model)
     return model
+
+
+def fix_official_normalization(model: keras.Model) -> bool:
+    """Give a Normalization layer loaded in the official files' layout (variance = the
+    ImageNet std) the variance it stands for (std squared): then ``(x - mean) / std``, as
+    ``weights="imagenet"`` computes with its extra Rescaling. Returns whether it changed."""
+    for layer in model.layers:
+        if not isinstance(layer, keras.layers.Normalization) or layer.input_mean is not None:
+            continue
+        variance = np.asarray(layer.adapt_variance)
+        if variance.shape == (3,) and np.allclose(variance, IMAGENET_STD_RGB, rtol=0, atol=1e-6):
+            layer.adapt_variance.assign(np.square(variance))
+            layer.finalize_state()
+            return True
+    return False
+
+
+def inference_mode(model: keras.Model) -> int:
+    """Switch off a pretrained backbone's stochastic depth (its Dropout layers; returns how
+    many). Keras 3 hands the outer ``training`` flag to nested models over the
+    ``training=False`` written at the call site, so without this a frozen backbone drops
+    residual branches during ``fit`` and cached features would not equal what training
+    sees. BatchNorm needs nothing: a non-trainable BatchNormalization uses its moving
+    statistics in Keras 3."""
+    dropouts = [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    for layer in dropouts:
+        layer.rate = 0.0
+    return len(dropouts)
 
 
 def weights_file_in(folder: Path, backbone: Backbone) -> Path:

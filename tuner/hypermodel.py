@@ -11,8 +11,16 @@ Training, with pretrained weights:
    (whole blocks; BatchNorm stays frozen and in inference mode) and everything trainable
    continues at ``learning_rate * finetune_lr_factor`` for ``finetune_epochs`` epochs.
 
+A pretrained backbone always runs in inference mode (moving BatchNorm statistics, no
+stochastic depth), in both phases and on every path, so cached features and activations are
+exactly what end-to-end training would see. A trial continued from a checkpoint (Hyperband)
+goes on in the phase its parent ended in.
+
 With random weights (``--weights none``) frozen features carry no information, so every
-trial trains the whole network, BatchNorm included, in one phase.
+trial trains the whole network, BatchNorm and stochastic depth included, in one phase.
+
+``fit`` leaves the model at its best epoch (highest validation accuracy, the first on ties),
+the epoch whose numbers it returns: what a trial records is what it keeps and ships.
 """
 
 from __future__ import annotations
@@ -155,6 +163,7 @@ class EffNetHyperModel(kt.HyperModel):
         self.batch_override: int | None = None  # set by out-of-memory retries
         self.last_fit: dict[str, Any] = {}
         self._frozen_backbone: tuple[tuple[str, int], keras.Model] | None = None
+        self._frozen_fingerprint: tuple[keras.Model, str] | None = None
 
     def plan(self, hp: kt.HyperParameters) -> TrialPlan:
         values = space_mod.declare(hp, self.space)
@@ -189,7 +198,10 @@ class EffNetHyperModel(kt.HyperModel):
         base = self._backbone(plan)
         if plan.pretrained:
             base.trainable = False
-            # training=False keeps BatchNorm in inference mode even when blocks are unfrozen.
+            # Keras 3 lets an outer training=True override this training=False, so the
+            # backbone's own stochastic depth is switched off (non-trainable BatchNorm
+            # already uses its moving statistics).
+            backbones.inference_mode(base)
             features = base(x, training=False)
         else:
             # From random init the moving statistics must catch up with the batch statistics;
@@ -248,11 +260,12 @@ class EffNetHyperModel(kt.HyperModel):
         weights = self.data.class_weights() if plan.class_weight == "balanced" else None
         own = list(self.callbacks_factory()) if self.callbacks_factory else []
         given = list(callbacks)  # Keras Tuner's: progress to the oracle, best-epoch checkpoint
-        ours = [*own, keras.callbacks.TerminateOnNaN()]
+        best = BestEpoch()
+        ours = [best, *own, keras.callbacks.TerminateOnNaN()]
         callbacks = [*given, *ours]
         # On the cached paths a part of the model trains; Keras Tuner's callbacks see it whole.
         on_cache = [*(features.ForModel(cb, model) for cb in given), *ours]
-        phase1_end = epochs - self.finetune_epochs(epochs) if plan.fine_tunes else epochs
+        phase1_end = self.phase1_end(plan, epochs, initial_epoch)
         history: dict[str, list[float]] = {}
         # Pixel datasets only for the end-to-end paths (the cached paths never touch pixels).
         datasets = functools.cache(
@@ -272,6 +285,8 @@ class EffNetHyperModel(kt.HyperModel):
                 shuffle=False,  # the dataset shuffles itself (Keras warns it ignores the flag)
             )
 
+        # What a best epoch restores: what can change in this fit (phase 2 adds the top).
+        best.track(model.weights if not plan.pretrained else model.get_layer("head").weights)
         if initial_epoch < phase1_end and self.uses_feature_cache(plan):
             _extend(
                 history,
@@ -285,6 +300,7 @@ class EffNetHyperModel(kt.HyperModel):
             base = model.get_layer("backbone")
             count = backbones.blocks_for_fraction(base, plan.finetune_fraction)
             self.last_fit["unfrozen_blocks"] = backbones.unfreeze_top(base, count)
+            best.track(base.trainable_weights)
             start = max(initial_epoch, phase1_end)
             if self.uses_feature_cache(plan) and count < len(backbones.blocks(base)):
                 _extend(
@@ -306,18 +322,34 @@ class EffNetHyperModel(kt.HyperModel):
             epochs_run=len(history.get("loss", [])),
             plan=plan,
         )
-        return best_metrics(history)
+        metrics = best_metrics(history)
+        best.restore()
+        return metrics
+
+    def phase1_end(self, plan: TrialPlan, epochs: int, initial_epoch: int = 0) -> int:
+        """The epoch at which phase 2 starts (``epochs`` when there is none). A trial
+        continued from epoch ``initial_epoch`` whose parent had already fine-tuned stays in
+        phase 2: training its head again would undo what fine-tuning built on it."""
+        if not plan.fine_tunes:
+            return epochs
+        parent_end = initial_epoch - self.finetune_epochs(initial_epoch)
+        if initial_epoch > 0 and parent_end < initial_epoch:
+            return parent_end
+        return epochs - self.finetune_epochs(epochs)
 
     def uses_feature_cache(self, plan: TrialPlan) -> bool:
         """Phase 1 trains the head on cached features when the backbone is frozen and fixed
         (pretrained weights), caching is on and there is a cache folder."""
         return self.feature_cache and plan.pretrained and self.data.cache_dir is not None
 
-    def _cached(self, make_net, plan: TrialPlan, split: str, cut: str = "pooled") -> np.ndarray:
-        """A split's cached backbone outputs (features, or activations at ``cut``)."""
+    def _cached(
+        self, make_net, weights_key: str, plan: TrialPlan, split: str, cut: str = "pooled"
+    ) -> np.ndarray:
+        """A split's cached backbone outputs (features, or activations at ``cut``) of the
+        part of the backbone whose weights' fingerprint is ``weights_key``."""
         pixels, source = self.data.pixels(split, plan.image_size)
         target = features.cache_file(
-            self.data.cache_dir, plan.backbone, plan.image_size, self.weights, split, source, cut
+            self.data.cache_dir, plan.backbone, plan.image_size, weights_key, split, source, cut
         )
         self.last_fit.setdefault("cache", []).append("loaded" if target.exists() else "computed")
         return features.cached_features(make_net, pixels, target)
@@ -385,7 +417,10 @@ class EffNetHyperModel(kt.HyperModel):
         """Phase 1 on cached backbone features: one backbone pass per split for the whole
         search, then only the head trains (it is the same layer object as in ``model``)."""
         make_net = functools.cache(lambda: features.extractor(model))  # built once, if needed
-        arrays = {split: self._cached(make_net, plan, split) for split in ("train", "validation")}
+        key = self._fingerprint(model.get_layer("backbone"))
+        arrays = {
+            split: self._cached(make_net, key, plan, split) for split in ("train", "validation")
+        }
         head = model.get_layer("head")
         compile_model(
             head,
@@ -412,11 +447,13 @@ class EffNetHyperModel(kt.HyperModel):
         only the unfrozen top blocks and the head run, forward and backward."""
         bottom, top, cut = features.split_backbone(model, top_blocks)
         make_net = functools.cache(lambda: features.extractor(model, bottom))
+        key = features.weights_fingerprint(bottom)
         arrays = {
-            split: self._cached(make_net, plan, split, cut) for split in ("train", "validation")
+            split: self._cached(make_net, key, plan, split, cut)
+            for split in ("train", "validation")
         }
         inputs = keras.Input(top.input_shape[1:], name="activations")
-        # training=False: BatchNorm and stochastic depth in inference mode, as in `build`.
+        # Inference mode as in `build` (its stochastic depth is off: `inference_mode`).
         outputs = model.get_layer("head")(top(inputs, training=False))
         trainer = keras.Model(inputs, outputs, name="top_and_head")
         compile_model(
@@ -431,10 +468,57 @@ class EffNetHyperModel(kt.HyperModel):
             trainer, model, plan, arrays, epochs, initial_epoch, class_weight, callbacks
         )
 
+    def _fingerprint(self, base: keras.Model) -> str:
+        """:func:`features.weights_fingerprint` of ``base``, computed once for the shared
+        frozen backbone (its weights never change)."""
+        shared = self._frozen_backbone is not None and self._frozen_backbone[1] is base
+        if shared and self._frozen_fingerprint and self._frozen_fingerprint[0] is base:
+            return self._frozen_fingerprint[1]
+        key = features.weights_fingerprint(base)
+        if shared:
+            self._frozen_fingerprint = (base, key)
+        return key
+
     def finetune_epochs(self, epochs: int) -> int:
         """Phase-2 epochs out of ``epochs``: the space's setting, else half (at least 1)."""
         wanted = self.space.finetune_epochs or math.ceil(epochs / 2)
         return min(wanted, max(epochs - 1, 0))
+
+
+class BestEpoch(keras.callbacks.Callback):
+    """Keeps the values of the tracked variables at the epoch with the best validation
+    accuracy (the first, on ties: as :func:`best_epoch`); :meth:`restore` puts them back.
+
+    One instance serves every ``fit`` of a trial, whatever part of the model each trains:
+    variables tracked later (the top blocks unfrozen for phase 2) are recorded at their
+    value when tracked, which is their value at any earlier best epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.best = -math.inf
+        self.variables: dict[int, Any] = {}
+        self.saved: dict[int, np.ndarray] | None = None
+
+    def track(self, variables: Sequence[Any]) -> None:
+        for variable in variables:
+            if id(variable) not in self.variables:
+                self.variables[id(variable)] = variable
+                if self.saved is not None:
+                    self.saved[id(variable)] = keras.ops.convert_to_numpy(variable).copy()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = (logs or {}).get("val_accuracy")
+        if value is None or math.isnan(value) or value <= self.best:
+            return
+        self.best = float(value)
+        self.saved = {
+            key: keras.ops.convert_to_numpy(variable).copy()
+            for key, variable in self.variables.items()
+        }
+
+    def restore(self) -> None:
+        for key, value in (self.saved or {}).items():
+            self.variables[key].assign(value)
 
 
 def build_head(features: int, width: int, dropout: float, num_classes: int) -> keras.Model:

@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 from keras_tuner.src import config as kt_config
 from keras_tuner.src import utils as kt_utils
+from keras_tuner.src.engine import tuner_utils as kt_tuner_utils
 from rich.console import Console
 
 from data_tools.atomic import atomic_path
@@ -227,6 +228,7 @@ class TrialRunner:
                     f"  out of memory at batch {plan.batch_size}: retrying at {half}"
                 )
                 self.hypermodel.batch_override = half
+                forget_attempt(kwargs.get("callbacks", []))
         train_seconds = time.monotonic() - started
         # Hyperband continues a trial from its parent's checkpoint and needs the parent's
         # build config to rebuild it (Keras Tuner's own implementation saves it here too).
@@ -298,6 +300,17 @@ class TrialRunner:
             f"{budget_mod.format_seconds(self.context.ledger.remaining())}",
             highlight=False,
         )
+
+
+def forget_attempt(callbacks) -> None:
+    """Before an out-of-memory retry: Keras Tuner's best-epoch checkpoint of the abandoned
+    attempt is deleted and its callback forgets that attempt's best value, so the retry's
+    own best epoch is what gets saved (and what a Hyperband continuation loads)."""
+    for callback in callbacks:
+        if isinstance(callback, kt_tuner_utils.SaveBestEpoch):
+            maximise = callback.objective.direction == "max"
+            callback.best_value = float("-inf") if maximise else float("inf")
+            Path(callback.filepath).unlink(missing_ok=True)
 
 
 def trial_epochs(hp: kt.HyperParameters, epochs: int) -> int:
