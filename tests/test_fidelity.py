@@ -105,9 +105,7 @@ def test_a_frozen_backbone_runs_without_stochastic_depth_during_fit(
         )
 
 
-def test_feature_cache_is_keyed_by_the_weights_that_computed_it(
-    demo_dir, tmp_path, pretrained_t0
-):
+def test_feature_cache_is_keyed_by_the_weights_that_computed_it(demo_dir, tmp_path, pretrained_t0):
     maker = maker_for(demo_dir, tmp_path, pretrained_t0, finetune_fraction=0.25)
     hp = kt.HyperParameters()
     model = maker.build(hp)
