@@ -16,6 +16,13 @@ def _seed() -> None:
     np.random.seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _no_wandb(monkeypatch) -> None:
+    """W&B off unless a test asks for it (``--wandb-mode``, or test_wandb's own fixture):
+    an offline run per trial costs seconds and most tests read none."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
 def random_rgb(height: int = 20, width: int = 30, seed: int = 0) -> np.ndarray:
     """A smooth-ish random RGB image (JPEG-friendly, so lossy formats stay close)."""
     rng = np.random.default_rng(seed)

@@ -1,12 +1,16 @@
-"""The speed benchmark runs and prints its table (ratios are measured by hand, not here)."""
+"""The benchmarks run and print their tables (the numbers are measured by hand, not here)."""
 
 from __future__ import annotations
 
-from tuner import bench
+import json
+import shutil
+
+from tuner import bench, bench_quality
 
 
 def test_bench_prints_one_line_per_measure(capsys):
-    assert bench.main(["--images", "60", "--size", "32", "--epochs", "1"]) == 0
+    argv = ["--backbone", "T0", "--images", "60", "--size", "32", "--epochs", "1"]
+    assert bench.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split() == ["measure", "reference", "s", "ours", "s", "ratio", "target"]
     last = lines[-4:]
@@ -17,3 +21,47 @@ def test_bench_prints_one_line_per_measure(capsys):
         "decoding",
     ]
     assert all(line.endswith("x") and float(line.split(": ")[1][:-1]) > 0 for line in last)
+
+
+def test_bench_quality_compares_the_recipe_and_the_search_on_one_test_split(
+    tmp_path, demo_dir, pretrained_t0, capsys
+):
+    argv = [
+        "--data",
+        str(demo_dir / "label.csv"),
+        "--weights",
+        str(pretrained_t0),
+        "--results",
+        str(tmp_path),
+        "--name",
+        "digits",
+        "--set",
+        "backbones=[T0]",
+        "--set",
+        "head_trials=2",
+        "--set",
+        "finetune_fraction=0.0",
+        "--recipe-backbone",
+        "T0",
+        "--recipe-size",
+        "32",
+        "--recipe-epochs",
+        "2",
+        "--budget",
+        "30s",
+    ]
+    assert bench_quality.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1].startswith("quality: ")
+    report = json.loads((tmp_path / "digits-quality" / "bench_quality.json").read_text())
+    recipe, found = report["recipe"], report["search"]
+    assert recipe["test"]["count"] == found["test"]["count"] == 110  # one split, one test set
+    assert report["difference"] == found["test"]["accuracy"] - recipe["test"]["accuracy"]
+    assert (
+        out.splitlines()[-1]
+        == f"quality: {report['difference']:+.3f} test accuracy at equal wall clock"
+    )
+    # A second run reuses the recipe's run (same split and weights).
+    shutil.rmtree(tmp_path / "digits-quality" / "search")
+    assert bench_quality.main(argv) == 0
+    assert "reusing its run" in capsys.readouterr().out

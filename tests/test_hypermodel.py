@@ -22,6 +22,10 @@ def demo_data(demo_dir: Path, tmp_path: Path) -> hypermodel.SplitData:
     return hypermodel.SplitData(table, classes, cache_dir=str(tmp_path / "cache"))
 
 
+# The head's layers; "standardize" takes the train features' mean and variance in phase 1.
+HEAD_LAYERS = ("standardize", "hidden", "probabilities")
+
+
 def snapshot(model: keras.Model) -> dict[str, np.ndarray]:
     return {v.path: v.numpy().copy() for v in model.weights}
 
@@ -52,7 +56,8 @@ def test_phase1_trains_the_head_phase2_only_top_blocks_without_batchnorm(
     hp = kt.HyperParameters()
     model = model_maker.build(hp)
     plan = model_maker.plan(hp)
-    assert plan.pretrained and plan.fine_tunes and plan.batch_size == 64
+    # Training batch sized for the data (1,5xx train images: >= 30 steps), the pass at the table's.
+    assert plan.pretrained and plan.fine_tunes and plan.batch_size == 32 and plan.pass_batch == 64
     base = model.get_layer("backbone")
     assert base.trainable is False
     initial = snapshot(model)
@@ -61,13 +66,13 @@ def test_phase1_trains_the_head_phase2_only_top_blocks_without_batchnorm(
     model_maker.fit(hp, model, epochs=1)
     after_phase1 = snapshot(model)
     moved = changed(initial, after_phase1)
-    assert moved and all(path.startswith(("hidden", "probabilities")) for path in moved), moved
+    assert moved and all(path.startswith(HEAD_LAYERS) for path in moved), moved
 
     # Phase 2: 25% of T0's 9 units = the top 2 (7a and top), BatchNorm frozen.
     model_maker.fit(hp, model, epochs=2, initial_epoch=1)
     assert model_maker.last_fit["unfrozen_blocks"] == ["7a", "top"]
     moved = changed(after_phase1, snapshot(model))
-    backbone_moved = {p for p in moved if not p.startswith(("hidden", "probabilities"))}
+    backbone_moved = {p for p in moved if not p.startswith(HEAD_LAYERS)}
     assert backbone_moved, "phase 2 must train the unfrozen blocks"
     assert all(backbones.block_of(p.split("/")[0]) in {"7a", "top"} for p in backbone_moved)
     assert not any("_bn" in p for p in backbone_moved)  # BatchNorm: neither weights nor stats
@@ -194,3 +199,33 @@ def test_finetune_trains_the_top_on_cached_activations_and_matches_end_to_end(
     head = model.get_layer("head")
     on_cache = head.predict(top.predict(activations, verbose=0), verbose=0)
     np.testing.assert_allclose(end_to_end, on_cache, atol=5e-3)  # float16 activations
+
+
+def test_exact_linear_head_reports_to_wandbs_keras_callback(demo_dir, tmp_path, pretrained_t0):
+    """A frozen-stage linear head takes no gradient step, yet W&B's own Keras callback (which
+    reads the optimizer's learning rate every epoch) gets its epoch, as for any trial."""
+    import wandb
+    from wandb.integration.keras import WandbMetricsLogger
+
+    maker = frozen_maker(demo_dir, tmp_path, pretrained_t0)
+    hp = kt.HyperParameters()
+    hp.Fixed("head_width", 0)
+    hp.Fixed("tuner/stage", "frozen")
+    model = maker.build(hp)
+    assert maker.plan(hp).solver == "exact"
+    seen = []
+
+    class Seen(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append((epoch, float(self.model.optimizer.learning_rate), dict(logs)))
+
+    # The search's own callbacks (W&B's among them) come from the factory and see the part of
+    # the model that trains: here the head.
+    maker.callbacks_factory = lambda: [WandbMetricsLogger("epoch"), Seen()]
+    run = wandb.init(mode="disabled")
+    try:
+        result = maker.fit(hp, model, epochs=3)
+    finally:
+        run.finish()
+    assert [(epoch, rate) for epoch, rate, _ in seen] == [(0, 0.0)]
+    assert seen[0][2]["val_accuracy"] == result["val_accuracy"] > 0.5

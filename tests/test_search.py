@@ -36,6 +36,12 @@ ONE_TRIAL = [
 ]
 
 
+def frozen(weights: Path) -> list[str]:
+    """Frozen heads on cached T0 features: seconds a trial, for tests of what happens around
+    a trial (failures, retries, records), not of how the whole network trains."""
+    return ["--weights", str(weights), "--set", "finetune_fraction=0.0"]
+
+
 def trials(tmp_path: Path, name: str) -> pd.DataFrame:
     return pd.read_csv(tmp_path / "results" / name / "trials.csv", dtype={"trial_id": str})
 
@@ -126,7 +132,9 @@ def test_interrupted_trial_is_rerun_on_resume(tmp_path, demo_dir, capsys):
     assert table.trial_id.tolist() == ["0", "1"] and (table.status == "completed").all()
 
 
-def test_failed_trials_are_recorded_and_the_search_goes_on(tmp_path, demo_dir, capsys, monkeypatch):
+def test_failed_trials_are_recorded_and_the_search_goes_on(
+    tmp_path, demo_dir, pretrained_t0, capsys, monkeypatch
+):
     real_fit = hypermodel.EffNetHyperModel.fit
     calls = []
 
@@ -148,6 +156,7 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(tmp_path, demo_dir, c
         tmp_path,
         demo_dir,
         "f",
+        *frozen(pretrained_t0),
         "--algorithm",
         "random",
         "--set",
@@ -194,7 +203,7 @@ def test_consecutive_failures_end_with_a_clear_message(tmp_path, demo_dir, capsy
 
 
 def test_out_of_memory_halves_the_batch_then_fails_at_the_floor(
-    tmp_path, demo_dir, capsys, monkeypatch
+    tmp_path, demo_dir, pretrained_t0, capsys, monkeypatch
 ):
     import keras
     import numpy as np
@@ -215,7 +224,7 @@ def test_out_of_memory_halves_the_batch_then_fails_at_the_floor(
         return real_fit(self, hp, model, *args, **kwargs)
 
     monkeypatch.setattr(hypermodel.EffNetHyperModel, "fit", small_memory)
-    common = [*ONE_TRIAL, "--set", "batch_size=32"]
+    common = [*ONE_TRIAL, *frozen(pretrained_t0), "--set", "batch_size=32"]
     assert run(tmp_path, demo_dir, "oom", *common) == 0
     assert tried == [32, 16, 8]
     table = trials(tmp_path, "oom")
@@ -234,11 +243,18 @@ def test_out_of_memory_halves_the_batch_then_fails_at_the_floor(
     assert table.reason[0] == ("FailedTrialError: out of memory at batch size 16 (the floor is 16)")
 
 
-def test_hyperband_continues_trials_from_checkpoints(tmp_path, demo_dir):
+def test_hyperband_continues_trials_from_checkpoints(tmp_path, demo_dir, pretrained_t0):
+    # Frozen heads on cached features: the continuation is Keras Tuner's, whatever trains.
     code = run(
         tmp_path,
         demo_dir,
         "hb",
+        "--weights",
+        str(pretrained_t0),
+        "--set",
+        "finetune_fraction=0.0",
+        "--set",
+        "head_width=16",
         "--algorithm",
         "hyperband",
         "--set",
@@ -299,12 +315,16 @@ def test_offline_imagenet_for_user_data_names_the_file(tmp_path, demo_dir, capsy
 
 
 def test_resume_with_a_different_space_is_refused(tmp_path, demo_dir, capsys):
-    common = ONE_TRIAL
+    # A budget spent before the first epoch ends: the folder holds the search's settings and
+    # at most one stopped trial, which is all a resume is checked against.
+    common = [*ONE_TRIAL[:-2], "--budget", "1s"]
+    config = tmp_path / "results" / "d" / "config.yaml"
     assert run(tmp_path, demo_dir, "d", *common) == 0
+    assert yaml.safe_load(config.read_text())["space"]["dropout"] != 0.3
     assert run(tmp_path, demo_dir, "d", *common, "--set", "dropout=0.3") == 2
     assert "holds a search with a different space" in capsys.readouterr().err
     assert run(tmp_path, demo_dir, "d", *common, "--set", "dropout=0.3", "--overwrite") == 0
-    assert len(trials(tmp_path, "d")) == 1
+    assert yaml.safe_load(config.read_text())["space"]["dropout"] == 0.3
 
 
 def test_user_label_csv_is_split_and_saved_and_test_never_read(tmp_path, demo_dir):

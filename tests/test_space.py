@@ -25,7 +25,7 @@ def test_shipped_spaces_load_and_open_with_their_command(name: str) -> None:
 def test_default_space_is_the_gpu_search_the_issue_describes() -> None:
     loaded = space.load(SPACES / "default.yaml")
     assert loaded.backbones == tuple(f"B{i}" for i in range(8))
-    assert loaded.image_size == "native" and loaded.algorithm == "hyperband"
+    assert loaded.image_size == "native" and loaded.algorithm == "transfer"
     assert min(loaded.head_width) == 0 and max(loaded.head_width) == 1024
     assert loaded.learning_rate == {"min": 1e-5, "max": 1e-2, "log": True}
     assert max(loaded.finetune_fraction) == 0.5 and min(loaded.finetune_fraction) == 0.0
@@ -37,7 +37,10 @@ BAD = {
     "bad backbone": ("backbones: [B0, B9]\n", "unknown backbone 'B9': valid backbones are B0"),
     "min > max": ("learning_rate: {min: 0.1, max: 0.001}\n", "min 0.1 > max 0.001; swap them"),
     "zero epochs": ("epochs: 0\n", "epochs must be a whole number >= 1, got 0"),
-    "bad algorithm": ("algorithm: grid\n", "valid values are hyperband, bayesian, random"),
+    "bad algorithm": (
+        "algorithm: grid\n",
+        "valid values are transfer, hyperband, bayesian, random",
+    ),
     "bad class weight": ("class_weight: [none, auto]\n", "valid values are none, balanced"),
     "out of range": ("dropout: [0.1, 1.5]\n", "dropout value 1.5 is out of range"),
     "log needs positive": ("learning_rate: {min: 0, max: 0.1, log: true}\n", "needs min > 0"),
@@ -46,6 +49,9 @@ BAD = {
     "not yaml": ("epochs: [3\n", "is not valid YAML at line"),
     "not a mapping": ("- B0\n", "must be a mapping"),
     "finetune epochs": ("epochs: 4\nfinetune_epochs: 4\n", "finetune_epochs must be 0"),
+    "frozen share": ("frozen_share: 0\n", "frozen_share must be a number above 0 and at most 1"),
+    "train batch": ("train_batch_size: big\n", "train_batch_size must be 'auto', a whole"),
+    "head trials": ("head_trials: 0\n", "head_trials must be a whole number >= 1, got 0"),
 }
 
 

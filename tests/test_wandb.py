@@ -27,9 +27,22 @@ def _no_login(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
 
 
-def run(tmp_path: Path, demo_dir: Path, name: str, *extra: str) -> int:
+def run(tmp_path: Path, demo_dir: Path, weights: Path, name: str, *extra: str) -> int:
+    """Random search over frozen heads on cached T0 features: what W&B logs is the same for
+    any trial, and these take seconds."""
     return run_search(
-        tmp_path, demo_dir, name, "--algorithm", "random", "--set", "epochs=2", *extra
+        tmp_path,
+        demo_dir,
+        name,
+        "--weights",
+        str(weights),
+        "--set",
+        "finetune_fraction=0.0",
+        "--algorithm",
+        "random",
+        "--set",
+        "epochs=2",
+        *extra,
     )
 
 
@@ -41,8 +54,12 @@ def same(a, b) -> bool:
     return str(a) == str(b)
 
 
-def test_offline_runs_equal_trials_csv_and_resume_adds_no_duplicates(tmp_path, demo_dir, capsys):
-    assert run(tmp_path, demo_dir, "w", "--set", "max_trials=2", "--budget", "10m") == 0
+def test_offline_runs_equal_trials_csv_and_resume_adds_no_duplicates(
+    tmp_path, demo_dir, pretrained_t0, capsys
+):
+    assert (
+        run(tmp_path, demo_dir, pretrained_t0, "w", "--set", "max_trials=2", "--budget", "10m") == 0
+    )
     output = capsys.readouterr().out
     out = tmp_path / "results" / "w"
     assert f"wandb sync {out / 'wandb'}/offline-run-*" in output  # offline by default
@@ -54,7 +71,7 @@ def test_offline_runs_equal_trials_csv_and_resume_adds_no_duplicates(tmp_path, d
     for row in trials.to_dict("records"):
         r = trial_runs[row["wandb_run_id"]]
         assert r.group == "w" and r.name == f"w-{row['trial_id']}"
-        assert r.tags == ["T0", "whole-network"] and r.exit_code == 0
+        assert r.tags == ["T0", "frozen"] and r.exit_code == 0
         for key in (
             "backbone",
             "image_size",
@@ -106,13 +123,15 @@ def test_offline_runs_equal_trials_csv_and_resume_adds_no_duplicates(tmp_path, d
 
     # Resume with one more trial allowed is refused (different space); resume as is adds
     # no trial run, and brings the search run up to date under the same id.
-    assert run(tmp_path, demo_dir, "w", "--set", "max_trials=2", "--budget", "10m") == 0
+    assert (
+        run(tmp_path, demo_dir, pretrained_t0, "w", "--set", "max_trials=2", "--budget", "10m") == 0
+    )
     runs = read_runs(out / "wandb")
     assert {r.run_id for r in runs if r.job_type == "trial"} == set(trial_runs)
     assert len({r.run_id for r in runs if r.job_type == "search"}) == 1
 
 
-def test_interrupted_trial_reuses_its_run_id(tmp_path, demo_dir, monkeypatch):
+def test_interrupted_trial_reuses_its_run_id(tmp_path, demo_dir, pretrained_t0, monkeypatch):
     from tuner import hypermodel, trial
 
     real_fit = hypermodel.EffNetHyperModel.fit
@@ -126,8 +145,8 @@ def test_interrupted_trial_reuses_its_run_id(tmp_path, demo_dir, monkeypatch):
 
     monkeypatch.setattr(hypermodel.EffNetHyperModel, "fit", interrupt_second)
     common = ["--set", "max_trials=2", "--budget", "10m"]
-    assert run(tmp_path, demo_dir, "i", *common) == search.EXIT_INTERRUPTED
-    assert run(tmp_path, demo_dir, "i", *common) == 0
+    assert run(tmp_path, demo_dir, pretrained_t0, "i", *common) == search.EXIT_INTERRUPTED
+    assert run(tmp_path, demo_dir, pretrained_t0, "i", *common) == 0
     runs = read_runs(tmp_path / "results" / "i" / "wandb")
     trial_ids = [r.run_id for r in runs if r.job_type == "trial"]
     assert len(set(trial_ids)) == 2 and len(trial_ids) == 3  # trial 1's run opened twice
@@ -179,7 +198,9 @@ def test_wandb_unreachable_degrades_once_and_the_search_goes_on(tmp_path, demo_d
     assert len({r.run_id for r in runs}) == 3  # fell back to offline: nothing lost
 
 
-def test_full_disk_under_wandb_turns_logging_off_and_the_search_goes_on(tmp_path, demo_dir, capsys):
+def test_full_disk_under_wandb_turns_logging_off_and_the_search_goes_on(
+    tmp_path, demo_dir, pretrained_t0, capsys
+):
     out = tmp_path / "results" / "d"
     out.mkdir(parents=True)
     (out / "wandb").write_text("a file where the wandb folder should be")  # writes fail
@@ -187,6 +208,7 @@ def test_full_disk_under_wandb_turns_logging_off_and_the_search_goes_on(tmp_path
         run(
             tmp_path,
             demo_dir,
+            pretrained_t0,
             "d",
             "--set",
             "max_trials=1",
@@ -203,11 +225,12 @@ def test_full_disk_under_wandb_turns_logging_off_and_the_search_goes_on(tmp_path
     assert pd.read_csv(out / "trials.csv").status.tolist() == ["completed"]
 
 
-def test_disabled_mode_writes_no_runs(tmp_path, demo_dir):
+def test_disabled_mode_writes_no_runs(tmp_path, demo_dir, pretrained_t0):
     assert (
         run(
             tmp_path,
             demo_dir,
+            pretrained_t0,
             "x",
             "--set",
             "max_trials=1",

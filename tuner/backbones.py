@@ -51,30 +51,38 @@ class Backbone:
     constructor: str  # attribute of keras.applications, or "hub" / "tiny"
     weights_file: str | None = None  # the notop file in Keras' cache, for ImageNet weights
     handle: str | None = None  # TF-Hub handle or SavedModel path
+    gflops: float = 0.39  # multiply-adds of one image at `size` (what a pass costs, relatively)
 
     @property
     def finetunable(self) -> bool:
         return self.constructor != "hub"
 
 
-def _keras_effnet(index: int, size: int, batch: int) -> Backbone:
+def _keras_effnet(index: int, size: int, batch: int, gflops: float) -> Backbone:
     return Backbone(
-        f"B{index}", size, batch, 1.0, f"EfficientNetB{index}", f"efficientnetb{index}_notop.h5"
+        f"B{index}",
+        size,
+        batch,
+        1.0,
+        f"EfficientNetB{index}",
+        f"efficientnetb{index}_notop.h5",
+        gflops=gflops,
     )
 
 
+# GFLOPs at native size: the EfficientNet paper's table (Tan & Le 2019).
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in [
-        _keras_effnet(0, 224, 512),
-        _keras_effnet(1, 240, 256),
-        _keras_effnet(2, 260, 256),
-        _keras_effnet(3, 300, 128),
-        _keras_effnet(4, 380, 128),
-        _keras_effnet(5, 456, 64),
-        _keras_effnet(6, 528, 32),
-        _keras_effnet(7, 600, 32),
-        Backbone("T0", 32, 64, 1.0, "tiny"),
+        _keras_effnet(0, 224, 512, 0.39),
+        _keras_effnet(1, 240, 256, 0.70),
+        _keras_effnet(2, 260, 256, 1.0),
+        _keras_effnet(3, 300, 128, 1.8),
+        _keras_effnet(4, 380, 128, 4.2),
+        _keras_effnet(5, 456, 64, 9.9),
+        _keras_effnet(6, 528, 32, 19.0),
+        _keras_effnet(7, 600, 32, 37.0),
+        Backbone("T0", 32, 64, 1.0, "tiny", gflops=0.002),
     ]
 }
 _HUB_SIZE = re.compile(r"efficientnet[/_-]?b([0-7])", re.IGNORECASE)
@@ -85,9 +93,9 @@ def get(name: str) -> Backbone:
     if name.startswith("hub:"):
         handle = name[len("hub:") :]
         match = _HUB_SIZE.search(handle)
-        size = BACKBONES[f"B{match.group(1)}"].size if match else 224
-        batch = BACKBONES[f"B{match.group(1)}"].batch if match else 256
-        return Backbone(name, size, batch, 1 / 255, "hub", handle=handle)
+        like = BACKBONES[f"B{match.group(1)}"] if match else BACKBONES["B0"]
+        batch = like.batch if match else 256
+        return Backbone(name, like.size, batch, 1 / 255, "hub", handle=handle, gflops=like.gflops)
     if name not in BACKBONES:
         raise InputError(
             f"unknown backbone '{name}': valid backbones are "

@@ -2,8 +2,9 @@
 
 The front: finished trials that no other finished trial beats on both validation accuracy
 (higher is better) and time (lower is better; inference latency by default, training time
-on request). Constraints (``max_latency_ms``, ``min_accuracy``) first remove trials; a rule
-then picks one trial of the front:
+on request). Latencies closer than their measured spread are ties: a trial is not on the
+front for being faster by noise. Constraints (``max_latency_ms``, ``min_accuracy``) first
+remove trials; a rule then picks one trial of the front:
 
 * ``knee`` (default): with accuracy and log-time each scaled to 0..1 over the front, the
   trial farthest above the straight line from the fastest to the most accurate front trial,
@@ -73,7 +74,12 @@ def choose(
         raise InputError(f"unknown rule '{rule}': valid rules are {', '.join(RULES)}")
     column = TIME_COLUMNS[time]
     pool = _constrain(candidates(trials, time), max_latency_ms, min_accuracy)
-    front = pool[pareto_front(pool["val_accuracy"], pool[column])].reset_index(drop=True)
+    spread = (
+        pool["latency_spread_ms"]
+        if column == "latency_ms" and "latency_spread_ms" in pool
+        else None
+    )
+    front = pool[pareto_front(pool["val_accuracy"], pool[column], spread)].reset_index(drop=True)
     picker = {
         "knee": _knee,
         "max-accuracy": _most_accurate,
@@ -82,6 +88,11 @@ def choose(
     }[rule]
     index, reason = picker(front, pool, column, weight, target)
     limits = _limits_text(max_latency_ms, min_accuracy)
+    if spread is not None and spread.notna().any():
+        limits += (
+            f" (latencies closer than their measured spread, up to {spread.max():.2f} ms, "
+            f"count as ties)"
+        )
     front = front.assign(chosen=[i == index for i in range(len(front))])
     return Choice(str(front["trial_id"][index]), rule, reason + limits + ".", front)
 

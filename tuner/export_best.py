@@ -7,9 +7,10 @@
 1. The Pareto front of the finished trials (val accuracy up, time down; ``--time training``
    uses training time instead of latency) is printed with the chosen trial marked and the
    reason (rules: :mod:`tuner.choose`).
-2. The chosen trial's model is loaded from its kept checkpoint (``trials/<id>/model.keras``;
-   the search keeps them only for trials on the front), or, when it was not kept, rebuilt
-   and retrained from its hyperparameters; the output says which.
+2. The chosen trial's model is loaded from its kept model (``trials/<id>/model.keras``; the
+   search keeps them only for trials on the front), or rebuilt with Keras Tuner's best-epoch
+   checkpoint of the trial (the same weights), or, when neither is there, retrained from
+   its hyperparameters; the output says which.
 3. It is evaluated once on the test split, which nothing read before: accuracy, loss,
    balanced accuracy, per-class precision/recall/F1 and the confusion matrix
    (scikit-learn), and its latency on this device.
@@ -79,38 +80,45 @@ def weights_argument(label: str) -> str | None:
 
 
 def trial_model(folder: Path, row: pd.Series, config: dict[str, Any]):
-    """(model, how it was obtained): the kept checkpoint, or a retrain from hyperparameters."""
+    """(model, how it was obtained): the trial's kept model; else its architecture rebuilt
+    with Keras Tuner's best-epoch checkpoint (kept for every trial: the same weights); else a
+    retrain from its hyperparameters."""
     import keras
 
-    checkpoint = folder / "trials" / str(row["trial_id"]) / "model.keras"
-    if checkpoint.is_file():
-        return keras.models.load_model(checkpoint), f"loaded its checkpoint {checkpoint}"
-    return retrain(folder, row, config), (
-        "retrained it from its hyperparameters (its checkpoint was not kept)"
-    )
+    saved = folder / "trials" / str(row["trial_id"]) / "model.keras"
+    if saved.is_file():
+        return keras.models.load_model(saved), f"loaded its checkpoint {saved}"
+    trial_dir = folder / "keras_tuner" / f"trial_{row['trial_id']}"
+    if not (trial_dir / "trial.json").is_file():
+        raise InputError(
+            f"trial {row['trial_id']} has neither a checkpoint nor Keras Tuner's "
+            f"record ({trial_dir / 'trial.json'}): choose another trial or rerun the search"
+        )
+    maker, hp = trial_hypermodel(folder, row, config)
+    model = maker.build(hp)
+    weights = trial_dir / "checkpoint.weights.h5"
+    if weights.is_file():
+        model.load_weights(weights)
+        return model, f"rebuilt it with its best-epoch weights {weights}"
+    epochs = int(row["hyperband_epochs"]) if pd.notna(row.get("hyperband_epochs")) else None
+    maker.fit(hp, model, epochs=epochs or maker.space.epochs)
+    return model, "retrained it from its hyperparameters (its checkpoint was not kept)"
 
 
-def retrain(folder: Path, row: pd.Series, config: dict[str, Any]):
+def trial_hypermodel(folder: Path, row: pd.Series, config: dict[str, Any]):
+    """(the search's hypermodel over the train and validation rows, the trial's values)."""
     import keras_tuner as kt
 
     from tuner import hypermodel, space
 
     trial_json = folder / "keras_tuner" / f"trial_{row['trial_id']}" / "trial.json"
-    if not trial_json.is_file():
-        raise InputError(
-            f"trial {row['trial_id']} has neither a checkpoint nor Keras Tuner's "
-            f"record ({trial_json}): choose another trial or rerun the search"
-        )
     hp = kt.HyperParameters.from_config(json.loads(trial_json.read_text())["hyperparameters"])
     search_space = space.load(None, config["space"])
     table, classes = split_table(config, ("train", "validation"))
     data = hypermodel.SplitData(table, classes, cache_dir=str(folder / "cache"))
     maker = hypermodel.EffNetHyperModel(search_space, data, weights_argument(config["weights"]))
     maker.batch_override = int(row["batch_size"])
-    model = maker.build(hp)
-    epochs = int(row["hyperband_epochs"]) if pd.notna(row.get("hyperband_epochs")) else None
-    maker.fit(hp, model, epochs=epochs or search_space.epochs)
-    return model
+    return maker, hp
 
 
 def split_table(config: dict[str, Any], types: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
@@ -264,7 +272,7 @@ def export(args: argparse.Namespace) -> Path:
     pixels, labels, _ = test_pixels(config, size)
     probs = probabilities(model, pixels)
     metrics = test_metrics(labels, probs, list(config["classes"]))
-    latency_ms, images_per_s = measure_latency(model, size)
+    latency_ms, images_per_s, _ = measure_latency(model, size)
     out = Path(args.out) if args.out else folder / "best"
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)

@@ -94,52 +94,53 @@ def cache_file(
 
 
 def cached_features(
-    make_net: Callable[[], keras.Model], pixels: np.ndarray, target: Path
+    make_net: Callable[[], keras.Model], pixels: np.ndarray, target: Path, batch: int = BATCH
 ) -> np.ndarray:
     """float16 outputs of ``make_net()`` (a frozen extractor, see :func:`extractor`) for
     ``pixels`` (uint8 [N, S, S, 3]), memory-mapped from ``target`` when it holds them, else
-    computed once and written there. The extractor is only built when something must be
-    computed."""
+    computed once, ``batch`` images a call, and written there. The extractor is only built
+    when something must be computed."""
     with pipeline.cache_lock(target):  # one builder among processes sharing the folder
         cached = pipeline.load_checked(target, None, np.float16)
         if cached is not None and cached.shape[0] == len(pixels) and cached.ndim >= 2:
             return cached
         net = make_net()
         expected = (len(pixels), *(int(d) for d in net.output_shape[1:]))
-        forward = _traced(net, pixels.shape[1:])
+        forward = _traced(net, pixels.shape[1:], batch)
         with atomic_path(target) as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=expected)
-            for start in range(0, len(pixels), BATCH):
-                batch = np.asarray(pixels[start : start + BATCH], dtype=np.uint8)
-                real = len(batch)
-                if real < BATCH:
-                    padding = np.zeros((BATCH - real, *batch.shape[1:]), dtype=np.uint8)
-                    batch = np.concatenate([batch, padding])
-                out[start : start + real] = np.asarray(forward(batch))[:real]
+            for start in range(0, len(pixels), batch):
+                images = np.asarray(pixels[start : start + batch], dtype=np.uint8)
+                real = len(images)
+                if real < batch:
+                    padding = np.zeros((batch - real, *images.shape[1:]), dtype=np.uint8)
+                    images = np.concatenate([images, padding])
+                out[start : start + real] = np.asarray(forward(images))[:real]
             out.flush()
             del out
         return np.load(target, mmap_mode="r")
 
 
-def _traced(net: keras.Model, shape: tuple[int, ...]) -> Callable[[np.ndarray], tf.Tensor]:
-    """``net`` as one traced function on uint8 batches of ``BATCH`` (the last batch of a pass
-    is padded), made once per extractor: tracing B0 costs ~0.8 s, so the train and
-    validation passes share it. The pixels become float32 inside the graph: a quarter of
-    the bytes to hand over, and 6% less time per image than ``predict_on_batch`` on float32
-    (B0, 128 px, 2 cores)."""
-    forward = _TRACED.get(net)
-    if forward is None:
-        spec = tf.TensorSpec((BATCH, *shape), tf.uint8)
+def _traced(
+    net: keras.Model, shape: tuple[int, ...], batch: int = BATCH
+) -> Callable[[np.ndarray], tf.Tensor]:
+    """``net`` as one traced function on uint8 batches of ``batch`` (the last batch of a
+    pass is padded), made once per extractor and batch: tracing B0 costs ~0.8 s, so the
+    train and validation passes share it. The pixels become float32 inside the graph: a
+    quarter of the bytes to hand over, and 6% less time per image than
+    ``predict_on_batch`` on float32 (B0, 128 px, 2 cores)."""
+    forwards = _TRACED.setdefault(net, {})
+    if batch not in forwards:
+        spec = tf.TensorSpec((batch, *shape), tf.uint8)
         model = weakref.ref(net)  # only tracing calls it; a strong one would keep net alive
-        forward = tf.function(
-            lambda batch: model()(tf.cast(batch, tf.float32), training=False),
+        forwards[batch] = tf.function(
+            lambda images: model()(tf.cast(images, tf.float32), training=False),
             input_signature=[spec],
         )
-        _TRACED[net] = forward
-    return forward
+    return forwards[batch]
 
 
-_TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # extractor -> its pass
+_TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # extractor -> batch -> pass
 
 
 class ForModel(keras.callbacks.Callback):

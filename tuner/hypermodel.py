@@ -1,10 +1,18 @@
 """The hypermodel: ``build(hp)`` is the model, ``fit(hp, model, ...)`` is its training.
 
 The model is ``pixels (float, 0..255) -> [rescale] -> backbone -> head``, with the backbone
-and the head as two named sub-models (``backbone``, ``head``) so the head can later be
-trained on cached backbone features without changing either.
+and the head (:mod:`tuner.head`) as two named sub-models (``backbone``, ``head``) so the head
+can be trained on cached backbone features without changing either.
 
-Training, with pretrained weights:
+Trials of the ``transfer`` algorithm (:mod:`tuner.oracle`) have a stage:
+
+* ``frozen``: the head alone, on the cached features, to convergence: a linear head is
+  fitted exactly (:func:`head.fit_linear`); a wider one by Adam (cosine decay, at most
+  ``head_epochs``, early stopping on validation loss after ``patience`` epochs);
+* ``fine-tune``: phase 2 below only, from the checkpoint of a frozen trial (its trained head)
+  or of a shorter fine-tune (successive halving), from ``initial_epoch`` to ``epochs``.
+
+Trials of the other algorithms train both phases in one trial, with pretrained weights:
 
 1. phase 1: the backbone is frozen and the head trains at ``learning_rate``;
 2. phase 2 (when ``finetune_fraction > 0``): the top blocks of the backbone are unfrozen
@@ -27,8 +35,9 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import keras
@@ -40,11 +49,18 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from data_tools import pipeline
 from tuner import accelerate, backbones, features
+from tuner import head as head_mod
 from tuner import space as space_mod
 
 # Cached features or activations up to this size (as float32) are trained on in memory
 # (under the 2 GB limit of a tensor in a tf.data graph).
 IN_MEMORY_BYTES = 1024**3
+# "auto" training batch: the largest power of two that leaves this many steps an epoch.
+MIN_STEPS_PER_EPOCH = 30
+# Without a GPU the backbone pass gains nothing from bigger batches (32-256 within noise, B0
+# on 2 cores) and each one costs memory.
+CPU_PASS_BATCH = 64
+STAGES = ("frozen", "fine-tune")  # of transfer trials; other algorithms' trials have none
 # Training on cached arrays takes many tiny steps; one call per step spends more time in
 # dispatch than in arithmetic (2.5 ms a step for a Dense head on B0 features): run 16 per
 # call (the same updates, callbacks see every 16th batch).
@@ -57,7 +73,7 @@ class TrialPlan:
 
     backbone: str
     image_size: int
-    batch_size: int
+    batch_size: int  # training (head, fine-tune, end to end)
     head_width: int
     dropout: float
     learning_rate: float
@@ -65,6 +81,10 @@ class TrialPlan:
     finetune_lr_factor: float
     class_weight: str
     pretrained: bool
+    l2: float = 0.0
+    pass_batch: int = CPU_PASS_BATCH  # the backbone's forward passes (features, activations)
+    stage: str = ""  # "frozen" / "fine-tune" for transfer trials
+    solver: str = "adam"  # "exact": a linear head fitted exactly on cached features
 
     @property
     def fine_tunes(self) -> bool:
@@ -170,23 +190,45 @@ class EffNetHyperModel(kt.HyperModel):
         entry = backbones.get(values["backbone"])
         size = values.get("image_size", "native")
         size = entry.size if size == "native" else int(size)
-        batch = (
-            accelerate.scaled_batch(entry.batch, self.gpu_free_mib)
-            if self.space.batch_size == "native"
-            else int(self.space.batch_size)
+        pass_batch = self.pass_batch(entry)
+        train_batch = values.get("train_batch_size", "auto")
+        train_batch = (
+            auto_train_batch(len(self.data.train), pass_batch, self.space.min_batch_size)
+            if train_batch == "auto"
+            else int(train_batch)
         )
+        if self.batch_override:  # out of memory: both passes and training halve
+            pass_batch = min(pass_batch, self.batch_override)
+            train_batch = min(train_batch, self.batch_override)
+        stage = str(hp.values.get("tuner/stage", ""))
+        pretrained = self.weights is not None
+        width = int(values["head_width"])
+        cached = self.feature_cache and pretrained and self.data.cache_dir is not None
         return TrialPlan(
             backbone=entry.name,
             image_size=size,
-            batch_size=self.batch_override or batch,
-            head_width=int(values["head_width"]),
+            batch_size=train_batch,
+            head_width=width,
             dropout=float(values["dropout"]),
             learning_rate=float(values["learning_rate"]),
             finetune_fraction=float(values["finetune_fraction"]) if entry.finetunable else 0.0,
             finetune_lr_factor=float(values["finetune_lr_factor"]),
             class_weight=str(values["class_weight"]),
-            pretrained=self.weights is not None,
+            pretrained=pretrained,
+            l2=float(values["l2"]),
+            pass_batch=pass_batch,
+            stage=stage,
+            solver="exact" if stage == "frozen" and width == 0 and cached else "adam",
         )
+
+    def pass_batch(self, entry: backbones.Backbone) -> int:
+        """The batch of the backbone's forward passes: the table's for an 8 GB card scaled
+        to the free GPU memory (at most ``CPU_PASS_BATCH`` without a GPU), or the space's."""
+        if self.space.batch_size != "native":
+            return int(self.space.batch_size)
+        if self.gpu_free_mib:
+            return accelerate.scaled_batch(entry.batch, self.gpu_free_mib)
+        return min(entry.batch, CPU_PASS_BATCH)
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
         plan = self.plan(hp)
@@ -211,7 +253,9 @@ class EffNetHyperModel(kt.HyperModel):
                 if isinstance(layer, keras.layers.BatchNormalization):
                     layer.momentum = 0.9
             features = base(x)
-        head = build_head(features.shape[-1], plan.head_width, plan.dropout, self.data.num_classes)
+        head = head_mod.build_head(
+            features.shape[-1], plan.head_width, plan.dropout, self.data.num_classes, plan.l2
+        )
         model = keras.Model(inputs, head(features), name=f"effnet_{plan.backbone.lower()}")
         compile_model(model, plan.learning_rate, self.data.num_classes, self.jit_compile)
         return model
@@ -255,76 +299,131 @@ class EffNetHyperModel(kt.HyperModel):
         callbacks: Sequence[keras.callbacks.Callback],
     ) -> dict[str, float]:
         plan = self.plan(hp)
-        self.last_fit = {}  # facts of this fit only (the runner reads them after)
+        self.last_fit = {"pass_seconds": 0.0}  # facts of this fit only (the runner reads them)
         epochs = epochs or self.space.epochs
-        weights = self.data.class_weights() if plan.class_weight == "balanced" else None
         own = list(self.callbacks_factory()) if self.callbacks_factory else []
-        given = list(callbacks)  # Keras Tuner's: progress to the oracle, best-epoch checkpoint
-        best = BestEpoch()
-        ours = [best, *own, keras.callbacks.TerminateOnNaN()]
-        callbacks = [*given, *ours]
-        # On the cached paths a part of the model trains; Keras Tuner's callbacks see it whole.
-        on_cache = [*(features.ForModel(cb, model) for cb in given), *ours]
-        phase1_end = self.phase1_end(plan, epochs, initial_epoch)
-        history: dict[str, list[float]] = {}
-        # Pixel datasets only for the end-to-end paths (the cached paths never touch pixels).
-        datasets = functools.cache(
-            lambda: self.data.datasets(plan.image_size, plan.batch_size, self.space.seed)
+        run = _Run(
+            model=model,
+            plan=plan,
+            class_weight=self.data.class_weights() if plan.class_weight == "balanced" else None,
+            given=list(callbacks),  # Keras Tuner's: best-epoch checkpoint, progress
+            ours=[*own, keras.callbacks.TerminateOnNaN()],
         )
-
-        def end_to_end(until: int, start: int) -> keras.callbacks.History:
-            train, val = datasets()
-            return model.fit(
-                train,
-                epochs=until,
-                initial_epoch=start,
-                validation_data=val,
-                class_weight=weights,
-                callbacks=callbacks,
-                verbose=0,
-                shuffle=False,  # the dataset shuffles itself (Keras warns it ignores the flag)
-            )
-
         # What a best epoch restores: what can change in this fit (phase 2 adds the top).
-        best.track(model.weights if not plan.pretrained else model.get_layer("head").weights)
-        if initial_epoch < phase1_end and self.uses_feature_cache(plan):
-            _extend(
-                history,
-                self._fit_head_on_features(
-                    model, plan, phase1_end, initial_epoch, weights, on_cache
-                ),
-            )
-        elif initial_epoch < phase1_end:
-            _extend(history, end_to_end(phase1_end, initial_epoch))
-        if plan.fine_tunes and epochs > phase1_end and not model.stop_training:
-            base = model.get_layer("backbone")
-            count = backbones.blocks_for_fraction(base, plan.finetune_fraction)
-            self.last_fit["unfrozen_blocks"] = backbones.unfreeze_top(base, count)
-            best.track(base.trainable_weights)
-            start = max(initial_epoch, phase1_end)
-            if self.uses_feature_cache(plan) and count < len(backbones.blocks(base)):
-                _extend(
-                    history,
-                    self._fit_top_on_activations(
-                        model, plan, count, epochs, start, weights, on_cache
-                    ),
-                )
-            else:
-                compile_model(
-                    model,
-                    plan.learning_rate * plan.finetune_lr_factor,
-                    self.data.num_classes,
-                    self.jit_compile,
-                )
-                _extend(history, end_to_end(epochs, start))
+        run.best.track(model.weights if not plan.pretrained else model.get_layer("head").weights)
+        if plan.stage == "frozen" and plan.solver == "exact":
+            self._fit_linear_head(run)
+        elif plan.stage == "frozen":
+            self._phase1(run, self.space.head_epochs, 0, converge=True)
+        elif plan.stage == "fine-tune":
+            self._phase2(run, epochs, initial_epoch)
+        else:
+            phase1_end = self.phase1_end(plan, epochs, initial_epoch)
+            if initial_epoch < phase1_end:
+                self._phase1(run, phase1_end, initial_epoch)
+            if plan.fine_tunes and epochs > phase1_end and not model.stop_training:
+                self._phase2(run, epochs, max(initial_epoch, phase1_end))
         self.last_fit.update(
-            history=history,
-            epochs_run=len(history.get("loss", [])),
+            history=run.history,
+            epochs_run=len(run.history.get("loss", [])),
             plan=plan,
         )
-        metrics = best_metrics(history)
-        best.restore()
+        metrics = best_metrics(run.history)
+        run.best.restore()
         return metrics
+
+    def _phase1(self, run: _Run, until: int, start: int, converge: bool = False) -> None:
+        """The head on the frozen backbone: on cached features when possible, else end to
+        end. ``converge``: Adam with cosine decay over ``until`` epochs and early stopping on
+        validation loss (a frozen-stage head), else a constant learning rate."""
+        plan, model = run.plan, run.model
+        steps = math.ceil(len(self.data.train) / plan.batch_size) * (until - start)
+        decay = steps if converge else None
+        stopping = (
+            [keras.callbacks.EarlyStopping("val_loss", patience=self.space.patience)]
+            if converge
+            else []
+        )
+        if self.uses_feature_cache(plan):
+            arrays = self._features(run)
+            head = model.get_layer("head")
+            head_mod.standardize(head, arrays["train"])
+            compile_model(
+                head,
+                plan.learning_rate,
+                self.data.num_classes,
+                self.jit_compile,
+                CACHED_STEPS_PER_EXECUTION,
+                decay_steps=decay,
+            )
+            run.extend(
+                self._fit_on_cache(head, run, arrays, until, start, run.on_cache() + stopping)
+            )
+        else:
+            compile_model(
+                model,
+                plan.learning_rate,
+                self.data.num_classes,
+                self.jit_compile,
+                decay_steps=decay,
+            )
+            run.extend(self._end_to_end(run, until, start, run.end_to_end() + stopping))
+
+    def _phase2(self, run: _Run, until: int, start: int) -> None:
+        """Unfreeze the top blocks (whole blocks, BatchNorm frozen) and train them with the
+        head at ``learning_rate * finetune_lr_factor``, on cached activations at the cut
+        when possible, else end to end."""
+        plan, model = run.plan, run.model
+        base = model.get_layer("backbone")
+        count = backbones.blocks_for_fraction(base, plan.finetune_fraction)
+        self.last_fit["unfrozen_blocks"] = backbones.unfreeze_top(base, count)
+        run.best.track(base.trainable_weights)
+        rate = plan.learning_rate * plan.finetune_lr_factor
+        if self.uses_feature_cache(plan) and count < len(backbones.blocks(base)):
+            run.extend(self._fit_top_on_activations(run, count, until, start, rate))
+        else:
+            compile_model(model, rate, self.data.num_classes, self.jit_compile)
+            run.extend(self._end_to_end(run, until, start, run.end_to_end()))
+
+    def _end_to_end(self, run: _Run, until: int, start: int, callbacks) -> keras.callbacks.History:
+        train, val = self.data.datasets(run.plan.image_size, run.plan.batch_size, self.space.seed)
+        build_state(run.model, train)
+        return run.model.fit(
+            train,
+            epochs=until,
+            initial_epoch=start,
+            validation_data=val,
+            class_weight=run.class_weight,
+            callbacks=callbacks,
+            verbose=0,
+            shuffle=False,  # the dataset shuffles itself (Keras warns it ignores the flag)
+        )
+
+    def _fit_linear_head(self, run: _Run) -> None:
+        """A linear head fitted exactly on the cached features (:func:`head.fit_linear`),
+        scored like an epoch and reported to the callbacks as one."""
+        plan = run.plan
+        arrays = self._features(run)
+        head = run.model.get_layer("head")
+        head_mod.standardize(head, arrays["train"])
+        # Callbacks read the model's optimizer (W&B's logs its learning rate): the head gets
+        # one at rate 0, which is what it is, no gradient step being taken.
+        compile_model(head, 0.0, self.data.num_classes, jit_compile=False)
+        callbacks = keras.callbacks.CallbackList(run.on_cache(), model=head, epochs=1, verbose=0)
+        callbacks.on_train_begin()
+        callbacks.on_epoch_begin(0)
+        started = time.monotonic()
+        self.last_fit["solver_iterations"] = head_mod.fit_linear(
+            head, arrays["train"], self.data.labels("train"), plan.l2, run.class_weight
+        )
+        self.last_fit["solver_seconds"] = time.monotonic() - started
+        logs = {}
+        for split, prefix in (("train", ""), ("validation", "val_")):
+            scores = head_mod.linear_scores(head, arrays[split], self.data.labels(split), plan.l2)
+            logs.update({prefix + key: value for key, value in scores.items()})
+        callbacks.on_epoch_end(0, logs)
+        callbacks.on_train_end(logs)
+        run.history = {key: [value] for key, value in logs.items()}
 
     def phase1_end(self, plan: TrialPlan, epochs: int, initial_epoch: int = 0) -> int:
         """The epoch at which phase 2 starts (``epochs`` when there is none). A trial
@@ -351,24 +450,38 @@ class EffNetHyperModel(kt.HyperModel):
         target = features.cache_file(
             self.data.cache_dir, plan.backbone, plan.image_size, weights_key, split, source, cut
         )
-        self.last_fit.setdefault("cache", []).append("loaded" if target.exists() else "computed")
-        return features.cached_features(make_net, pixels, target)
+        computed = not target.exists()
+        self.last_fit.setdefault("cache", []).append("computed" if computed else "loaded")
+        started = time.monotonic()
+        array = features.cached_features(make_net, pixels, target, plan.pass_batch)
+        if computed:  # what the oracle budgets a backbone pass by
+            self.last_fit["pass_seconds"] += time.monotonic() - started
+        return array
+
+    def _features(self, run: _Run) -> dict[str, np.ndarray]:
+        """The train and validation splits' cached pooled features (one backbone pass per
+        split for the whole search)."""
+        model = run.model
+        make_net = functools.cache(lambda: features.extractor(model))  # built once, if needed
+        key = self._fingerprint(model.get_layer("backbone"))
+        return {
+            split: self._cached(make_net, key, run.plan, split) for split in ("train", "validation")
+        }
 
     def _fit_on_cache(
         self,
         trainer: keras.Model,
-        model: keras.Model,
-        plan: TrialPlan,
+        run: _Run,
         arrays: dict[str, np.ndarray],
         epochs: int,
         initial_epoch: int,
-        class_weight,
         callbacks,
     ) -> keras.callbacks.History:
         """Fit ``trainer`` (head, or trainable top + head) on cached arrays; Keras Tuner's
-        callbacks see the full ``model``. Arrays that fit in memory (pooled features always
+        callbacks see the full model. Arrays that fit in memory (pooled features always
         do) are trained on in memory; larger ones (activations of big images) stream from
         their memory map batch by batch."""
+        batch = run.plan.batch_size
         labels = {split: self.data.labels(split) for split in arrays}
         if sum(a.size for a in arrays.values()) * 4 <= IN_MEMORY_BYTES:
             # tf.data over in-memory tensors: 1.6x faster than fit(x=numpy) for a small head.
@@ -379,77 +492,38 @@ class EffNetHyperModel(kt.HyperModel):
             train = dataset("train").shuffle(
                 len(labels["train"]), seed=self.space.seed, reshuffle_each_iteration=True
             )
-            train = train.batch(plan.batch_size).prefetch(tf.data.AUTOTUNE)
-            val = dataset("validation").batch(plan.batch_size).prefetch(tf.data.AUTOTUNE)
+            train = train.batch(batch).prefetch(tf.data.AUTOTUNE)
+            val = dataset("validation").batch(batch).prefetch(tf.data.AUTOTUNE)
         else:
             train = pipeline.array_dataset(
-                arrays["train"],
-                labels["train"],
-                plan.batch_size,
-                shuffle=True,
-                seed=self.space.seed,
+                arrays["train"], labels["train"], batch, shuffle=True, seed=self.space.seed
             )
-            val = pipeline.array_dataset(
-                arrays["validation"], labels["validation"], plan.batch_size
-            )
+            val = pipeline.array_dataset(arrays["validation"], labels["validation"], batch)
+        build_state(trainer, train)
         result = trainer.fit(
             train,
             shuffle=False,  # the dataset shuffles itself
             validation_data=val,
             epochs=epochs,
             initial_epoch=initial_epoch,
-            class_weight=class_weight,
+            class_weight=run.class_weight,
             callbacks=callbacks,
             verbose=0,
         )
-        model.stop_training = trainer.stop_training
+        run.model.stop_training = trainer.stop_training
         return result
 
-    def _fit_head_on_features(
-        self,
-        model: keras.Model,
-        plan: TrialPlan,
-        epochs: int,
-        initial_epoch: int,
-        class_weight,
-        callbacks,
-    ) -> keras.callbacks.History:
-        """Phase 1 on cached backbone features: one backbone pass per split for the whole
-        search, then only the head trains (it is the same layer object as in ``model``)."""
-        make_net = functools.cache(lambda: features.extractor(model))  # built once, if needed
-        key = self._fingerprint(model.get_layer("backbone"))
-        arrays = {
-            split: self._cached(make_net, key, plan, split) for split in ("train", "validation")
-        }
-        head = model.get_layer("head")
-        compile_model(
-            head,
-            plan.learning_rate,
-            self.data.num_classes,
-            self.jit_compile,
-            CACHED_STEPS_PER_EXECUTION,
-        )
-        return self._fit_on_cache(
-            head, model, plan, arrays, epochs, initial_epoch, class_weight, callbacks
-        )
-
     def _fit_top_on_activations(
-        self,
-        model: keras.Model,
-        plan: TrialPlan,
-        top_blocks: int,
-        epochs: int,
-        initial_epoch: int,
-        class_weight,
-        callbacks,
+        self, run: _Run, top_blocks: int, epochs: int, initial_epoch: int, rate: float
     ) -> keras.callbacks.History:
         """Phase 2 on activations cached at the cut (the output of the last frozen block):
         only the unfrozen top blocks and the head run, forward and backward."""
+        model = run.model
         bottom, top, cut = features.split_backbone(model, top_blocks)
         make_net = functools.cache(lambda: features.extractor(model, bottom))
         key = features.weights_fingerprint(bottom)
         arrays = {
-            split: self._cached(make_net, key, plan, split, cut)
+            split: self._cached(make_net, key, run.plan, split, cut)
             for split in ("train", "validation")
         }
         inputs = keras.Input(top.input_shape[1:], name="activations")
@@ -457,16 +531,10 @@ class EffNetHyperModel(kt.HyperModel):
         outputs = model.get_layer("head")(top(inputs, training=False))
         trainer = keras.Model(inputs, outputs, name="top_and_head")
         compile_model(
-            trainer,
-            plan.learning_rate * plan.finetune_lr_factor,
-            self.data.num_classes,
-            self.jit_compile,
-            CACHED_STEPS_PER_EXECUTION,
+            trainer, rate, self.data.num_classes, self.jit_compile, CACHED_STEPS_PER_EXECUTION
         )
         self.last_fit["activation_cut"] = cut
-        return self._fit_on_cache(
-            trainer, model, plan, arrays, epochs, initial_epoch, class_weight, callbacks
-        )
+        return self._fit_on_cache(trainer, run, arrays, epochs, initial_epoch, run.on_cache())
 
     def _fingerprint(self, base: keras.Model) -> str:
         """:func:`features.weights_fingerprint` of ``base``, computed once for the shared
@@ -483,6 +551,40 @@ class EffNetHyperModel(kt.HyperModel):
         """Phase-2 epochs out of ``epochs``: the space's setting, else half (at least 1)."""
         wanted = self.space.finetune_epochs or math.ceil(epochs / 2)
         return min(wanted, max(epochs - 1, 0))
+
+
+def auto_train_batch(train_rows: int, pass_batch: int, floor: int) -> int:
+    """The largest power of two that still gives ``MIN_STEPS_PER_EPOCH`` optimizer steps an
+    epoch over ``train_rows`` images, between ``floor`` and ``pass_batch`` (1,800 images:
+    32, 57 steps; 19,658: 512 where memory allows)."""
+    wanted = max(1, train_rows // MIN_STEPS_PER_EPOCH)
+    power = 1 << (wanted.bit_length() - 1)
+    return max(floor, min(power, pass_batch))
+
+
+@dataclass
+class _Run:
+    """One ``fit`` of a trial: its model and plan, the callbacks, the history so far."""
+
+    model: keras.Model
+    plan: TrialPlan
+    class_weight: dict[int, float] | None
+    given: list  # Keras Tuner's callbacks: they must see the whole model
+    ours: list
+    history: dict[str, list[float]] = field(default_factory=dict)
+    best: BestEpoch = field(default_factory=lambda: BestEpoch())
+
+    def end_to_end(self) -> list:
+        return [*self.given, self.best, *self.ours]
+
+    def on_cache(self) -> list:
+        """On the cached paths a part of the model trains; Keras Tuner's callbacks see it
+        whole."""
+        return [*(features.ForModel(cb, self.model) for cb in self.given), self.best, *self.ours]
+
+    def extend(self, result: keras.callbacks.History) -> None:
+        for key, values in result.history.items():
+            self.history.setdefault(key, []).extend(float(v) for v in values)
 
 
 class BestEpoch(keras.callbacks.Callback):
@@ -521,39 +623,25 @@ class BestEpoch(keras.callbacks.Callback):
             self.variables[key].assign(value)
 
 
-def build_head(features: int, width: int, dropout: float, num_classes: int) -> keras.Model:
-    """Pooled features -> [Dense(width, relu) -> Dropout] -> Dense(1, sigmoid) or
-    Dense(C, softmax). ``width == 0`` is a linear head (dropout still applies)."""
-    inputs = keras.Input((features,), name="features")
-    x = inputs
-    if width > 0:
-        x = keras.layers.Dense(width, activation="relu", name="hidden")(x)
-    if dropout > 0:
-        x = keras.layers.Dropout(dropout, name="dropout")(x)
-    if num_classes == 2:
-        # float32 outputs even under mixed precision: probabilities near 0 and 1 need it.
-        outputs = keras.layers.Dense(1, activation="sigmoid", name="probability", dtype="float32")(
-            x
-        )
-    else:
-        outputs = keras.layers.Dense(
-            num_classes, activation="softmax", name="probabilities", dtype="float32"
-        )(x)
-    return keras.Model(inputs, outputs, name="head")
-
-
 def compile_model(
     model: keras.Model,
     learning_rate: float,
     num_classes: int,
     jit_compile: bool | str = "auto",
     steps_per_execution: int = 1,
+    decay_steps: int | None = None,
 ) -> None:
-    """Adam, and the loss that matches the head (keywords: compile's third positional
+    """Adam (its learning rate decayed to 0 along a cosine over ``decay_steps`` steps when
+    given), and the loss that matches the head (keywords: compile's third positional
     argument is loss_weights in Keras 3)."""
     loss = "binary_crossentropy" if num_classes == 2 else "sparse_categorical_crossentropy"
+    rate = (
+        keras.optimizers.schedules.CosineDecay(learning_rate, max(1, decay_steps))
+        if decay_steps
+        else learning_rate
+    )
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate=rate),
         loss=loss,
         metrics=["accuracy"],
         jit_compile=jit_compile,
@@ -561,9 +649,16 @@ def compile_model(
     )
 
 
-def _extend(history: dict[str, list[float]], result: keras.callbacks.History) -> None:
-    for key, values in result.history.items():
-        history.setdefault(key, []).extend(float(v) for v in values)
+def build_state(model: keras.Model, train: tf.data.Dataset) -> None:
+    """Create the optimizer's and the compiled metrics' variables before ``fit``. Without a
+    distribution strategy Keras defers that to the first traced train step, and variables
+    made while tracing make TensorFlow trace the step twice: a T0 trial on the whole network
+    spent ~13 s of its ~30 s on the second trace. Keras' own symbolic build (what ``fit``
+    runs under a strategy) does it on the dataset's element spec."""
+    if hasattr(model, "_symbolic_build"):
+        model._symbolic_build(data_batch=train.element_spec)
+    elif model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
 
 
 def best_metrics(history: dict[str, list[float]]) -> dict[str, float]:

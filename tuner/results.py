@@ -30,12 +30,16 @@ HYPERPARAMETER_COLUMNS = [
     "finetune_fraction",
     "finetune_lr_factor",
     "class_weight",
+    "l2",
+    "pass_batch",
+    "solver",
     "weights",
 ]
 COLUMNS = [
     "trial_id",
     "status",
     "reason",
+    "stage",
     *HYPERPARAMETER_COLUMNS,
     "val_accuracy",
     "val_loss",
@@ -45,6 +49,7 @@ COLUMNS = [
     "epochs",
     "train_seconds",
     "latency_ms",
+    "latency_spread_ms",
     "images_per_s",
     "device",
     "params",
@@ -108,16 +113,42 @@ class Results:
         self.dir.mkdir(parents=True, exist_ok=True)
         return FileLock(str(self.trials_csv) + ".lock")
 
-    def history(self, backbone: str, image_size: int) -> list[tuple[float, int]]:
-        """(train seconds, epochs) of finished trials of this backbone and size."""
+    def history(
+        self, backbone: str, image_size: int, finetune_fraction: float = 0.0
+    ) -> list[tuple[float, int]]:
+        """(train seconds, epochs) of finished trials of this backbone, size and fine-tune
+        fraction."""
         table = self.rows()
         done = table[
             table["status"].isin(FINISHED)
             & (table["backbone"] == backbone)
             & (table["image_size"] == image_size)
+            & (table["finetune_fraction"].astype(float).fillna(0.0) == float(finetune_fraction))
         ]
         return list(
             zip(done["train_seconds"].astype(float), done["epochs"].astype(int), strict=True)
+        )
+
+    def latency_of(
+        self, backbone: str, image_size: int, head_width: int
+    ) -> tuple[float, float, float] | None:
+        """(latency ms, images/s, spread ms) already measured for this architecture (backbone,
+        size, head) in this search: trials that differ only in training share one figure."""
+        table = self.rows()
+        same = table[
+            table["status"].isin(FINISHED)
+            & (table["backbone"] == backbone)
+            & (table["image_size"] == image_size)
+            & (table["head_width"] == head_width)
+        ].dropna(subset=["latency_ms"])
+        if same.empty:
+            return None
+        first = same.iloc[0]
+        spread = first.get("latency_spread_ms")
+        return (
+            float(first["latency_ms"]),
+            float(first["images_per_s"]),
+            float(spread) if pd.notna(spread) else 0.0,
         )
 
     def prune_checkpoints(self) -> list[str]:
@@ -131,9 +162,7 @@ class Results:
         done = done[done["status"].isin(FINISHED)]
         if done.empty:
             return []
-        keep = pareto_front(done["val_accuracy"], done["latency_ms"]) | pareto_front(
-            done["val_accuracy"], done["train_seconds"]
-        )
+        keep = latency_front(done) | pareto_front(done["val_accuracy"], done["train_seconds"])
         pruned = []
         for trial_id in done.loc[~keep, "trial_id"].astype(str):
             model = self.trial_dir(trial_id) / "model.keras"
@@ -156,17 +185,31 @@ class Results:
         return table, leaderboard
 
 
-def pareto_front(accuracy: Iterable[float], cost: Iterable[float]) -> np.ndarray:
+def pareto_front(
+    accuracy: Iterable[float], cost: Iterable[float], spread: Iterable[float] | None = None
+) -> np.ndarray:
     """True for each trial that no other trial beats: at least as accurate and as cheap, and
-    strictly better in one. Ties (same accuracy and cost) are all on the front."""
+    strictly better in one. Ties (same accuracy and cost) are all on the front.
+
+    ``spread``: how much each cost varies between measurements (latency: the interquartile
+    range of its timed runs). Two costs closer than the larger of their spreads are a tie,
+    so a trial is not kept on the front for being "faster" by measurement noise."""
     acc = np.asarray(list(accuracy), dtype=float)
     time = np.asarray(list(cost), dtype=float)
+    noise = np.zeros(len(acc)) if spread is None else np.nan_to_num(np.asarray(list(spread), float))
     dominated = np.zeros(len(acc), dtype=bool)
     for i in range(len(acc)):
-        better_or_equal = (acc >= acc[i]) & (time <= time[i])
-        strictly = (acc > acc[i]) | (time < time[i])
+        tie = np.maximum(noise, noise[i])
+        better_or_equal = (acc >= acc[i]) & (time <= time[i] + tie)
+        strictly = (acc > acc[i]) | (time < time[i] - tie)
         dominated[i] = bool(np.any(better_or_equal & strictly))
     return ~dominated
+
+
+def latency_front(table: pd.DataFrame) -> np.ndarray:
+    """:func:`pareto_front` of val accuracy against latency, with its measured spread."""
+    spread = table.get("latency_spread_ms")
+    return pareto_front(table["val_accuracy"], table["latency_ms"], spread)
 
 
 def pareto_flags(table: pd.DataFrame) -> np.ndarray:
@@ -175,9 +218,7 @@ def pareto_flags(table: pd.DataFrame) -> np.ndarray:
     finished = table["status"].isin(FINISHED).to_numpy()
     flags = np.zeros(len(table), dtype=bool)
     if finished.any():
-        flags[finished] = pareto_front(
-            table.loc[finished, "val_accuracy"], table.loc[finished, "latency_ms"]
-        )
+        flags[finished] = latency_front(table.loc[finished])
     return flags
 
 
@@ -235,7 +276,7 @@ def plot_pareto(done: pd.DataFrame, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for backbone, group in done.groupby("backbone"):
         ax.scatter(group["latency_ms"], group["val_accuracy"], label=backbone, alpha=0.8)
-    front = done[pareto_front(done["val_accuracy"], done["latency_ms"])].sort_values("latency_ms")
+    front = done[latency_front(done)].sort_values("latency_ms")
     ax.step(
         front["latency_ms"],
         front["val_accuracy"],

@@ -18,6 +18,7 @@ HOST:PORT`` run them by hand, on several machines (see :mod:`tuner.distribute`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import signal
@@ -90,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--name", help="search name: results/<name>/ (default: from the data)")
     parser.add_argument("--results", default="results", help="results root folder")
-    parser.add_argument("--algorithm", choices=["hyperband", "bayesian", "random"])
+    parser.add_argument(
+        "--algorithm",
+        choices=["transfer", "hyperband", "bayesian", "random"],
+        help="transfer (default): frozen heads on cached features, then successive halving "
+        "of fine-tunes, within the budget; the others for comparison",
+    )
     parser.add_argument(
         "--weights",
         default="imagenet",
@@ -260,6 +266,13 @@ def run_search(request: SearchRequest) -> int:
     weights, weights_label = resolve_weights(
         request.weights, space, demo=request.data is None, console=console
     )
+    if weights is None and space.algorithm == "transfer":
+        # Random features are worth nothing frozen: every trial trains the whole network.
+        console.print(
+            "random weights: nothing to freeze or fine-tune, so the transfer algorithm's "
+            "stages do not apply; searching at random instead (--algorithm random)"
+        )
+        space = dataclasses.replace(space, algorithm="random")
     # Processes of one machine prepare the folder one at a time (demo data, split, config);
     # the lock lives in the temp folder, so a bad input leaves nothing in the results.
     with FileLock(prepare_lock(out)):
@@ -309,6 +322,8 @@ def run_search(request: SearchRequest) -> int:
         trial.tuner_class(space.algorithm), model, space, out, strategy(request.strategy)
     )
     tuner.context = context
+    if space.algorithm == "transfer" and role.kind != "worker":
+        prepare_transfer(tuner.oracle, space, data, ledger, request.budget_s, console)
     if role.kind == "chief":
         distribute.budget_gate(
             tuner.oracle,
@@ -328,7 +343,8 @@ def run_search(request: SearchRequest) -> int:
     with _stop_on_signals(context):
         try:
             tuner.search(verbose=0)
-            console.print("search finished: the algorithm has no more trials to run")
+            why = getattr(tuner.oracle, "reason", "") or "the algorithm has no more trials to run"
+            console.print(f"search finished: {why}")
         except trial.BudgetExhausted as exc:
             console.print(f"budget reached: {exc}")
         except trial.Interrupted:
@@ -515,6 +531,24 @@ def strategy(name: str):
     return tf.distribute.MirroredStrategy()
 
 
+def prepare_transfer(oracle, space, data, ledger, budget_s: float, console) -> None:
+    """Give the transfer oracle the budget, the data's size and this device's speed (one
+    timed batch of the cheapest backbone), and print its plan."""
+    from tuner import oracle as oracle_mod
+
+    sets = oracle_mod.feature_sets(space)
+    oracle.setting = oracle_mod.make_setting(
+        space,
+        budget_s,
+        len(data.train) + len(data.validation),
+        oracle_mod.calibrate(sets[0]),
+        finetunable=True,
+    )
+    oracle.remaining = ledger.remaining
+    for line in oracle.plan():
+        console.print(line, highlight=False)
+
+
 def make_tuner(cls: type, model, space, out: Path, distribution_strategy=None):
     """The Keras Tuner object, reloading its state from ``out/keras_tuner`` when present."""
     import keras_tuner as kt
@@ -529,6 +563,17 @@ def make_tuner(cls: type, model, space, out: Path, distribution_strategy=None):
         overwrite=False,
         max_consecutive_failed_trials=space.max_consecutive_failures,
     )
+    if space.algorithm == "transfer":
+        from tuner.oracle import TransferOracle
+
+        oracle = TransferOracle(
+            common.pop("objective"),
+            space,
+            max_trials=space.max_trials,
+            seed=common.pop("seed"),
+            max_consecutive_failed_trials=common.pop("max_consecutive_failed_trials"),
+        )
+        return cls(oracle=oracle, **common)
     if space.algorithm == "hyperband":
         return cls(
             max_epochs=space.epochs,

@@ -27,7 +27,7 @@ import yaml
 from data_tools.errors import InputError
 from tuner import backbones
 
-ALGORITHMS = ("hyperband", "bayesian", "random")
+ALGORITHMS = ("transfer", "hyperband", "bayesian", "random")
 CLASS_WEIGHTS = ("none", "balanced")
 # Keys that are hyperparameters (tunable) and the bounds a value must respect.
 TUNABLE_BOUNDS: dict[str, tuple[float, float]] = {
@@ -36,6 +36,7 @@ TUNABLE_BOUNDS: dict[str, tuple[float, float]] = {
     "learning_rate": (1e-8, 1.0),
     "finetune_fraction": (0.0, 1.0),
     "finetune_lr_factor": (1e-6, 1.0),
+    "l2": (0.0, 10.0),
 }
 
 
@@ -45,19 +46,34 @@ class SearchSpace:
 
     backbones: tuple[str, ...] = ("B0", "B1", "B2", "B3", "B4", "B5", "B6", "B7")
     image_size: Any = "native"  # "native" (from the backbone table), an int, or a list of ints
-    batch_size: Any = "native"  # "native" (the table's default) or an int
+    # The backbone pass (features, activations, latency): "native" is the table's batch for
+    # an 8 GB card, scaled to the GPU's free memory (64 at most on a CPU), or an int.
+    batch_size: Any = "native"
+    # Head and fine-tune training: "auto" sizes it for the data (the largest power of two
+    # that still gives >= 30 optimizer steps an epoch, at most the pass batch), or ints.
+    train_batch_size: Any = "auto"
     head_width: Any = (0, 128, 256, 512, 1024)  # 0 = a linear head on the pooled features
     dropout: Any = field(default_factory=lambda: {"min": 0.0, "max": 0.5, "step": 0.1})
     learning_rate: Any = field(default_factory=lambda: {"min": 1e-5, "max": 1e-2, "log": True})
+    # L2 penalty on the head's weights, per example (a linear head on cached features is
+    # fitted exactly, by Newton-CG, for each value).
+    l2: Any = field(default_factory=lambda: {"min": 1e-5, "max": 1e-1, "log": True})
     finetune_fraction: Any = (0.0, 0.2, 0.5)  # top fraction of blocks unfrozen; 0 = frozen
     finetune_lr_factor: Any = 0.1  # phase-2 learning rate = learning_rate * this
     finetune_epochs: int = 0  # epochs of phase 2 (0: half of epochs) when fine-tuning
     class_weight: Any = ("none", "balanced")
-    epochs: int = 10
-    algorithm: str = "hyperband"
-    hyperband_factor: int = 3
+    epochs: int = 10  # per trial; for `transfer`, the longest fine-tune (the top rung)
+    algorithm: str = "transfer"
+    # transfer: head trials per (backbone, size) in the frozen stage, the epoch cap and
+    # early-stopping patience of a head trained by Adam, and the share of the budget the
+    # frozen stage may take before fine-tuning (it gives back what it does not use).
+    head_trials: int = 12
+    head_epochs: int = 200
+    patience: int = 10
+    frozen_share: float = 0.5
+    hyperband_factor: int = 3  # also the successive-halving factor of `transfer`
     hyperband_iterations: int = 1
-    max_trials: int = 200  # for random and bayesian; the budget usually ends the search first
+    max_trials: int = 500  # the budget usually ends the search first
     max_consecutive_failures: int = 5
     min_batch_size: int = 8  # out-of-memory retries halve the batch down to this
     seed: int = 0
@@ -147,8 +163,17 @@ def check(space: SearchSpace, where: str) -> None:
         _check_tunable(getattr(space, key), key, low, high, where)
     _check_size("image_size", space.image_size, where)
     _check_size("batch_size", space.batch_size, where)
+    _check_size("train_batch_size", space.train_batch_size, where, word="auto")
+    if not isinstance(space.frozen_share, int | float) or not 0 < space.frozen_share <= 1:
+        raise InputError(
+            f"{where}: frozen_share must be a number above 0 and at most 1, got "
+            f"{space.frozen_share!r}"
+        )
     positive = [
         "epochs",
+        "head_trials",
+        "head_epochs",
+        "patience",
         "hyperband_factor",
         "hyperband_iterations",
         "max_trials",
@@ -179,13 +204,13 @@ def _check_choice(value: Any, valid: tuple[str, ...], key: str, where: str) -> N
         )
 
 
-def _check_size(key: str, value: Any, where: str) -> None:
+def _check_size(key: str, value: Any, where: str, word: str = "native") -> None:
     for item in _as_list(value):
-        if item == "native":
+        if item == word:
             continue
         if not isinstance(item, int) or isinstance(item, bool) or item < 1:
             raise InputError(
-                f"{where}: {key} must be 'native', a whole number >= 1 or a list "
+                f"{where}: {key} must be '{word}', a whole number >= 1 or a list "
                 f"of them, got {value!r}"
             )
 
@@ -230,7 +255,12 @@ def declare(hp: kt.HyperParameters, space: SearchSpace) -> dict[str, Any]:
         "finetune_fraction": _declare(hp, "finetune_fraction", space.finetune_fraction),
         "finetune_lr_factor": _declare(hp, "finetune_lr_factor", space.finetune_lr_factor),
         "class_weight": _declare(hp, "class_weight", space.class_weight),
+        "l2": _declare(hp, "l2", space.l2),
     }
+    if len(_as_list(space.train_batch_size)) > 1 or space.train_batch_size != "auto":
+        values["train_batch_size"] = _declare(
+            hp, "train_batch_size", [str(s) for s in _as_list(space.train_batch_size)]
+        )
     sizes = [s for s in _as_list(space.image_size) if s != "native"]
     if len(_as_list(space.image_size)) > 1 or sizes:
         # Choices must share one type: "native" and 64 both become text.

@@ -143,8 +143,8 @@ class TrialRunner:
         if ctx.interrupt_requested:
             raise Interrupted("interrupted")
         plan = self.hypermodel.plan(trial.hyperparameters)
-        epochs = trial_epochs(trial.hyperparameters, self.hypermodel.space.epochs)
-        estimate = trial_estimate(plan, epochs, ctx)
+        epochs = trial_epochs(trial.hyperparameters, self.hypermodel.space)
+        estimate = trial_estimate(trial.hyperparameters, plan, epochs, ctx)
         # A worker's trials were admitted by the chief, which holds the budget.
         refusal = (
             None if ctx.role == "worker" else start_refusal(plan, epochs, estimate, ctx.ledger)
@@ -154,6 +154,7 @@ class TrialRunner:
         ctx.stopped_by_budget = False
         ctx.trials_run += 1
         self._announce(trial, plan, epochs, estimate)
+        self._trial_started = time.monotonic()
         self._wandb_run_id = ""
         if ctx.wandb:
             self._wandb_run_id = ctx.wandb.start_trial(
@@ -233,13 +234,24 @@ class TrialRunner:
         # Hyperband continues a trial from its parent's checkpoint and needs the parent's
         # build config to rebuild it (Keras Tuner's own implementation saves it here too).
         kt_utils.save_json(self._get_build_config_fname(trial.trial_id), model.get_build_config())
-        self._record_completed(trial, model, train_seconds)
-        return results
+        row = self._record_completed(trial, model, train_seconds)
+        # What the transfer oracle budgets by (other oracles ignore them).
+        fit = self.hypermodel.last_fit
+        return {
+            **results,
+            "train_seconds": train_seconds,
+            "pass_seconds": fit.get("pass_seconds", 0.0),
+            "trial_seconds": time.monotonic() - getattr(self, "_trial_started", started),
+            "latency_ms": row["latency_ms"],
+            "epochs_run": fit["epochs_run"],
+        }
 
-    def _record_completed(self, trial, model: keras.Model, train_seconds: float) -> None:
+    def _record_completed(self, trial, model: keras.Model, train_seconds: float) -> dict:
         fit = self.hypermodel.last_fit
         plan: TrialPlan = fit["plan"]
-        latency_ms, images_per_s = measure_latency(model, plan.image_size)
+        # One figure per architecture: trials that differ only in training share it.
+        known = self.context.results.latency_of(plan.backbone, plan.image_size, plan.head_width)
+        latency_ms, images_per_s, spread_ms = known or measure_latency(model, plan.image_size)
         model_dir = self.context.results.trial_dir(trial.trial_id)
         model_bytes = save_model(model, model_dir / "model.keras")
         metrics = _best_epoch(fit["history"])
@@ -252,6 +264,7 @@ class TrialRunner:
             **metrics,
             epochs=fit["epochs_run"],
             latency_ms=latency_ms,
+            latency_spread_ms=spread_ms,
             images_per_s=images_per_s,
             params=model.count_params(),
             model_bytes=model_bytes,
@@ -265,6 +278,7 @@ class TrialRunner:
             f"{status}",
             highlight=False,
         )
+        return row
 
     def _row(self, trial, plan: TrialPlan, **values: Any) -> dict[str, Any]:
         hp = trial.hyperparameters.values
@@ -273,6 +287,7 @@ class TrialRunner:
             **asdict(plan),
             "weights": self.context.weights_label,
             "device": device_name(),
+            "stage": hp.get("tuner/stage", ""),
             "hyperband_epochs": hp.get("tuner/epochs", ""),
             "resumed_from": hp.get("tuner/trial_id", ""),
             "wandb_run_id": getattr(self, "_wandb_run_id", ""),
@@ -289,15 +304,30 @@ class TrialRunner:
             else plan.mode.replace("-", " ")
         )
         guess = f", about {budget_mod.format_seconds(estimate)}" if estimate else ""
+        stage = f"{plan.stage}: " if plan.stage else ""
         self.context.console.rule(
-            f"trial {self.context.trials_run} (id {trial.trial_id}): {plan.backbone} "
+            f"trial {self.context.trials_run} (id {trial.trial_id}): {stage}{plan.backbone} "
             f"{plan.image_size}px batch {plan.batch_size}"
         )
+        why = trial.hyperparameters.values.get("tuner/why")
+        if why:
+            self.context.console.print(f"  {why}", highlight=False)
+        if plan.solver == "exact":
+            head = f"linear head fitted by Newton-CG, l2 {plan.l2:.1e}"
+            length = "to convergence"
+        else:
+            head = (
+                f"head {plan.head_width or 'linear'}, dropout {plan.dropout:g}, lr "
+                f"{plan.learning_rate:.2e}, l2 {plan.l2:.1e}"
+            )
+            length = (
+                f"up to {epochs} epochs (early stopping)"
+                if plan.stage == "frozen"
+                else f"{epochs} epochs"
+            )
         self.context.console.print(
-            f"  head {plan.head_width or 'linear'}, dropout {plan.dropout:g}, lr "
-            f"{plan.learning_rate:.2e}, {tune}, class weight {plan.class_weight}; {epochs} "
-            f"epochs{guess}; budget left "
-            f"{budget_mod.format_seconds(self.context.ledger.remaining())}",
+            f"  {head}, {tune}, class weight {plan.class_weight}; {length}{guess}; budget "
+            f"left {budget_mod.format_seconds(self.context.ledger.remaining())}",
             highlight=False,
         )
 
@@ -313,11 +343,14 @@ def forget_attempt(callbacks) -> None:
             Path(callback.filepath).unlink(missing_ok=True)
 
 
-def trial_epochs(hp: kt.HyperParameters, epochs: int) -> int:
-    """Epochs this trial trains: Hyperband's ``tuner/epochs - tuner/initial_epoch``, else the
-    space's ``epochs``."""
+def trial_epochs(hp: kt.HyperParameters, space) -> int:
+    """Epochs this trial trains (at most): ``tuner/epochs - tuner/initial_epoch`` for a
+    continued trial, ``head_epochs`` for a frozen-stage head, else the space's ``epochs``."""
     values = hp.values
-    return int(values.get("tuner/epochs", epochs)) - int(values.get("tuner/initial_epoch", 0))
+    if values.get("tuner/stage") == "frozen":
+        return space.head_epochs
+    total = int(values.get("tuner/epochs", space.epochs))
+    return total - int(values.get("tuner/initial_epoch", 0))
 
 
 def start_refusal(
@@ -338,13 +371,19 @@ def start_refusal(
 def chief_refusal(hypermodel, hp: kt.HyperParameters, ctx: SearchContext) -> str | None:
     """:func:`start_refusal` for a trial the chief's oracle is about to hand out."""
     plan = hypermodel.plan(hp)
-    epochs = trial_epochs(hp, hypermodel.space.epochs)
-    return start_refusal(plan, epochs, trial_estimate(plan, epochs, ctx), ctx.ledger)
+    epochs = trial_epochs(hp, hypermodel.space)
+    return start_refusal(plan, epochs, trial_estimate(hp, plan, epochs, ctx), ctx.ledger)
 
 
-def trial_estimate(plan: TrialPlan, epochs: int, ctx: SearchContext) -> float | None:
-    """Seconds the trial should take, from finished trials of its backbone and size."""
-    history = ctx.results.history(plan.backbone, plan.image_size)
+def trial_estimate(
+    hp: kt.HyperParameters, plan: TrialPlan, epochs: int, ctx: SearchContext
+) -> float | None:
+    """Seconds the trial should take: the transfer oracle's estimate, else from finished
+    trials of the same backbone, size and mode (frozen heads and fine-tunes cost per epoch
+    what the other never does)."""
+    if "tuner/estimate_s" in hp.values:
+        return float(hp.values["tuner/estimate_s"])
+    history = ctx.results.history(plan.backbone, plan.image_size, plan.finetune_fraction)
     return budget_mod.estimate_seconds(history, epochs)
 
 
@@ -354,7 +393,10 @@ def _tags(plan: TrialPlan) -> list[str]:
 
 def tuner_class(algorithm: str) -> type:
     """The Keras Tuner class for ``algorithm`` with :class:`TrialRunner` mixed in."""
+    from tuner.oracle import TransferTuner
+
     base = {
+        "transfer": TransferTuner,
         "hyperband": kt.Hyperband,
         "bayesian": kt.BayesianOptimization,
         "random": kt.RandomSearch,
@@ -379,8 +421,9 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
-def measure_latency(model: keras.Model, size: int, runs: int = 10) -> tuple[float, float]:
-    """(median ms per image at batch 1, images/s at batch 32), after warm-up, on this device."""
+def measure_latency(model: keras.Model, size: int, runs: int = 10) -> tuple[float, float, float]:
+    """(median ms per image at batch 1, images/s at batch 32, interquartile range of the
+    batch-1 runs in ms), after warm-up, on this device."""
     rng = np.random.default_rng(0)
     one = rng.uniform(0, 255, (1, size, size, 3)).astype("float32")
     many = rng.uniform(0, 255, (32, size, size, 3)).astype("float32")
@@ -398,7 +441,12 @@ def measure_latency(model: keras.Model, size: int, runs: int = 10) -> tuple[floa
         start = time.perf_counter()
         predict(many)
         batch.append(time.perf_counter() - start)
-    return statistics.median(single) * 1000, 32 / statistics.median(batch)
+    quartiles = np.percentile(single, [25, 75]) * 1000
+    return (
+        statistics.median(single) * 1000,
+        32 / statistics.median(batch),
+        float(quartiles[1] - quartiles[0]),
+    )
 
 
 def save_model(model: keras.Model, path: Path) -> int:

@@ -1,0 +1,155 @@
+"""The transfer algorithm's decisions, as pure functions over plain trial data."""
+
+from __future__ import annotations
+
+import pytest
+
+from tuner import strategy
+from tuner.strategy import FINE_TUNE, FROZEN, FeatureSet, Setting, TrialFacts
+
+B0 = FeatureSet("B0", "native", 224)
+B1 = FeatureSet("B1", "native", 240)
+B3 = FeatureSet("B3", "native", 300)
+
+
+def setting(**changes) -> Setting:
+    values = dict(
+        feature_sets=(B0, B1, B3),
+        fractions=(0.1, 0.2),
+        factors=(0.1, 0.01),
+        head_trials=4,
+        frozen_share=0.5,
+        epochs=9,
+        eta=3,
+        budget_s=1000.0,
+        images=1000,
+        # B0's pass over 1,000 images: 0.39 GFLOPs x 1000 x this = 39 s.
+        seconds_per_gflop=0.1,
+    )
+    values.update(changes)
+    return Setting(**values)
+
+
+def head(trial_id: str, fs=B0, score=0.5, seconds=3.0, pass_s=0.0, width=0, latency=10.0):
+    return TrialFacts(
+        trial_id=trial_id,
+        status="COMPLETED",
+        values={"tuner/stage": FROZEN, "head_width": width, "backbone": fs.backbone},
+        feature_set=fs,
+        score=score,
+        train_seconds=seconds + pass_s,
+        pass_seconds=pass_s,
+        trial_seconds=seconds + pass_s + 1.0,
+        latency_ms=latency,
+        epochs_run=1,
+    )
+
+
+def fine(trial_id, parent, fraction, factor, epochs, initial=0, score=0.5, bracket=0, size=2):
+    return TrialFacts(
+        trial_id=trial_id,
+        status="COMPLETED",
+        values={
+            "tuner/stage": FINE_TUNE,
+            "tuner/trial_id": parent,
+            "tuner/epochs": epochs,
+            "tuner/initial_epoch": initial,
+            "tuner/bracket": bracket,
+            "tuner/bracket_size": size,
+            "tuner/bracket_rungs": 2,
+            "finetune_fraction": fraction,
+            "finetune_lr_factor": factor,
+            "head_width": 0,
+        },
+        feature_set=B0,
+        score=score,
+        train_seconds=10.0 * (epochs - initial),
+        trial_seconds=10.0 * (epochs - initial) + 1.0,
+        latency_ms=10.0,
+        epochs_run=epochs - initial,
+    )
+
+
+def test_rungs_are_hyperbands_epochs():
+    assert strategy.rungs(10, 3) == [2, 4, 10]
+    assert strategy.rungs(9, 3) == [1, 3, 9]
+    assert strategy.rungs(2, 3) == [2]
+
+
+def test_the_first_move_is_a_head_on_the_cheapest_feature_set_paying_its_pass():
+    move = strategy.next_move(setting(), [], 1000)
+    assert move.stage == FROZEN and move.feature_set == B0 and move.head_index == 0
+    # The pass (39 s from the calibration) and a head (5 s prior + 2 s records).
+    assert move.estimate_s == pytest.approx(39 + 5 + 2)
+    assert "frozen stage: head 1/4 on B0 224px" in move.why
+
+
+def test_heads_fill_a_feature_set_then_the_next_if_it_fits_the_frozen_share():
+    trials = [head(str(i), pass_s=40.0 if i == 0 else 0.0) for i in range(4)]
+    move = strategy.next_move(setting(), trials, 900)
+    assert move.stage == FROZEN and move.feature_set == B1 and move.head_index == 0
+    # B1's pass is B0's measured one scaled by FLOPs (0.70 x (240/240)^2 / 0.39).
+    assert move.estimate_s == pytest.approx(40 * 0.70 / 0.39 + 3 + 1, rel=1e-6)
+
+
+def test_a_feature_set_that_would_overrun_the_frozen_share_waits_for_the_fine_tunes():
+    trials = [head(str(i), pass_s=40.0 if i == 0 else 0.0) for i in range(4)]
+    # Share 0.1 x 1000 s = 100 s: B0 took 4 x 4 s + 40 s; B1 (~72 s pass + heads) does not fit.
+    move = strategy.next_move(setting(frozen_share=0.1), trials, 900)
+    # Every head ties (same accuracy and latency): the first is the first candidate.
+    assert move.stage == FINE_TUNE and move.parent == "0"
+
+
+def test_fine_tune_candidates_start_from_the_best_front_trial_smallest_fraction_first():
+    trials = [
+        head("0", score=0.50, pass_s=40.0),
+        head("1", score=0.70),
+        head("2", score=0.60),
+        head("3", score=0.65),
+    ]
+    move = strategy.next_move(setting(feature_sets=(B0,)), trials, 900)
+    assert move.stage == FINE_TUNE and move.parent == "1"
+    assert (move.fraction, move.factor, move.initial_epoch) == (0.1, 0.1, 0)
+    assert move.epochs == 1 and move.bracket == 0 and move.bracket_size >= 2
+
+
+def test_successive_halving_promotes_the_best_of_a_complete_rung():
+    trials = [head(str(i), score=0.6 + i / 100, pass_s=40.0 if i == 0 else 0.0) for i in range(4)]
+    rung = [
+        fine("10", "3", 0.1, 0.1, epochs=1, score=0.70, size=3),
+        fine("11", "3", 0.1, 0.01, epochs=1, score=0.72, size=3),
+        fine("12", "3", 0.2, 0.1, epochs=1, score=0.64, size=3),
+    ]
+    move = strategy.next_move(setting(feature_sets=(B0,)), trials + rung, 900)
+    assert move.stage == FINE_TUNE and move.parent == "11"
+    assert (move.initial_epoch, move.epochs) == (1, 3)
+    assert "continues trial 11" in move.why
+
+
+def test_promotion_waits_while_its_rung_is_still_running():
+    trials = [head(str(i), pass_s=40.0 if i == 0 else 0.0) for i in range(4)]
+    running = fine("11", "3", 0.1, 0.01, epochs=1, size=2)
+    running = TrialFacts(**{**running.__dict__, "status": "RUNNING", "score": None})
+    rung = [fine("10", "3", 0.1, 0.1, epochs=1, size=2), running]
+    move = strategy.next_move(setting(feature_sets=(B0,)), trials + rung, 900)
+    # Not the promotion: something else useful (more heads) meanwhile.
+    assert move.stage == FROZEN
+
+
+def test_nothing_fits_says_why():
+    assert "cannot pay for B0 224px's features" in strategy.next_move(setting(), [], 10)
+    trials = [head(str(i), pass_s=40.0 if i == 0 else 0.0) for i in range(4)]
+    assert strategy.next_move(setting(), trials, 1) == "nothing more fits in the 1s left"
+
+
+def test_fine_tune_epochs_scale_from_a_measured_fraction():
+    costs = strategy.Costs(setting(), [fine("10", "0", 0.1, 0.1, epochs=2)])
+    assert costs.epoch_seconds(B0, 0.1) == pytest.approx(10.0)
+    assert costs.epoch_seconds(B0, 0.2) == pytest.approx(20.0)
+
+
+def test_plan_names_what_the_budget_affords():
+    lines = strategy.plan_lines(setting(frozen_share=0.05), [], 1000)
+    text = "\n".join(lines)
+    assert "B0 224px" in text and "yes" in text and "later, if time is left" in text
+    assert "successive halving over 1, 3, 9 epochs" in text

@@ -1,0 +1,94 @@
+"""The transfer algorithm end to end on the tiny T0 backbone with pretrained weights: its plan,
+the frozen stage, successive halving of fine-tunes from the frozen checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tests.conftest import run_search
+
+
+def transfer(tmp_path: Path, demo_dir: Path, weights: Path, name: str, budget: str) -> int:
+    return run_search(
+        tmp_path,
+        demo_dir,
+        name,
+        "--weights",
+        str(weights),
+        "--algorithm",
+        "transfer",
+        "--set",
+        "head_trials=4",
+        "--set",
+        "head_width=[0, 16]",
+        "--set",
+        "head_epochs=30",
+        "--set",
+        "epochs=3",
+        "--set",
+        "finetune_fraction=[0.0, 0.2]",
+        "--set",
+        "finetune_lr_factor=[0.1, 0.01]",
+        # Seven trials end the search whatever the machine's speed: the budget of the second
+        # run is ample, so what is checked does not depend on the load (the first run's budget
+        # cuts it short: the resume goes on from there).
+        "--set",
+        "max_trials=7",
+        "--budget",
+        budget,
+    )
+
+
+def test_transfer_search_runs_its_stages_in_order_and_resumes(
+    tmp_path, demo_dir, pretrained_t0, capsys
+):
+    assert transfer(tmp_path, demo_dir, pretrained_t0, "tl", "40s") == 0
+    out = capsys.readouterr().out
+    assert "plan for " in out and "frozen stage (up to" in out
+    assert "T0 32px" in out and "successive halving over 1, 3 epochs" in out
+    folder = tmp_path / "results" / "tl"
+    first = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str})
+    assert 1 <= len(first) < 7
+    assert first.stage[0] == "frozen" and first.solver[0] == "exact"
+    assert "frozen stage: head 1/4 on T0 32px" in out
+
+    # The resume keeps every trial and goes on to the seventh.
+    assert transfer(tmp_path, demo_dir, pretrained_t0, "tl", "6m") == 0
+    out += capsys.readouterr().out
+    table = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str, "resumed_from": str})
+    assert len(table) == 7
+    kept = table.set_index("trial_id").loc[first.trial_id, "val_accuracy"].to_numpy()
+    np.testing.assert_array_equal(kept, first.val_accuracy.to_numpy())
+    oracle = json.loads((folder / "keras_tuner" / "oracle.json").read_text())
+    assert len(oracle["end_order"]) == 7
+    assert (table.status == "completed").all(), table.reason
+
+    frozen = table[table.stage == "frozen"]
+    fine = table[table.stage == "fine-tune"]
+    # The frozen stage first: linear heads fitted exactly (one "epoch"), then hidden-layer
+    # heads trained by Adam.
+    assert list(table.stage[:2]) == ["frozen", "frozen"]
+    assert (frozen.solver == np.where(frozen.head_width == 0, "exact", "adam")).all()
+    assert list(frozen.head_width[:2]) == [0, 0] and (frozen.head_width[2:] == 16).all()
+    assert (frozen.epochs[frozen.solver == "exact"] == 1).all()
+    assert (frozen.finetune_fraction == 0).all()
+    # Fine-tunes start from a frozen trial's checkpoint; a promotion continues a fine-tune.
+    assert len(fine) >= 2, out
+    first_rung = fine[fine.hyperband_epochs == 1]
+    assert len(first_rung) >= 1
+    assert set(first_rung.resumed_from) <= set(frozen.trial_id)
+    assert set(first_rung.finetune_fraction) == {0.2}
+    assert set(first_rung.finetune_lr_factor) <= {0.1, 0.01}
+    promoted = fine[fine.hyperband_epochs == 3]
+    assert set(promoted.resumed_from) <= set(first_rung.trial_id)
+    assert (promoted.epochs == 2).all()
+    assert "fine-tune stage: bracket 1" in out
+    # One latency per architecture: trials that differ in training only share it.
+    for _, same in table.groupby(["backbone", "head_width"]):
+        assert same.latency_ms.nunique() == 1
+    # Every trial's estimate came from the oracle and was printed on its line.
+    assert out.count("about ") >= len(table)

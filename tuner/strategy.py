@@ -1,0 +1,528 @@
+"""How the ``transfer`` algorithm spends a budget: pure decisions over plain data.
+
+Costs are lopsided. A frozen trial on cached features costs seconds once the backbone's pass
+over the images is paid (once per backbone and image size for the whole search); a fine-tune
+pays every epoch for its unfrozen top; a pass over a bigger backbone costs more than all the
+heads on a smaller one. So the budget goes, in this order:
+
+1. **frozen stage**: feature sets (backbone, image size) cheapest first; for each, its pass,
+   then ``head_trials`` heads (a linear head fitted exactly, wider heads trained to
+   convergence). A more expensive feature set is started only while its pass and heads fit in
+   the frozen stage's share of the budget (``frozen_share``);
+2. **fine-tune stage**: the frozen trials on the accuracy/latency front, best first, each
+   with every (fraction, learning-rate factor) of the space, ordered so candidates that share
+   a cut (and so one activation pass) come together; successive halving over fine-tune
+   epochs (rungs ``epochs / factor ** k``), as many candidates as the budget left affords;
+3. **what is left**: the next feature set when its pass and heads fit, another bracket of
+   fine-tunes, then more heads on the best feature set; nothing when nothing fits.
+
+Every estimate comes from measured costs of earlier trials of this search (pass seconds per
+feature set, seconds per head by solver, seconds per fine-tune epoch per cut), else from the
+backbone table's FLOPs scaled by a calibration measured at start.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tuner import backbones
+from tuner.budget import format_seconds
+
+FROZEN, FINE_TUNE = "frozen", "fine-tune"
+DONE = "COMPLETED"
+# Before anything is measured on this device: seconds a head trial takes beyond its pass.
+PRIOR_HEAD_SECONDS = {"exact": 5.0, "adam": 30.0}
+PRIOR_OVERHEAD_SECONDS = 2.0  # latency, saving, the record
+EXTRA_HEADS = 3  # leftover time: up to this many times head_trials on the best feature set
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """A (backbone, image size) pair: one backbone pass over the images serves all its heads.
+    ``choice`` is the space's image-size value (``"native"`` or a number as text)."""
+
+    backbone: str
+    choice: str
+    pixels: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.backbone} {self.pixels}px"
+
+    def gflops(self) -> float:
+        entry = backbones.get(self.backbone)
+        return entry.gflops * (self.pixels / entry.size) ** 2
+
+
+@dataclass(frozen=True)
+class TrialFacts:
+    """One trial of the search, as the strategy sees it."""
+
+    trial_id: str
+    status: str  # Keras Tuner's: RUNNING, COMPLETED, FAILED, INVALID ...
+    values: dict
+    feature_set: FeatureSet
+    score: float | None = None  # validation accuracy
+    train_seconds: float | None = None  # building and fitting
+    pass_seconds: float = 0.0  # the part of it spent in backbone passes
+    trial_seconds: float | None = None  # wall clock, records included
+    latency_ms: float | None = None
+    epochs_run: int = 0
+
+    @property
+    def stage(self) -> str:
+        return str(self.values.get("tuner/stage", ""))
+
+    @property
+    def done(self) -> bool:
+        return self.status == DONE and self.score is not None
+
+    @property
+    def solver(self) -> str:
+        return "exact" if int(self.values.get("head_width", 0)) == 0 else "adam"
+
+    @property
+    def fine_tune(self) -> tuple[float, float]:
+        return (
+            float(self.values.get("finetune_fraction", 0)),
+            float(self.values.get("finetune_lr_factor", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What the strategy needs of the search space and the search."""
+
+    feature_sets: tuple[FeatureSet, ...]
+    fractions: tuple[float, ...]  # non-zero fine-tune fractions (empty: no fine-tune stage)
+    factors: tuple[float, ...]
+    head_trials: int
+    frozen_share: float
+    epochs: int  # the longest fine-tune
+    eta: int  # successive halving's factor
+    budget_s: float
+    images: int  # train + validation: what a pass runs over
+    seconds_per_gflop: float  # calibration: pass seconds per GFLOP of one image, x images
+
+
+@dataclass(frozen=True)
+class Move:
+    """The next trial: what it is, what it should cost, and why."""
+
+    stage: str
+    feature_set: FeatureSet
+    estimate_s: float
+    why: str
+    head_index: int = 0  # frozen: the k-th head on its feature set
+    parent: str | None = None  # fine-tune: the trial whose checkpoint it continues
+    fraction: float = 0.0
+    factor: float = 0.0
+    initial_epoch: int = 0
+    epochs: int = 0
+    bracket: int = 0
+    bracket_size: int = 0
+    bracket_rungs: int = 0
+
+
+@dataclass
+class Costs:
+    """Measured costs of this search, with the calibrated table as the fallback."""
+
+    setting: Setting
+    trials: Sequence[TrialFacts]
+    _pass: dict[FeatureSet, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for t in self.trials:
+            if t.stage == FROZEN and t.pass_seconds > 0:
+                self._pass.setdefault(t.feature_set, t.pass_seconds)
+
+    def pass_seconds(self, fs: FeatureSet) -> float:
+        if fs in self._pass:
+            return self._pass[fs]
+        rates = [s / (f.gflops() * self.setting.images) for f, s in self._pass.items()]
+        rate = statistics.median(rates) if rates else self.setting.seconds_per_gflop
+        return rate * fs.gflops() * self.setting.images
+
+    def measured(self, fs: FeatureSet) -> bool:
+        return fs in self._pass or any(
+            t.stage == FROZEN and t.feature_set == fs and t.done for t in self.trials
+        )
+
+    def overhead(self) -> float:
+        gaps = [
+            t.trial_seconds - t.train_seconds
+            for t in self.trials
+            if t.done and t.trial_seconds is not None and t.train_seconds is not None
+        ]
+        return statistics.median(gaps) if gaps else PRIOR_OVERHEAD_SECONDS
+
+    def head_seconds(self, solver: str) -> float:
+        """A head trial beyond its pass, records included."""
+        spent = [
+            t.train_seconds - t.pass_seconds
+            for t in self.trials
+            if t.stage == FROZEN and t.done and t.solver == solver and t.train_seconds
+        ]
+        base = statistics.median(spent) if spent else PRIOR_HEAD_SECONDS[solver]
+        return base + self.overhead()
+
+    def epoch_seconds(self, fs: FeatureSet, fraction: float) -> float:
+        """One fine-tune epoch of the top ``fraction`` on cached activations: measured, or
+        scaled by the fraction from another fraction measured on ``fs``, or estimated."""
+        measured: dict[float, list[float]] = {}
+        for t in self.trials:
+            if (
+                t.stage == FINE_TUNE
+                and t.done
+                and t.feature_set == fs
+                and t.epochs_run > 0
+                and t.train_seconds
+            ):
+                per_epoch = (t.train_seconds - t.pass_seconds) / t.epochs_run
+                measured.setdefault(t.fine_tune[0], []).append(per_epoch)
+        if fraction in measured:
+            return statistics.median(measured[fraction])
+        if measured:
+            known = min(measured, key=lambda f: abs(f - fraction))
+            return statistics.median(measured[known]) * fraction / known
+        # Forward and backward through the top, over the train split (most of the images a
+        # pass runs over): about 3x its share of a forward pass.
+        return 3 * fraction * self.pass_seconds(fs) * 0.9
+
+    def activation_pass(self, fs: FeatureSet, fraction: float) -> float:
+        """The pass that caches the activations at this fraction's cut (0 once done)."""
+        done = any(
+            t.stage == FINE_TUNE and t.feature_set == fs and t.fine_tune[0] == fraction
+            for t in self.trials
+            if t.status in (DONE, "RUNNING")
+        )
+        return 0.0 if done else (1 - fraction) * self.pass_seconds(fs)
+
+
+def rungs(epochs: int, eta: int) -> list[int]:
+    """Successive halving's cumulative fine-tune epochs, e.g. 10 epochs, eta 3: [2, 4, 10]."""
+    count = int(math.log(max(epochs, 1)) / math.log(eta) + 1e-9) + 1
+    out = [math.ceil(epochs / eta ** (count - 1 - k)) for k in range(count)]
+    return sorted(set(out))
+
+
+def next_move(setting: Setting, trials: Sequence[TrialFacts], remaining_s: float) -> Move | str:
+    """The next trial, or why there is none (a line for the user)."""
+    costs = Costs(setting, trials)
+    move = _frozen_stage(setting, trials, costs, remaining_s)
+    if isinstance(move, Move):
+        return move
+    for step in (_fine_tune_stage, _leftover):
+        found = step(setting, trials, costs, remaining_s)
+        if isinstance(found, Move):
+            return found
+    return (
+        f"nothing more fits in the {format_seconds(max(remaining_s, 0))} left"
+        if trials
+        else f"the budget cannot pay for {setting.feature_sets[0].label}'s features and a head "
+        f"(about {format_seconds(_feature_set_cost(setting, costs, setting.feature_sets[0]))})"
+    )
+
+
+def frozen_budget(setting: Setting) -> float:
+    """The frozen stage's share; all of it when there is nothing to fine-tune."""
+    return setting.budget_s * (setting.frozen_share if setting.fractions else 1.0)
+
+
+def _feature_set_cost(setting: Setting, costs: Costs, fs: FeatureSet) -> float:
+    heads = math.ceil(setting.head_trials / 2)
+    return (
+        costs.pass_seconds(fs)
+        + heads * costs.head_seconds("exact")
+        + (setting.head_trials - heads) * costs.head_seconds("adam")
+    )
+
+
+def _heads_on(trials: Sequence[TrialFacts], fs: FeatureSet) -> int:
+    return sum(1 for t in trials if t.stage == FROZEN and t.feature_set == fs)
+
+
+def _head_move(
+    setting: Setting, costs: Costs, fs: FeatureSet, index: int, why: str
+) -> tuple[Move, float]:
+    solver = "exact" if index < math.ceil(setting.head_trials / 2) else "adam"
+    first = not costs.measured(fs) and index == 0
+    estimate = costs.head_seconds(solver) + (costs.pass_seconds(fs) if first else 0.0)
+    return Move(FROZEN, fs, estimate, why, head_index=index), estimate
+
+
+def _frozen_stage(
+    setting: Setting, trials: Sequence[TrialFacts], costs: Costs, remaining_s: float
+) -> Move | None:
+    spent = sum(t.trial_seconds or 0.0 for t in trials if t.stage == FROZEN and t.trial_seconds)
+    share = frozen_budget(setting)
+    linear = math.ceil(setting.head_trials / 2)
+    for position, fs in enumerate(setting.feature_sets):
+        done = _heads_on(trials, fs)
+        if done >= setting.head_trials:
+            continue
+        if done == 0 and position > 0 and spent + _feature_set_cost(setting, costs, fs) > share:
+            return None  # a more expensive feature set does not fit the stage's share
+        why = f"frozen stage: head {done + 1}/{setting.head_trials} on {fs.label}"
+        move, estimate = _head_move(setting, costs, fs, done, why)
+        if done >= linear and spent + estimate > share:
+            return None  # the linear heads always run; the slower ones within the share
+        return move if estimate <= remaining_s else None
+    return None
+
+
+def _front(trials: Sequence[TrialFacts]) -> list[TrialFacts]:
+    """Finished frozen trials that no other beats on validation accuracy and latency, best
+    first (ties in accuracy: the faster)."""
+    done = [t for t in trials if t.stage == FROZEN and t.done]
+    front = [
+        t
+        for t in done
+        if not any(
+            (o.score >= t.score and (o.latency_ms or 0) <= (t.latency_ms or 0))
+            and (o.score > t.score or (o.latency_ms or 0) < (t.latency_ms or 0))
+            for o in done
+        )
+    ]
+    return sorted(front, key=lambda t: (-(t.score or 0), t.latency_ms or 0, t.trial_id))
+
+
+def _candidates(
+    setting: Setting, trials: Sequence[TrialFacts]
+) -> list[tuple[TrialFacts, float, float]]:
+    """(frozen parent, fraction, factor) not yet fine-tuned: front parents best first, the
+    smaller fractions (cheaper, one cut shared by both factors) first."""
+    tried = {
+        (t.values.get("tuner/trial_id"), *t.fine_tune)
+        for t in trials
+        if t.stage == FINE_TUNE and int(t.values.get("tuner/initial_epoch", 0)) == 0
+    }
+    return [
+        (parent, fraction, factor)
+        for parent in _front(trials)
+        for fraction in sorted(setting.fractions)
+        for factor in setting.factors
+        if (parent.trial_id, fraction, factor) not in tried
+    ]
+
+
+def _bracket_cost(
+    setting: Setting,
+    costs: Costs,
+    chosen: Sequence[tuple[TrialFacts, float, float]],
+    steps: Sequence[int],
+) -> float:
+    count, total, previous = len(chosen), 0.0, 0
+    worst = max(costs.epoch_seconds(p.feature_set, f) for p, f, _ in chosen)
+    for rung, epochs in enumerate(steps):
+        survivors = count if rung == 0 else max(1, count // setting.eta**rung)
+        total += survivors * ((epochs - previous) * worst + costs.overhead())
+        previous = epochs
+    cuts = {(p.feature_set, f) for p, f, _ in chosen}
+    return total + sum(costs.activation_pass(fs, f) for fs, f in cuts)
+
+
+def _fine_tune_stage(
+    setting: Setting, trials: Sequence[TrialFacts], costs: Costs, remaining_s: float
+) -> Move | None:
+    if not setting.fractions:
+        return None
+    fine = [t for t in trials if t.stage == FINE_TUNE]
+    bracket = 0
+    if fine:
+        bracket = max(int(t.values.get("tuner/bracket", 0)) for t in fine)
+        move = _bracket_move(setting, costs, fine, bracket, remaining_s)
+        if move is not False:
+            return move  # a Move, or None: this bracket's next trial waits or does not fit
+        bracket += 1
+    candidates = _candidates(setting, trials)
+    if not candidates:
+        return None
+    # The longest schedule that fits one candidate, then as many candidates as fit it.
+    full = rungs(setting.epochs, setting.eta)
+    for count in range(len(full), 0, -1):
+        steps = full[:count]
+        size = 0
+        while size < len(candidates) and (
+            _bracket_cost(setting, costs, candidates[: size + 1], steps) <= remaining_s
+        ):
+            size += 1
+        if size:
+            parent, fraction, factor = candidates[0]
+            return _start(
+                setting, costs, parent, fraction, factor, bracket, size, count, 0, remaining_s
+            )
+    return None
+
+
+def _bracket_move(
+    setting: Setting,
+    costs: Costs,
+    fine: Sequence[TrialFacts],
+    bracket: int,
+    remaining_s: float,
+) -> Move | None | bool:
+    """The next trial of an open bracket; None when it must wait or does not fit; False when
+    the bracket is complete."""
+    members = [t for t in fine if int(t.values.get("tuner/bracket", 0)) == bracket]
+    size = int(members[0].values.get("tuner/bracket_size", 1))
+    count = int(members[0].values.get("tuner/bracket_rungs", 1))
+    steps = rungs(setting.epochs, setting.eta)[:count]
+    by_rung = [[t for t in members if int(t.values.get("tuner/epochs", 0)) == e] for e in steps]
+    candidates = _candidates(setting, costs.trials)
+    if len(by_rung[0]) < size and candidates:
+        parent, fraction, factor = candidates[0]
+        return _start(
+            setting,
+            costs,
+            parent,
+            fraction,
+            factor,
+            bracket,
+            size,
+            count,
+            len(by_rung[0]),
+            remaining_s,
+        )
+    size = len(by_rung[0])  # fewer candidates than planned: halve what there is
+    for rung in range(1, len(steps)):
+        if len(by_rung[rung]) >= max(1, size // setting.eta**rung):
+            continue
+        below = by_rung[rung - 1]
+        if any(t.status == "RUNNING" for t in below):
+            return None  # promotion needs the whole rung below
+        promoted = {str(t.values.get("tuner/trial_id")) for t in by_rung[rung]}
+        ranked = sorted(
+            (t for t in below if t.done and t.trial_id not in promoted),
+            key=lambda t: (-(t.score or 0), t.trial_id),
+        )
+        if not ranked:
+            continue
+        best = ranked[0]
+        fraction, factor = best.fine_tune
+        estimate = (steps[rung] - steps[rung - 1]) * costs.epoch_seconds(
+            best.feature_set, fraction
+        ) + costs.overhead()
+        if estimate > remaining_s:
+            return None
+        return Move(
+            FINE_TUNE,
+            best.feature_set,
+            estimate,
+            f"fine-tune stage: bracket {bracket + 1}, rung {rung + 1}/{len(steps)} "
+            f"(epochs {steps[rung - 1]} -> {steps[rung]}): continues trial {best.trial_id} "
+            f"(val accuracy {best.score:.4f})",
+            parent=best.trial_id,
+            fraction=fraction,
+            factor=factor,
+            initial_epoch=steps[rung - 1],
+            epochs=steps[rung],
+            bracket=bracket,
+            bracket_size=size,
+            bracket_rungs=count,
+        )
+    return False
+
+
+def _start(
+    setting: Setting,
+    costs: Costs,
+    parent: TrialFacts,
+    fraction: float,
+    factor: float,
+    bracket: int,
+    size: int,
+    count: int,
+    started: int,
+    remaining_s: float,
+) -> Move | None:
+    """A rung-1 trial: ``parent`` (a frozen trial) fine-tuned for the first rung's epochs of
+    a bracket of ``size`` candidates and ``count`` rungs."""
+    steps = rungs(setting.epochs, setting.eta)[:count]
+    estimate = (
+        steps[0] * costs.epoch_seconds(parent.feature_set, fraction)
+        + costs.activation_pass(parent.feature_set, fraction)
+        + costs.overhead()
+    )
+    if estimate > remaining_s:
+        return None
+    return Move(
+        FINE_TUNE,
+        parent.feature_set,
+        estimate,
+        f"fine-tune stage: bracket {bracket + 1}, candidate {started + 1}/{size}, rung "
+        f"1/{len(steps)} ({steps[0]} epoch(s)): top {fraction:.0%} at lr x{factor:g} from "
+        f"trial {parent.trial_id}",
+        parent=parent.trial_id,
+        fraction=fraction,
+        factor=factor,
+        epochs=steps[0],
+        bracket=bracket,
+        bracket_size=size,
+        bracket_rungs=count,
+    )
+
+
+def _leftover(
+    setting: Setting, trials: Sequence[TrialFacts], costs: Costs, remaining_s: float
+) -> Move | None:
+    """Time the stages did not use: the next feature set when its pass and heads fit, then
+    more heads on the best feature set."""
+    for fs in setting.feature_sets:
+        if _heads_on(trials, fs) == 0 and _feature_set_cost(setting, costs, fs) <= remaining_s:
+            move, _ = _head_move(setting, costs, fs, 0, f"time left: frozen stage on {fs.label}")
+            return move
+    front = _front(trials)
+    if not front:
+        return None
+    fs = front[0].feature_set
+    done = _heads_on(trials, fs)
+    if done >= EXTRA_HEADS * setting.head_trials:
+        return None
+    move, estimate = _head_move(
+        setting, costs, fs, done, f"time left: head {done + 1} on {fs.label}"
+    )
+    return move if estimate <= remaining_s else None
+
+
+def plan_lines(setting: Setting, trials: Sequence[TrialFacts], remaining_s: float) -> list[str]:
+    """The plan at this budget, for the user: which feature sets the frozen stage can
+    afford and why, and what the fine-tune stage will do."""
+    costs = Costs(setting, trials)
+    share = frozen_budget(setting)
+    lines = [
+        f"plan for {format_seconds(remaining_s)} left of {format_seconds(setting.budget_s)} "
+        f"({setting.images:,} train + validation images per backbone pass):",
+        f"  frozen stage (up to {format_seconds(share)}): per backbone and size, cheapest "
+        f"first, its pass then {setting.head_trials} heads "
+        f"({math.ceil(setting.head_trials / 2)} linear, fitted exactly; the rest trained "
+        f"to convergence)",
+    ]
+    spent = 0.0
+    for position, fs in enumerate(setting.feature_sets):
+        cost = _feature_set_cost(setting, costs, fs)
+        source = "measured" if costs.measured(fs) else "estimated"
+        fits = position == 0 or spent + cost <= share
+        verdict = "yes" if fits else "later, if time is left"
+        lines.append(
+            f"    {fs.label:<12} pass ~{format_seconds(costs.pass_seconds(fs))} ({source}) "
+            f"+ heads ~{format_seconds(cost - costs.pass_seconds(fs))}: {verdict}"
+        )
+        if fits:
+            spent += cost
+    if setting.fractions:
+        steps = rungs(setting.epochs, setting.eta)
+        lines.append(
+            f"  fine-tune stage (the rest, ~{format_seconds(max(remaining_s - spent, 0))}): "
+            f"the frozen trials on the accuracy/latency front, top "
+            f"{', '.join(f'{f:.0%}' for f in sorted(setting.fractions))} of blocks at lr x"
+            f"{', x'.join(f'{f:g}' for f in setting.factors)}; successive halving over "
+            f"{', '.join(map(str, steps))} epochs, as many candidates as the time affords"
+        )
+    else:
+        lines.append("  no fine-tune stage (no finetune_fraction above 0, or frozen backbones)")
+    return lines
