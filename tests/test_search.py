@@ -327,7 +327,7 @@ def test_resume_with_a_different_space_is_refused(tmp_path, demo_dir, capsys):
     assert yaml.safe_load(config.read_text())["space"]["dropout"] == 0.3
 
 
-def test_user_label_csv_is_split_and_saved_and_test_never_read(tmp_path, demo_dir):
+def test_user_label_csv_is_split_and_saved_and_test_never_read(tmp_path, demo_dir, pretrained_t0):
     argv = [
         "--results",
         str(tmp_path / "results"),
@@ -337,6 +337,7 @@ def test_user_label_csv_is_split_and_saved_and_test_never_read(tmp_path, demo_di
         "u",
         "--set",
         "backbones=[T0]",
+        *frozen(pretrained_t0),
         *ONE_TRIAL,
     ]
     assert run_cli(search.main, argv) == 0

@@ -154,7 +154,7 @@ def test_interrupted_trial_reuses_its_run_id(tmp_path, demo_dir, pretrained_t0, 
     assert [r.exit_code for r in rerun] == [1, 0]
 
 
-def test_wandb_unreachable_degrades_once_and_the_search_goes_on(tmp_path, demo_dir):
+def test_wandb_unreachable_degrades_once_and_the_search_goes_on(tmp_path, demo_dir, pretrained_t0):
     # A fresh process, as a user runs it: wandb's service starts with these settings.
     # A user's shell: none of the WANDB_* variables that earlier in-process runs left behind
     # (wandb's service address among them), then an unreachable server with a key.
@@ -171,6 +171,10 @@ def test_wandb_unreachable_degrades_once_and_the_search_goes_on(tmp_path, demo_d
         tmp_path,
         demo_dir,
         "u",
+        "--weights",
+        str(pretrained_t0),
+        "--set",
+        "finetune_fraction=0.0",
         "--algorithm",
         "random",
         "--set",
