@@ -66,6 +66,13 @@ def search_argv(tmp_path: Path, demo_dir: Path, name: str, *extra: str) -> list[
     ]
 
 
+def frozen(weights: Path) -> list[str]:
+    """``tuner.search`` arguments for frozen heads on cached features of the T0 in ``weights``
+    (the ``pretrained_t0`` folder): seconds a trial, for tests of what happens around a trial
+    (failures, retries, records, W&B), not of how the whole network trains."""
+    return ["--weights", str(weights), "--set", "finetune_fraction=0.0"]
+
+
 def run_search(tmp_path: Path, demo_dir: Path, name: str, *extra: str) -> int:
     """``python -m tuner.search`` in-process (see :func:`search_argv`)."""
     from data_tools.errors import run_cli

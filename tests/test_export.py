@@ -14,6 +14,7 @@ import tensorflow as tf
 from sklearn import metrics as skm
 
 from data_tools.errors import run_cli
+from tests.conftest import frozen
 from tests.wandb_files import read_runs
 from tuner import export_best, predict, search
 
@@ -217,10 +218,7 @@ def test_binary_labels_search_and_export(tmp_path, demo_dir, pretrained_t0):
         "bin",
         "--set",
         "backbones=[T0]",
-        "--weights",
-        str(pretrained_t0),
-        "--set",
-        "finetune_fraction=0.0",
+        *frozen(pretrained_t0),
         "--algorithm",
         "random",
         "--set",

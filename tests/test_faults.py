@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from tests.conftest import run_search, search_argv
+from tests.conftest import frozen, run_search, search_argv
 from tests.test_distribute import ROOT, clean_env
 from tuner import features
 
@@ -54,7 +54,7 @@ def test_full_disk_stops_cleanly_and_the_results_stay_valid(
     tmp_path, demo_dir, pretrained_t0, capsys, monkeypatch
 ):
     # Frozen heads on cached features: seconds a trial, and the same records to write.
-    frozen = ["--weights", str(pretrained_t0), "--set", "finetune_fraction=0.0", *COMMON]
+    quick = [*frozen(pretrained_t0), *COMMON]
     out = tmp_path / "results" / "full"
     real_to_csv = pd.DataFrame.to_csv
     writes = []
@@ -69,7 +69,7 @@ def test_full_disk_stops_cleanly_and_the_results_stay_valid(
         return real_to_csv(self, path, *args, **kwargs)
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", to_csv)
-    assert run_search(tmp_path, demo_dir, "full", *frozen) == 1
+    assert run_search(tmp_path, demo_dir, "full", *quick) == 1
     output = capsys.readouterr().out
     assert "stopped: the disk is full" in output and "resume with the same command" in output
     assert "Traceback" not in output
@@ -78,7 +78,7 @@ def test_full_disk_stops_cleanly_and_the_results_stay_valid(
     assert not list(out.rglob("*.tmp"))
     # Space again: resume records the trial that could not be recorded, once.
     monkeypatch.setattr(pd.DataFrame, "to_csv", real_to_csv)
-    assert run_search(tmp_path, demo_dir, "full", *frozen) == 0
+    assert run_search(tmp_path, demo_dir, "full", *quick) == 0
     table = read_trials(out)
     assert sorted(table.trial_id) == ["0", "1"] and table.trial_id.is_unique
 

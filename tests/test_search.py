@@ -19,7 +19,7 @@ import tensorflow as tf
 import yaml
 
 from data_tools.errors import run_cli
-from tests.conftest import run_search
+from tests.conftest import frozen, run_search
 from tuner import hypermodel, search
 
 run = run_search
@@ -34,12 +34,6 @@ ONE_TRIAL = [
     "--budget",
     "10m",
 ]
-
-
-def frozen(weights: Path) -> list[str]:
-    """Frozen heads on cached T0 features: seconds a trial, for tests of what happens around
-    a trial (failures, retries, records), not of how the whole network trains."""
-    return ["--weights", str(weights), "--set", "finetune_fraction=0.0"]
 
 
 def trials(tmp_path: Path, name: str) -> pd.DataFrame:

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from data_tools.errors import run_cli
-from tests.conftest import run_search, search_argv
+from tests.conftest import frozen, run_search, search_argv
 from tests.wandb_files import read_runs
 from tuner import search
 
@@ -34,10 +34,7 @@ def run(tmp_path: Path, demo_dir: Path, weights: Path, name: str, *extra: str) -
         tmp_path,
         demo_dir,
         name,
-        "--weights",
-        str(weights),
-        "--set",
-        "finetune_fraction=0.0",
+        *frozen(weights),
         "--algorithm",
         "random",
         "--set",
@@ -171,10 +168,7 @@ def test_wandb_unreachable_degrades_once_and_the_search_goes_on(tmp_path, demo_d
         tmp_path,
         demo_dir,
         "u",
-        "--weights",
-        str(pretrained_t0),
-        "--set",
-        "finetune_fraction=0.0",
+        *frozen(pretrained_t0),
         "--algorithm",
         "random",
         "--set",
