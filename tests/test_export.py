@@ -200,6 +200,15 @@ def test_predict_bad_model_folder(tmp_path, capsys):
     assert "is not an exported model" in capsys.readouterr().err
 
 
+def one_frozen_trial(tmp_path, name: str, backbone: str, weights: Path, *extra: str) -> Path:
+    """``tuner.search``: one frozen trial of ``backbone`` (2 epochs); returns its folder."""
+    argv = ["--results", str(tmp_path / "r"), "--name", name, "--set", f"backbones=[{backbone}]"]
+    argv += [*frozen(weights), "--algorithm", "random", "--set", "epochs=2"]
+    argv += ["--set", "max_trials=1", "--budget", "10m", *extra]
+    assert run_cli(search.main, argv) == 0
+    return tmp_path / "r" / name
+
+
 def test_binary_labels_search_and_export(tmp_path, demo_dir, pretrained_t0):
     """The reference problem is binary: a sigmoid head, then two-column probabilities."""
     labels = pd.read_csv(demo_dir / "label.csv", dtype=str)
@@ -207,33 +216,14 @@ def test_binary_labels_search_and_export(tmp_path, demo_dir, pretrained_t0):
     data = tmp_path / "binary" / "label.csv"
     data.parent.mkdir()
     labels.to_csv(data, index=False)
-    argv = [
-        "--results",
-        str(tmp_path / "r"),
-        "--data",
-        str(data),
-        "--images",
-        str(demo_dir / "images"),
-        "--name",
+    folder = one_frozen_trial(
+        tmp_path,
         "bin",
-        "--set",
-        "backbones=[T0]",
-        *frozen(pretrained_t0),
-        "--algorithm",
-        "random",
-        "--set",
-        "epochs=2",
-        "--set",
-        "max_trials=1",
-        "--set",
-        "class_weight=balanced",
-        "--budget",
-        "10m",
-        "--wandb-mode",
-        "disabled",
-    ]
-    assert run_cli(search.main, argv) == 0
-    folder = tmp_path / "r" / "bin"
+        "T0",
+        pretrained_t0,
+        *("--data", str(data), "--images", str(demo_dir / "images")),
+        *("--set", "class_weight=balanced", "--wandb-mode", "disabled"),
+    )
     assert run_cli(export_best.main, ["--results", str(folder), "--wandb-mode", "disabled"]) == 0
     record = json.loads((folder / "best" / "metrics.json").read_text())
     assert record["classes"] == ["no", "yes"]
@@ -250,3 +240,90 @@ def test_binary_labels_search_and_export(tmp_path, demo_dir, pretrained_t0):
     assert record["test"]["accuracy"] == pytest.approx(float((probs.argmax(1) == labels).mean()))
     assert record["test"]["accuracy"] > 0.8
     assert sum(map(sum, record["test"]["confusion_matrix"])) == len(labels)
+
+
+@pytest.fixture
+def float32_after():
+    """A search with ``--mixed-precision on`` sets Keras' global policy: put it back."""
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def search_and_export(tmp_path, demo_dir, backbone: str, weights: Path, *extra: str) -> Path:
+    """One frozen trial of ``backbone`` in mixed precision, then ``export_best --tflite``."""
+    folder = one_frozen_trial(
+        tmp_path,
+        "mixed",
+        backbone,
+        weights,
+        *("--cache", str(demo_dir.parent), "--mixed-precision", "on", *extra),
+    )
+    config, trials = export_best.load_search(folder)
+    assert config["mixed_precision"] is True and (trials.status == "completed").all()
+    keras.mixed_precision.set_global_policy("float32")  # a fresh export process's default
+    assert run_cli(export_best.main, ["--results", str(folder), "--tflite"]) == 0
+    return folder
+
+
+def test_a_mixed_precision_trial_exports_float32_keras_savedmodel_and_tflite(
+    tmp_path, demo_dir, pretrained_t0, capsys, float32_after
+):
+    folder = search_and_export(tmp_path, demo_dir, "T0", pretrained_t0)
+    assert "precision: the trial ran in mixed_float16; exported in float32" in (
+        capsys.readouterr().out
+    )
+    best = folder / "best"
+    record = json.loads((best / "metrics.json").read_text())
+    assert record["precision"]["trial"] == "mixed_float16"
+    assert record["precision"]["same_predictions"] >= export_best.MIXED_MIN_AGREEMENT
+    assert record["tflite"]["max_abs_difference"] < export_best.FLOAT_TOLERANCE
+    shipped = keras.models.load_model(best / "model.keras")
+    assert export_best.mixed_policies(shipped) == set()
+    # The trial's own model was mixed, and the export computes what it computed.
+    config, trials = export_best.load_search(folder)
+    trial, _ = export_best.trial_model(folder, trials.iloc[0], config)
+    assert export_best.mixed_policies(trial) == {"mixed_float16"}
+    pixels, _, _ = export_best.test_pixels(config, 32)
+    shipped_probs = export_best.probabilities(shipped, pixels)
+    trial_probs = export_best.probabilities(trial, pixels)
+    assert not np.array_equal(shipped_probs, trial_probs)  # float16 was really used
+    assert np.abs(shipped_probs - trial_probs).mean() == pytest.approx(
+        record["precision"]["mean_abs_difference"], rel=1e-4
+    )
+    served = tf.saved_model.load(str(best / "saved_model")).signatures["serving_default"]
+    assert served.structured_outputs["probabilities"].dtype == tf.float32
+    # The card tells a deployer what each export takes.
+    card = (best / "model_card.md").read_text()
+    assert "## Inputs each export expects" in card
+    assert "| `saved_model/` (`serving_default`) | raw `uint8 [N, H, W, 3]` RGB" in card
+    assert "| `model.tflite` | `float32 [N, 32, 32, 3]`, values 0..255 |" in card
+    assert "antialiased only when shrinking by more than 2x" in card
+    assert "EXIF orientation is **not** applied" in card
+    assert "every export is float32 (same weights)" in card
+
+
+def test_a_hub_backbone_searches_in_mixed_precision_with_a_weights_folder_and_exports(
+    tmp_path, demo_dir, pretrained_t0, float32_after
+):
+    """A hub module's float32 signature under mixed precision, a --weights folder that has
+    no file for it (the module carries its own weights), and load_model of its layer."""
+    from tests.test_backbones import make_hub_module
+
+    make_hub_module(tmp_path / "hub")
+    backbone = f"hub:{tmp_path / 'hub'}"
+    folder = search_and_export(
+        tmp_path, demo_dir, backbone, pretrained_t0, "--set", "image_size=32"
+    )
+    best = folder / "best"
+    record = json.loads((best / "metrics.json").read_text())
+    assert record["backbone"] == backbone and record["test"]["count"] == 110
+    shipped = keras.models.load_model(best / "model.keras")
+    assert shipped.get_layer("backbone").get_layer("hub_features").trainable is False
+    config, _ = export_best.load_search(folder)
+    pixels, labels, _ = export_best.test_pixels(config, 32)
+    probs = export_best.probabilities(shipped, pixels)
+    assert record["test"]["accuracy"] == pytest.approx(float((probs.argmax(1) == labels).mean()))
+    served = tf.saved_model.load(str(best / "saved_model")).signatures["serving_default"]
+    np.testing.assert_allclose(
+        served(tf.constant(pixels))["probabilities"].numpy(), probs, atol=1e-5
+    )

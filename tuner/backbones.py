@@ -116,13 +116,13 @@ def build(backbone: Backbone, size: int, weights: str | None) -> keras.Model:
     backbone's Keras notop file (``efficientnetb0_notop.h5``) or a Keras 3 weights file
     (``B0.weights.h5``, as ``model.save_weights`` writes)."""
     shape = (size, size, 3)
+    if backbone.constructor == "hub":  # the module carries its own weights, whatever --weights
+        return _hub_model(backbone.handle, shape)
     own_file = None
     if weights not in (None, "imagenet"):
         own_file = weights_file_in(Path(weights), backbone)
         # Keras 3 weights files load after construction; the notop file by the constructor.
         weights = None if own_file.name.endswith(".weights.h5") else str(own_file)
-    if backbone.constructor == "hub":
-        return _hub_model(backbone.handle, shape)
     if backbone.constructor == "tiny":
         from keras.src.applications.efficientnet import EfficientNet
 
@@ -259,9 +259,15 @@ def _hub_model(handle: str, shape: tuple[int, int, int]) -> keras.Model:
 
 @keras.saving.register_keras_serializable(package="effnet_tuner")
 class HubFeatures(keras.layers.Layer):
-    """A frozen TF-Hub feature-vector module (``hub.load``) as a Keras 3 layer."""
+    """A frozen TF-Hub feature-vector module (``hub.load``) as a Keras 3 layer.
+
+    Always float32, whatever the global policy: a module's signature is float32 and refuses
+    the float16 that mixed precision would feed it. ``trainable`` in a saved config is
+    ignored (always frozen), so ``keras.models.load_model`` rebuilds it."""
 
     def __init__(self, handle: str, **kwargs) -> None:
+        kwargs.pop("trainable", None)
+        kwargs["dtype"] = "float32"
         super().__init__(trainable=False, **kwargs)
         import tensorflow_hub as hub
 
@@ -275,7 +281,9 @@ class HubFeatures(keras.layers.Layer):
             ) from None
 
     def call(self, inputs):
-        return self._module(inputs)
+        import tensorflow as tf
+
+        return self._module(tf.cast(inputs, tf.float32))
 
     def get_config(self) -> dict:
         return {**super().get_config(), "handle": self.handle}

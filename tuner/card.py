@@ -16,6 +16,41 @@ def _value(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def input_section(size: int, tflite: bool) -> list[str]:
+    """What a deployer must feed each export (Markdown lines)."""
+    resize = (
+        f"resized to {size}x{size} the package's way: squashed (aspect ratio not kept, "
+        f"no crop), bilinear, antialiased only when shrinking by more than 2x, rounded back "
+        f"to whole values 0..255 (`data_tools.pipeline.resize_pixels`)"
+    )
+    lines = [
+        "## Inputs each export expects",
+        "",
+        "Images are decoded as RGB (`tf.io.decode_image`, 3 channels: grey is repeated, alpha "
+        "dropped). EXIF orientation is **not** applied, in training or here: rotate photos "
+        "yourself if your camera only tags them.",
+        "",
+        "| export | input | preprocessing inside |",
+        "|---|---|---|",
+        "| `saved_model/` (`serving_default`) | raw `uint8 [N, H, W, 3]` RGB, any H and W "
+        "| the resize below, then the model | ",
+        f"| `model.keras` | `float32 [N, {size}, {size}, 3]`, values 0..255 | "
+        "scaling and normalisation (not the resize) |",
+    ]
+    if tflite:
+        lines.append(
+            f"| `model.tflite` | `float32 [N, {size}, {size}, 3]`, values 0..255 | "
+            "scaling and normalisation (not the resize) |"
+        )
+    lines += [
+        "",
+        f"For `model.keras` and `model.tflite`, feed pixels {resize}. Another resize (PIL's, "
+        "OpenCV's, a centre crop) gives other pixels and lower accuracy than the test figures "
+        "above.",
+    ]
+    return lines
+
+
 def model_card(
     record: dict[str, Any], config: dict[str, Any], choice: Choice, time_column: str
 ) -> str:
@@ -80,6 +115,17 @@ def model_card(
             f"test images to {lite['max_abs_difference']:.1e} (same prediction for "
             f"{lite['same_predictions']:.0%}).",
         ]
+    if "precision" in record:
+        p = record["precision"]
+        lines += [
+            "",
+            f"The trial trained in {p['trial']}; every export is float32 (same weights). On "
+            f"the test images it predicts the trial's class for {p['same_predictions']:.1%} "
+            f"of them, its probabilities {p['mean_abs_difference']:.1e} apart on average "
+            f"(at most {p['max_abs_difference']:.2f}); the test metrics above are the float32 "
+            "model's.",
+        ]
+    lines += ["", *input_section(int(record["image_size"]), "tflite" in record)]
     lines += [
         "",
         "## Why this trial",

@@ -19,6 +19,9 @@
    preprocessing inside) and returns class probabilities; ``model.tflite`` with
    ``--tflite`` (checked against Keras on the test images); ``labels.txt``; ``metrics.json``;
    ``model_card.md``. The folder is written beside and renamed into place at the end.
+   A trial trained in mixed precision (the GPU default) is exported in float32: the same
+   weights, every layer float32, checked against the trial's own outputs on the test images
+   (``precision`` in metrics.json).
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ from tuner.choose import MNAS_WEIGHT, RULES, Choice, choose
 from tuner.results import plain_value
 
 FLOAT_TOLERANCE = 1e-4  # Keras vs SavedModel vs TFLite probabilities (float32 arithmetic)
+# A mixed-precision trial against its float32 export: float16 activations carry ~3 digits,
+# enough to move a borderline prediction, so the check is on the predicted classes.
+MIXED_MIN_AGREEMENT = 0.95
 
 
 def most_recent_search(root: str | Path = "results") -> Path:
@@ -188,6 +194,45 @@ def test_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> d
 # -- the exports ------------------------------------------------------------------------------
 
 
+def mixed_policies(model) -> set[str]:
+    """The mixed-precision policies (``mixed_float16``, ``mixed_bfloat16``) inside ``model``."""
+    return {
+        layer.dtype_policy.name
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+        if layer.dtype_policy.name.startswith("mixed_")
+    }
+
+
+def float32_model(model):
+    """``model`` rebuilt with every layer in float32 and the same weights (mixed precision
+    keeps its variables in float32, so they carry over exactly). TFLite's converter refuses
+    float16 kernels, and a deployer should not need a GPU's half precision."""
+    import keras
+
+    def to_float32(node):
+        if isinstance(node, dict):
+            config = node.get("config")
+            if (
+                str(node.get("class_name", "")).endswith("DTypePolicy")
+                and isinstance(config, dict)
+                and str(config.get("name", "")).startswith("mixed_")
+            ):
+                return {**node, "config": {**config, "name": "float32"}}
+            return {key: to_float32(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [to_float32(value) for value in node]
+        return node
+
+    rebuilt = keras.saving.deserialize_keras_object(
+        to_float32(keras.saving.serialize_keras_object(model))
+    )
+    rebuilt.set_weights(model.get_weights())
+    for layer in rebuilt._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.Normalization):
+            layer.finalize_state()  # its mean and variance tensors, from the assigned variables
+    return rebuilt
+
+
 def write_saved_model(model, size: int, target: Path) -> None:
     """A SavedModel whose ``serving_default`` takes ``uint8 [N, H, W, 3]`` of any H, W."""
     import keras
@@ -270,7 +315,32 @@ def export(args: argparse.Namespace) -> Path:
     console.print(f"model: {how}")
     size = int(row["image_size"])
     pixels, labels, _ = test_pixels(config, size)
-    probs = probabilities(model, pixels)
+    precision = None
+    mixed = mixed_policies(model)
+    if mixed:  # a GPU trial: export float32, checked against the trial's own outputs
+        trial_probs = probabilities(model, pixels)
+        model = float32_model(model)
+        probs = probabilities(model, pixels)
+        precision = {
+            "trial": sorted(mixed)[0],
+            "exported": "float32",
+            "mean_abs_difference": float(np.abs(trial_probs - probs).mean()),
+            "max_abs_difference": float(np.abs(trial_probs - probs).max()),
+            "same_predictions": float((trial_probs.argmax(1) == probs.argmax(1)).mean()),
+        }
+        console.print(
+            f"precision: the trial ran in {precision['trial']}; exported in float32 (same "
+            f"class as the trial for {precision['same_predictions']:.1%} of the test images, "
+            f"probabilities {precision['mean_abs_difference']:.1e} apart on average)"
+        )
+        if precision["same_predictions"] < MIXED_MIN_AGREEMENT:
+            raise RuntimeError(
+                f"the float32 model predicts another class than the {precision['trial']} "
+                f"trial for {1 - precision['same_predictions']:.1%} of the test images "
+                f"(at most {1 - MIXED_MIN_AGREEMENT:.0%} allowed)"
+            )
+    else:
+        probs = probabilities(model, pixels)
     metrics = test_metrics(labels, probs, list(config["classes"]))
     latency_ms, images_per_s, _ = measure_latency(model, size)
     out = Path(args.out) if args.out else folder / "best"
@@ -297,6 +367,8 @@ def export(args: argparse.Namespace) -> Path:
             "params": int(model.count_params()),
             "model_bytes": (tmp / "model.keras").stat().st_size,
         }
+        if precision:
+            record["precision"] = precision
         if args.tflite:
             write_tflite(model, size, tmp / "model.tflite")
             lite = tflite_probabilities(tmp / "model.tflite", pixels)

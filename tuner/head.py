@@ -40,14 +40,21 @@ def build_head(
     loss over examples."""
     regularizer = keras.regularizers.L2(l2) if l2 > 0 else None
     inputs = keras.Input((features,), name="features")
-    x = keras.layers.Normalization(name="standardize")(inputs)
+    # The whole head is float32, even under mixed precision: standardizing subtracts a mean
+    # from features close to it (float16 would cancel away their differences, then scale the
+    # rounding error up), and probabilities near 0 and 1 need the digits. It costs nothing
+    # beside the backbone.
+    x = keras.layers.Normalization(name="standardize", dtype="float32")(inputs)
     if width > 0:
         x = keras.layers.Dense(
-            width, activation="relu", name="hidden", kernel_regularizer=regularizer
+            width,
+            activation="relu",
+            name="hidden",
+            kernel_regularizer=regularizer,
+            dtype="float32",
         )(x)
     if dropout > 0:
-        x = keras.layers.Dropout(dropout, name="dropout")(x)
-    # float32 outputs even under mixed precision: probabilities near 0 and 1 need it.
+        x = keras.layers.Dropout(dropout, name="dropout", dtype="float32")(x)
     if num_classes == 2:
         out = keras.layers.Dense(
             1, "sigmoid", name="probability", dtype="float32", kernel_regularizer=regularizer

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -201,7 +202,7 @@ class EffNetHyperModel(kt.HyperModel):
             pass_batch = min(pass_batch, self.batch_override)
             train_batch = min(train_batch, self.batch_override)
         stage = str(hp.values.get("tuner/stage", ""))
-        pretrained = self.weights is not None
+        pretrained = self.weights is not None or entry.constructor == "hub"
         width = int(values["head_width"])
         cached = self.feature_cache and pretrained and self.data.cache_dir is not None
         return TrialPlan(
@@ -256,7 +257,7 @@ class EffNetHyperModel(kt.HyperModel):
         head = head_mod.build_head(
             features.shape[-1], plan.head_width, plan.dropout, self.data.num_classes, plan.l2
         )
-        model = keras.Model(inputs, head(features), name=f"effnet_{plan.backbone.lower()}")
+        model = keras.Model(inputs, head(features), name=model_name(plan.backbone))
         compile_model(model, plan.learning_rate, self.data.num_classes, self.jit_compile)
         return model
 
@@ -621,6 +622,11 @@ class BestEpoch(keras.callbacks.Callback):
     def restore(self) -> None:
         for key, value in (self.saved or {}).items():
             self.variables[key].assign(value)
+
+
+def model_name(backbone: str) -> str:
+    """``effnet_b0``; a hub handle's path or URL reduced to the characters Keras allows."""
+    return "effnet_" + re.sub(r"[^a-z0-9_.-]+", "_", backbone.lower()).strip("_")
 
 
 def compile_model(
