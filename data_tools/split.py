@@ -14,16 +14,18 @@ For each row (DESIGN.md, "The split"):
   class has there: the first ones in file order; the surplus goes to train.
 
 The output keeps the input's rows in input order, with columns ``objectId,value,type``.
-Everything here is vectorised (pandas/numpy); a million rows split in about a second
-(``python -m data_tools.bench_split``).
+Everything here is vectorised (Arrow, pandas, numpy): a million rows go from file to file in
+about 3 s as a process, half a plain pandas script's time (``python -m
+data_tools.bench_split``). When balancing leaves fewer than :data:`MIN_PER_CLASS` images a
+class in validation or test, the CLI warns with the counts and ranges that would give more.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,24 +39,51 @@ from data_tools.errors import InputError, preview, run_cli
 DEFAULT_TEST_RANGE = (0, 24)
 DEFAULT_VALIDATION_RANGE = (25, 49)
 _HEX_DIGITS = "0123456789abcdefABCDEF"
-# Every 1- or 2-character hexadecimal string and its value: a dict lookup in pandas' C code
-# replaces a per-row int(text, 16).
-_HEX_VALUE = {
-    "".join(chars): int("".join(chars), 16)
-    for width in (1, 2)
-    for chars in itertools.product(_HEX_DIGITS, repeat=width)
-}
+# Each byte's value as a hexadecimal digit, -1 for bytes that are not one.
+_HEX_OF_BYTE = np.full(256, -1, dtype=np.int64)
+for _digit in _HEX_DIGITS:
+    _HEX_OF_BYTE[ord(_digit)] = int(_digit, 16)
 
 
 def split_keys(object_ids: pd.Series) -> np.ndarray:
-    """The 0..255 key of each objectId (see the module docstring)."""
-    ids = pd.Series(object_ids, dtype=str).reset_index(drop=True)
-    stem = ids.str.split(".", n=1).str[0]
-    keys = stem.str[-2:].map(_HEX_VALUE)
-    not_hex = keys.isna().to_numpy()
+    """The 0..255 key of each objectId (see the module docstring).
+
+    Vectorised over the UTF-8 bytes of the whole column (Arrow's string buffers): the first
+    '.' of each row by a search over the positions of every '.', then the two bytes before it.
+    Two ASCII hex digits there are exactly two hex characters; any other byte (a non-ASCII
+    character's included) is not hex, so such rows take the SHA-1 fallback, as the reference.
+    """
+    import pyarrow as pa
+
+    ids = pd.Series(object_ids).reset_index(drop=True)
+    strings = pa.array(ids, type=pa.large_string(), from_pandas=True)
+    if isinstance(strings, pa.ChunkedArray):
+        strings = strings.combine_chunks()
+    _, offsets_buffer, data_buffer = strings.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[
+        strings.offset : strings.offset + len(strings) + 1
+    ]
+    data = (
+        np.frombuffer(data_buffer, dtype=np.uint8)
+        if data_buffer is not None
+        else np.zeros(0, np.uint8)
+    )
+    starts, ends = offsets[:-1], offsets[1:]
+    dots = np.flatnonzero(data == ord("."))
+    first = np.searchsorted(dots, starts)
+    dot = np.append(dots, np.iinfo(np.int64).max)[first]
+    stem_end = np.minimum(dot, ends)
+    length = stem_end - starts
+    top = max(len(data) - 1, 0)
+    padded = data if len(data) else np.zeros(1, np.uint8)
+    last = _HEX_OF_BYTE[padded[np.clip(stem_end - 1, 0, top)]]
+    before = _HEX_OF_BYTE[padded[np.clip(stem_end - 2, 0, top)]]
+    keys = np.where(length >= 2, before * 16 + last, last)
+    not_hex = (length == 0) | (last < 0) | ((length >= 2) & (before < 0))
     if not_hex.any():  # the fallback is per row, but only for objectIds that are not hex
-        keys[not_hex] = [hashlib.sha1(text.encode("utf-8")).digest()[-1] for text in ids[not_hex]]
-    return keys.to_numpy(dtype=np.int64)
+        texts = ids[not_hex].astype(str)
+        keys[not_hex] = [hashlib.sha1(text.encode("utf-8")).digest()[-1] for text in texts]
+    return keys.astype(np.int64)
 
 
 def assign_types(
@@ -118,6 +147,77 @@ def check_ranges(test_range: tuple[int, int], validation_range: tuple[int, int])
         )
 
 
+MIN_PER_CLASS = 20  # fewer validation (or test) images a class are too few to select on
+MAX_HELD_OUT_KEYS = 128  # a suggested test + validation never takes more than half the keys
+
+
+def _per_class_in(histogram: np.ndarray, low: int, high: int) -> int:
+    """Images a class that balancing keeps in keys ``low..high``: the rarest class's count.
+    ``histogram`` is the cumulative key count, one row per class, 257 columns."""
+    return int((histogram[:, high + 1] - histogram[:, low]).min())
+
+
+def suggest_ranges(
+    keys: np.ndarray, labels: pd.Series, minimum: int = MIN_PER_CLASS
+) -> tuple[tuple[int, int], tuple[int, int], int, int]:
+    """The narrowest ``test 0..t-1, validation t..t+v-1`` that leaves every class at least
+    ``minimum`` images in each, within :data:`MAX_HELD_OUT_KEYS` keys (the widest there is
+    when none does): (test range, validation range, per class in test, in validation)."""
+    codes, _ = pd.factorize(pd.Series(labels, dtype=str))
+    counts = np.zeros((codes.max() + 1, 256), dtype=np.int64)
+    np.add.at(counts, (codes, keys), 1)
+    histogram = np.concatenate([np.zeros((len(counts), 1), np.int64), counts.cumsum(1)], 1)
+    best = None
+    for total in range(2, MAX_HELD_OUT_KEYS + 1):
+        for t in (total // 2, total - total // 2):
+            test, validation = (0, t - 1), (t, total - 1)
+            got = (_per_class_in(histogram, *test), _per_class_in(histogram, *validation))
+            if min(got) >= minimum:
+                return test, validation, *got
+            if best is None or min(got) > min(best[2:]):
+                best = (test, validation, *got)
+    return best
+
+
+def small_split_warning(split: pd.DataFrame) -> str | None:
+    """One line when balancing left fewer than :data:`MIN_PER_CLASS` images a class in
+    validation or test (the counts, the accuracy step, a range option and what it gives);
+    None otherwise. ``split`` is ``objectId,value,type`` in any row order."""
+    classes = pd.unique(split["value"])
+    kept = {
+        name: int(
+            split.loc[split["type"] == name, "value"]
+            .value_counts()
+            .reindex(classes, fill_value=0)
+            .min()
+        )
+        for name in ("validation", "test")
+    }
+    if min(kept.values()) >= MIN_PER_CLASS:
+        return None
+    n = len(classes)
+    parts = [
+        f"{name} keeps {per} images a class ({per * n} in all; accuracy moves in steps of "
+        f"{1 / max(per * n, 1):.1%})"
+        for name, per in kept.items()
+    ]
+    test, validation, per_test, per_validation = suggest_ranges(
+        split_keys(split["objectId"]), split["value"]
+    )
+    held_out = (per_test + per_validation) * n
+    fix = (
+        f"--test-range {test[0]}-{test[1]} --validation-range {validation[0]}-{validation[1]} "
+        f"would give {per_validation} validation and {per_test} test images a class "
+        f"({per_validation * n} and {per_test * n}), leaving {len(split) - held_out} to train"
+    )
+    if min(per_test, per_validation) < MIN_PER_CLASS:
+        fix += "; the rarest class needs more images for more than that"
+    return (
+        f"warning: balanced to the rarest class, {'; '.join(parts)}: fewer than "
+        f"{MIN_PER_CLASS} images a class is too few to select on. {fix}"
+    )
+
+
 def counts_table(split: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     """Rows per split (train, validation, test, all) and class, as a printable table."""
     table = pd.crosstab(split["type"], split["value"], margins=True, margins_name="all")
@@ -151,7 +251,7 @@ def split_files(
     split = split_frame(frame, test_range, validation_range)
     out = Path(out)
     with atomic_path(out) as tmp:
-        split.to_csv(tmp, index=False)
+        write_csv(split, tmp)
     write_text(sidecar(out, "classes.txt"), "\n".join(ingest.class_names(split["value"])) + "\n")
     report = sidecar(out, "excluded.csv")
     if len(excluded):
@@ -160,6 +260,27 @@ def split_files(
     else:
         report.unlink(missing_ok=True)  # a report from an earlier run would mislead
     return split
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    """``frame`` as CSV, text columns only, byte for byte what ``frame.to_csv(path,
+    index=False)`` writes (``\n`` line ends), by Arrow's writer when no cell needs quotes
+    (8x faster on a million rows), by pandas' otherwise."""
+    import pyarrow as pa
+    import pyarrow.compute as pa_compute
+    import pyarrow.csv as pa_csv
+
+    table = pa.table({name: pa.array(frame[name], type=pa.string()) for name in frame.columns})
+    special = r'[,"\r\n]'  # what pandas' minimal quoting quotes; Arrow quotes every string
+    if any(
+        pa_compute.any(pa_compute.match_substring_regex(c, special)).as_py() for c in table.columns
+    ) or any(set(name) & set(',"\r\n') for name in frame.columns):
+        frame.to_csv(path, index=False)
+        return
+    with open(path, "wb") as handle:
+        handle.write((",".join(frame.columns) + "\n").encode("utf-8"))
+        options = pa_csv.WriteOptions(include_header=False, quoting_style="none")
+        pa_csv.write_csv(table, handle, options)
 
 
 def sidecar(out: Path, suffix: str) -> Path:
@@ -173,7 +294,7 @@ def _read_input(
     if labels.is_dir():
         folder = ingest.scan_class_folders(labels)
         return folder[["objectId", "value"]], folder["path"]
-    frame = ingest.read_label_csv(labels)
+    frame = ingest.read_label_csv(labels, fast=True)
     if images is None:
         return frame, None
     return frame, ingest.resolve_paths(frame, images)
@@ -260,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     classes = ingest.class_names(split["value"])
     print(f"wrote {args.out}: {len(split)} rows, {len(classes)} classes")
     print(counts_table(split, classes).to_string())
+    warning = small_split_warning(split)
+    if warning:
+        print(warning, file=sys.stderr)
     report = sidecar(Path(args.out), "excluded.csv")
     if report.exists():
         print(f"left out {len(pd.read_csv(report))} unreadable image(s): see {report}")

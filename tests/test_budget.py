@@ -71,3 +71,58 @@ def test_batch_scales_with_free_gpu_memory() -> None:
     assert scaled_batch(32, 2048) == 8  # small card: never below the floor
     assert resolve("auto", gpu=True) and not resolve("auto", gpu=False)
     assert resolve("on", gpu=False) and not resolve("off", gpu=True)
+
+
+SMI = "0, GPU-aaaa1111-2222, 1200\n1, GPU-bbbb3333-4444, 23000\n"
+
+
+@pytest.mark.parametrize(
+    "visible,free",
+    [
+        (None, 1200),  # unset: CUDA uses GPU 0
+        ("1", 23000),  # a --gpus worker: its own GPU, not GPU 0
+        ("1,0", 23000),  # the first visible one
+        ("GPU-bbbb", 23000),  # by UUID prefix, as CUDA accepts
+        ("", None),  # no GPU visible
+        ("-1", None),
+        ("7", None),  # no such GPU: unknown, so the table's batches
+    ],
+)
+def test_free_memory_is_read_for_the_gpu_this_process_uses(visible, free) -> None:
+    from tuner.accelerate import visible_free_mib
+
+    assert visible_free_mib(SMI, visible) == free
+    assert visible_free_mib("", visible) is None  # nvidia-smi printed nothing
+
+
+def test_search_reads_gpu_memory_before_tensorflow_is_loaded(tmp_path) -> None:
+    """A fake nvidia-smi on PATH looks at its caller's memory map: TensorFlow reserves most
+    of the GPU when it starts, so the reading must come before TF is even loaded."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_distribute import ROOT, clean_env
+
+    record = tmp_path / "smi.txt"
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/bin/sh\n"
+        f"if grep -q libtensorflow /proc/$PPID/maps; then echo tf >> {record}; "
+        f"else echo before >> {record}; fi\n"
+        'echo "0, GPU-aaaa, 1200"\necho "1, GPU-bbbb, 23000"\n'
+    )
+    fake.chmod(0o755)
+    env = {**clean_env(), "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+    env["CUDA_VISIBLE_DEVICES"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-m", "tuner.search", "--results", str(tmp_path), "--set", "epochs=-1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0 and "epochs" in done.stderr  # stopped at the bad value
+    assert record.read_text() == "before\n"

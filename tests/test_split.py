@@ -202,5 +202,70 @@ def test_benchmark_script_prints_a_table(capsys) -> None:
 
     assert bench_split.main(["--rows", "2000", "--repeats", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["rows", "split", "s", "file->file", "s", "rows/s"]
-    assert lines[1].split()[0] == "2,000" and float(lines[1].split()[1]) > 0
+    assert lines[0].split()[:6] == ["rows", "split", "s", "file->file", "s", "rows/s"]
+    assert lines[0].split()[6:] == ["CLI", "process", "s", "plain", "pandas", "s", "speed-up"]
+    row = lines[1].split()
+    assert row[0] == "2,000" and float(row[1]) > 0 and float(row[4]) > 0 and float(row[5]) > 0
+    assert row[6] == f"{float(row[5]) / float(row[4]):.1f}x"  # the two wrote the same file
+
+
+def imbalanced_labels(sizes: list[int], seed: int = 1) -> pd.DataFrame:
+    """Hex objectIds, one class per size, rows shuffled."""
+    rng = np.random.default_rng(seed)
+    values = np.repeat([f"c{i}" for i in range(len(sizes))], sizes)
+    ids = [f"{i:06d}{rng.integers(0, 2**32):08x}.png" for i in range(len(values))]
+    return pd.DataFrame({"objectId": ids, "value": rng.permutation(values)})
+
+
+def test_too_small_balanced_validation_warns_with_counts_and_a_fix(tmp_path, capsys) -> None:
+    """9 imbalanced classes, the rarest 180 images: the default 10% buckets keep ~7 a class."""
+    labels = tmp_path / "label.csv"
+    imbalanced_labels([180, 300, 400, 500, 650, 800, 900, 1000, 1200]).to_csv(labels, index=False)
+    assert run_cli(split_mod.main, ["--labels", str(labels), "--out", str(tmp_path / "a.csv")]) == 0
+    err = capsys.readouterr().err.strip()
+    split = pd.read_csv(tmp_path / "a.csv", dtype=str)
+    per_class = split[split.type == "validation"].value.value_counts()
+    assert per_class.nunique() == 1 and per_class.iloc[0] < split_mod.MIN_PER_CLASS
+    assert err.startswith("warning: balanced to the rarest class, validation keeps ")
+    assert f"validation keeps {per_class.iloc[0]} images a class ({per_class.sum()} in all" in err
+    # The fix it names does what it says.
+    fix = err.split(". ", 1)[1].split(" would give")[0].split()
+    assert fix[0] == "--test-range" and fix[2] == "--validation-range"
+    assert (
+        run_cli(split_mod.main, ["--labels", str(labels), "--out", str(tmp_path / "b.csv"), *fix])
+        == 0
+    )
+    assert capsys.readouterr().err == ""
+    fixed = pd.read_csv(tmp_path / "b.csv", dtype=str)
+    for name in ("validation", "test"):
+        counts = fixed[fixed.type == name].value.value_counts()
+        assert counts.nunique() == 1 and counts.iloc[0] >= split_mod.MIN_PER_CLASS
+        assert f"{counts.iloc[0]} {name}" in err
+    # Enough images a class already: no warning.
+    assert split_mod.small_split_warning(fixed) is None
+
+
+def test_search_takes_the_split_ranges_and_warns_when_they_leave_too_few(
+    tmp_path, demo_dir, capsys
+) -> None:
+    from tuner import search
+
+    def load(*ranges: str):
+        argv = ["--data", str(demo_dir / "label.csv"), "--results", str(tmp_path), *ranges]
+        request = search.resolve_request(search.build_parser().parse_args(argv))
+        out = tmp_path / ("-".join(ranges) or "default")
+        return search.load_data(request, out), out
+
+    (table, _, facts, warning), _ = load()
+    assert warning.startswith("warning: balanced to the rarest class, validation keeps 14 ")
+    assert facts["split_ranges"] == {"test": [0, 24], "validation": [25, 49]}
+    fix = warning.split(". ", 1)[1].split(" would give")[0].split()
+    (table, _, facts, warning), out = load(*fix)
+    assert warning is None
+    written = pd.read_csv(out / "split_label.csv", dtype=str)
+    keys = split_mod.split_keys(written.objectId)
+    low, high = split_mod.parse_range(fix[3])
+    assert set(written.type[(keys >= low) & (keys <= high)]) == {"validation", "train"}
+    assert (written[written.type == "validation"].value.value_counts() >= 20).all()
+    assert facts["split_ranges"]["validation"] == [low, high]
+    assert len(table) == (written.type != "test").sum()  # the search never holds test rows

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from data_tools import ingest
+from data_tools import split as split_mod
 from data_tools.atomic import write_text
 from data_tools.errors import InputError, run_cli
 from tuner.distribute import Role
@@ -64,6 +65,9 @@ class SearchRequest:
     xla: str = "auto"
     role: Role = Role("single")
     strategy: str = "none"
+    gpu_free_mib: float | None = None  # read before TensorFlow was loaded
+    test_range: tuple[int, int] = (0, 24)  # when the search splits a label.csv itself
+    validation_range: tuple[int, int] = (25, 49)
 
 
 def default_cache() -> Path:
@@ -80,6 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", help="split_label.csv, label.csv or a class folder (default: the demo digits)"
     )
     parser.add_argument("--images", help="image folder (default: images/ beside --data)")
+    parser.add_argument(
+        "--test-range",
+        type=split_mod.parse_range,
+        default=split_mod.DEFAULT_TEST_RANGE,
+        metavar="LOW-HIGH",
+        help="when --data is a label.csv or a class folder, the keys that go to test "
+        "(default 0-24; as python -m data_tools.split)",
+    )
+    parser.add_argument(
+        "--validation-range",
+        type=split_mod.parse_range,
+        default=split_mod.DEFAULT_VALIDATION_RANGE,
+        metavar="LOW-HIGH",
+        help="likewise, the keys that go to validation (default 25-49)",
+    )
     parser.add_argument(
         "--space",
         help="search-space YAML (default: search_spaces/default.yaml; quick.yaml for the demo)",
@@ -169,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_request(args: argparse.Namespace) -> SearchRequest:
+    from tuner import accelerate
+
+    # First, before anything loads TensorFlow: once TF has touched the GPU, most of its memory
+    # is reserved, and the batch sizes scaled to the free memory would drop to the floor.
+    free_mib = accelerate.gpu_free_mib()
+
     from tuner import budget, distribute, space
 
     demo = args.data is None
@@ -200,6 +225,9 @@ def resolve_request(args: argparse.Namespace) -> SearchRequest:
         xla=args.xla,
         role=distribute.resolve_role(args.chief, args.worker, args.worker_id),
         strategy=args.strategy,
+        gpu_free_mib=free_mib,
+        test_range=args.test_range,
+        validation_range=args.validation_range,
     )
 
 
@@ -276,8 +304,8 @@ def run_search(request: SearchRequest) -> int:
     # Processes of one machine prepare the folder one at a time (demo data, split, config);
     # the lock lives in the temp folder, so a bad input leaves nothing in the results.
     with FileLock(prepare_lock(out)):
-        table, classes, data_facts = load_data(request, out)
-        accelerated = accelerate.apply(request.mixed_precision, request.xla)
+        table, classes, data_facts, split_warning = load_data(request, out)
+        accelerated = accelerate.apply(request.mixed_precision, request.xla, request.gpu_free_mib)
         config = {
             "name": request.name,
             "space_file": request.space,
@@ -294,6 +322,8 @@ def run_search(request: SearchRequest) -> int:
         if role.kind != "worker":
             write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
             ledger.save()  # the deadline, for workers
+    if split_warning and role.kind != "worker":
+        console.print(split_warning, markup=False)
 
     results = Results(out)
     logger = WandbLogger(
@@ -416,7 +446,8 @@ def finish_search(results, logger, config, ledger, console, code: int) -> int:
 
 
 def load_data(request: SearchRequest, out: Path):
-    """(train+validation table, class names, facts for the config) from ``--data``."""
+    """(train+validation table, class names, facts for the config, a warning when the
+    balanced validation or test is too small to select on, else None) from ``--data``."""
     from data_tools import demo, split
 
     data = Path(request.data) if request.data else demo.ensure_demo(request.cache)
@@ -426,14 +457,23 @@ def load_data(request: SearchRequest, out: Path):
             images = data.parent / "images"
         split_path = out / "split_label.csv"
         if not split_path.is_file():
-            split.split_files(data, split_path, images=images if not data.is_dir() else None)
+            split.split_files(
+                data,
+                split_path,
+                images=images if not data.is_dir() else None,
+                test_range=request.test_range,
+                validation_range=request.validation_range,
+            )
         frame = ingest.read_split_csv(split_path)
+        ranges = [list(request.test_range), list(request.validation_range)]
         images = images or data
         source = str(split_path)
     else:
         frame = ingest.read_split_csv(data)
         images = images or data.parent / "images"
         source = str(data)
+        ranges = None  # split by the user
+    warning = split.small_split_warning(frame)  # counts only: the test rows stay unread
     frame = frame[frame["type"] != "test"].reset_index(drop=True)  # export alone reads test
     classes = ingest.class_names(frame["value"])
     table = ingest.normalise(frame, ingest.resolve_paths(frame, images), classes)
@@ -444,7 +484,11 @@ def load_data(request: SearchRequest, out: Path):
         "classes": classes,
         "split_counts": {k: int(v) for k, v in counts.items()},
     }
-    return table, classes, facts
+    if ranges:
+        facts["split_ranges"] = {"test": ranges[0], "validation": ranges[1]}
+    if warning and ranges is None:
+        warning += f" (re-split {source} with python -m data_tools.split and those options)"
+    return table, classes, facts, warning
 
 
 def resolve_weights(choice: str, space, demo: bool, console) -> tuple[str | None, str]:
@@ -483,7 +527,9 @@ def check_resume(out: Path, config: dict[str, Any]) -> None:
     if not saved_path.is_file():
         return
     saved = yaml.safe_load(saved_path.read_text()) or {}
-    for key in ("space", "data", "weights", "classes"):
+    for key in ("space", "data", "weights", "classes", "split_ranges"):
+        if key == "split_ranges" and key not in saved:
+            continue  # a search from before the ranges were recorded: the default ones
         if saved.get(key) != config.get(key):
             raise InputError(
                 f"{out} holds a search with a different {key}: resume with the "
