@@ -1,11 +1,19 @@
-"""The benchmarks run and print their tables (the numbers are measured by hand, not here)."""
+"""The benchmarks run and print their tables (the numbers are measured by hand, not here).
+
+Slow tier (``python -m pytest -m slow``): each runs whole searches and trainings, and they
+are measuring tools, run by hand; what they measure is tested in the default tier.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
 
+import pytest
+
 from tuner import bench, bench_quality
+
+pytestmark = pytest.mark.slow
 
 
 def test_bench_prints_one_line_per_measure(capsys):

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from data_tools.errors import InputError
-from tests.conftest import search_argv
+from tests.conftest import frozen, search_argv
 from tuner import budget, distribute
 from tuner.results import Results
 
@@ -29,9 +29,10 @@ def clean_env() -> dict[str, str]:
     return {**env, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
 
 
-def test_chief_and_two_workers_share_one_search(tmp_path, demo_dir):
+def test_chief_and_two_workers_share_one_search(tmp_path, demo_dir, pretrained_t0):
     argv = search_argv(tmp_path, demo_dir, "dist", "--algorithm", "random", "--budget", "10m")
-    argv += ["--set", "epochs=1", "--set", "max_trials=4", "--gpus", "0,1"]
+    argv += [*frozen(pretrained_t0), "--set", "epochs=1", "--set", "max_trials=4"]
+    argv += ["--gpus", "0,1"]
     done = subprocess.run(
         [sys.executable, "-m", "tuner.search", *argv],
         cwd=ROOT,
