@@ -79,7 +79,11 @@ def _read_arrow(path: Path) -> pd.DataFrame | None:
         table = pa_csv.read_csv(
             path,
             convert_options=pa_csv.ConvertOptions(
-                strings_can_be_null=False, quoted_strings_can_be_null=False, null_values=[]
+                # Text, never inferred: "007" must stay "007", not become 7.
+                column_types={name: pa.string() for name in SPLIT_COLUMNS},
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+                null_values=[],
             ),
         )
         table = table.cast(pa.schema([(name, pa.string()) for name in table.column_names]))

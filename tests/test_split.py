@@ -269,3 +269,20 @@ def test_search_takes_the_split_ranges_and_warns_when_they_leave_too_few(
     assert (written[written.type == "validation"].value.value_counts() >= 20).all()
     assert facts["split_ranges"]["validation"] == [low, high]
     assert len(table) == (written.type != "test").sum()  # the search never holds test rows
+
+
+def test_the_fast_reader_keeps_every_cell_as_written(tmp_path) -> None:
+    """Arrow's reader would infer numbers: labels "01"/"1.0" and objectIds "0012" must stay
+    text, as pandas' reader with dtype=str keeps them."""
+    from data_tools import ingest
+
+    path = tmp_path / "label.csv"
+    path.write_text("objectId,value\n0012,01\n0013,1.0\n0014, 1\n0015,true\n")
+    fast = ingest.read_label_csv(path, fast=True)
+    slow = ingest.read_label_csv(path)
+    assert fast["value"].tolist() == slow["value"].tolist() == ["01", "1.0", " 1", "true"]
+    assert fast["objectId"].tolist() == ["0012", "0013", "0014", "0015"]
+    np.testing.assert_array_equal(
+        split_mod.split_keys(fast["objectId"]), split_mod.split_keys(slow["objectId"])
+    )
+    assert split_mod.split_keys(fast["objectId"]).tolist() == [0x12, 0x13, 0x14, 0x15]
