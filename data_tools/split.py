@@ -332,6 +332,19 @@ def parse_range(text: str) -> tuple[int, int]:
     return low, high
 
 
+def add_range_arguments(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """``--test-range`` and ``--validation-range`` (this CLI's, and ``tuner.search``'s when
+    it splits a label file itself; ``note`` ends their help)."""
+    for name, default in (("test", DEFAULT_TEST_RANGE), ("validation", DEFAULT_VALIDATION_RANGE)):
+        parser.add_argument(
+            f"--{name}-range",
+            type=parse_range,
+            default=default,
+            metavar="LOW-HIGH",
+            help=f"keys that go to {name} (default {default[0]}-{default[1]}){note}",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data_tools.split",
@@ -345,20 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", required=True, help="split CSV to write (objectId,value,type)")
     parser.add_argument("--images", help="image folder: check every label has a readable image")
-    parser.add_argument(
-        "--test-range",
-        type=parse_range,
-        default=DEFAULT_TEST_RANGE,
-        metavar="LOW-HIGH",
-        help="keys that go to test (default 0-24)",
-    )
-    parser.add_argument(
-        "--validation-range",
-        type=parse_range,
-        default=DEFAULT_VALIDATION_RANGE,
-        metavar="LOW-HIGH",
-        help="keys that go to validation (default 25-49)",
-    )
+    add_range_arguments(parser)
     parser.add_argument(
         "--max-bad-fraction",
         type=float,

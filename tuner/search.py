@@ -66,8 +66,8 @@ class SearchRequest:
     role: Role = Role("single")
     strategy: str = "none"
     gpu_free_mib: float | None = None  # read before TensorFlow was loaded
-    test_range: tuple[int, int] = (0, 24)  # when the search splits a label.csv itself
-    validation_range: tuple[int, int] = (25, 49)
+    test_range: tuple[int, int] = split_mod.DEFAULT_TEST_RANGE  # when it splits a label.csv
+    validation_range: tuple[int, int] = split_mod.DEFAULT_VALIDATION_RANGE
 
 
 def default_cache() -> Path:
@@ -84,21 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", help="split_label.csv, label.csv or a class folder (default: the demo digits)"
     )
     parser.add_argument("--images", help="image folder (default: images/ beside --data)")
-    parser.add_argument(
-        "--test-range",
-        type=split_mod.parse_range,
-        default=split_mod.DEFAULT_TEST_RANGE,
-        metavar="LOW-HIGH",
-        help="when --data is a label.csv or a class folder, the keys that go to test "
-        "(default 0-24; as python -m data_tools.split)",
-    )
-    parser.add_argument(
-        "--validation-range",
-        type=split_mod.parse_range,
-        default=split_mod.DEFAULT_VALIDATION_RANGE,
-        metavar="LOW-HIGH",
-        help="likewise, the keys that go to validation (default 25-49)",
-    )
+    split_mod.add_range_arguments(parser, "; used when --data is a label.csv or a class folder")
     parser.add_argument(
         "--space",
         help="search-space YAML (default: search_spaces/default.yaml; quick.yaml for the demo)",
