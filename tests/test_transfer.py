@@ -65,7 +65,12 @@ def test_transfer_search_runs_its_stages_in_order_and_resumes(
     np.testing.assert_array_equal(kept, first.val_accuracy.to_numpy())
     oracle = json.loads((folder / "keras_tuner" / "oracle.json").read_text())
     assert len(oracle["end_order"]) == 7
-    assert (table.status == "completed").all(), table.reason
+    # The 40 s deadline may stop the first run's last trial at an epoch end (a slow
+    # machine): it is kept as it is, and every trial after it completes.
+    later = ~table.trial_id.isin(first.trial_id)
+    assert (table.status[later] == "completed").all(), table.reason
+    assert table.status.isin(["completed", "stopped-budget"]).all(), table.reason
+    assert (first.status[:-1] == "completed").all(), first.reason
 
     frozen = table[table.stage == "frozen"]
     fine = table[table.stage == "fine-tune"]
