@@ -332,12 +332,13 @@ def make_dataset(
 
 
 def array_dataset(
-    values: np.ndarray | tf.Tensor,
+    values: np.ndarray | tf.Tensor | list[np.ndarray],
     labels: np.ndarray,
     batch_size: int,
     *,
     shuffle: bool = False,
     seed: int = 0,
+    views: bool = False,
 ) -> tf.data.Dataset:
     """Batches gathered from an array by shuffled index, as float32 (or the array's uint8 for
     pixels), with int32 labels: nothing is decoded.
@@ -345,32 +346,51 @@ def array_dataset(
     A tensor is gathered from inside the graph (an epoch of 3,000 pixel sets at 128 px:
     0.02 s); a numpy array (in memory or memory-mapped) through ``numpy_function``, so a
     memory-mapped array is never held in memory whole (0.035 s, page cache warm).
+
+    ``views``: ``values`` holds several views of the same rows (a tensor ``[views, rows,
+    ...]`` or a list of arrays); each row comes from one view drawn at random, again every
+    epoch (an augmented feature cache: :mod:`tuner.augment`).
     """
     count = len(labels)
     order = tf.data.Dataset.range(count)
     if shuffle:
         # The whole index list fits in the buffer, so this is a full shuffle every epoch.
         order = order.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+    if views:
+        view_count = len(values) if isinstance(values, list | tuple) else int(values.shape[0])
+        draws = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
+        order = tf.data.Dataset.zip(order, draws).map(
+            lambda index, draw: tf.stack([draw % view_count, index])
+        )
     labels = np.asarray(labels, dtype=np.int32)
     if isinstance(values, tf.Tensor):
         label_tensor = tf.constant(labels)
 
         def load(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            batch = tf.gather(values, index)
+            rows = index[:, 1] if views else index
+            batch = tf.gather_nd(values, index) if views else tf.gather(values, index)
             if batch.dtype != tf.uint8:
                 batch = tf.cast(batch, tf.float32)
-            return batch, tf.gather(label_tensor, index)
+            return batch, tf.gather(label_tensor, rows)
 
     else:
-        out_type = tf.uint8 if values.dtype == np.uint8 else tf.float32
+        arrays = list(values) if views else [values]
+        out_type = tf.uint8 if arrays[0].dtype == np.uint8 else tf.float32
+        shape = arrays[0].shape[1:]
 
         def gather(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            index = np.sort(index)  # sorted reads from a memory map
-            return np.asarray(values[index], dtype=out_type.as_numpy_dtype), labels[index]
+            if not views:
+                index = np.stack([np.zeros_like(index), index], axis=1)
+            index = index[np.lexsort((index[:, 1], index[:, 0]))]  # sorted reads, view by view
+            out = np.empty((len(index), *shape), dtype=out_type.as_numpy_dtype)
+            for view in np.unique(index[:, 0]):
+                chosen = index[:, 0] == view
+                out[chosen] = arrays[int(view)][index[chosen, 1]]
+            return out, labels[index[:, 1]]
 
         def load(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             batch, ys = tf.numpy_function(gather, [index], (out_type, tf.int32), stateful=False)
-            batch.set_shape([None, *values.shape[1:]])
+            batch.set_shape([None, *shape])
             ys.set_shape([None])
             return batch, ys
 

@@ -7,7 +7,7 @@ from typing import Any
 from tuner.choose import Choice
 from tuner.results import HYPERPARAMETER_COLUMNS
 
-HYPERPARAMETERS = [*HYPERPARAMETER_COLUMNS, "epochs", "unfrozen_blocks"]
+HYPERPARAMETERS = [*HYPERPARAMETER_COLUMNS, "epochs", "unfrozen_blocks", "augment_path"]
 
 
 def _value(value: Any) -> str:
@@ -79,6 +79,7 @@ def model_card(
         "",
         f"Obtained by: {record['model_source']}.",
         "",
+        *augment_lines(record),
         "## Metrics",
         "",
         "| split | accuracy | loss | balanced accuracy |",
@@ -161,3 +162,18 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def augment_lines(record: dict[str, Any]) -> list[str]:
+    """What augmentation did, when the trial had any: it trained on transformed images; the
+    exported model has no augmentation inside."""
+    hp = record["hyperparameters"]
+    policy = hp.get("augment")
+    if not policy or policy == "none":
+        return []
+    path = f" ({hp['augment_path']})" if hp.get("augment_path") else ""
+    return [
+        f"Augmentation `{policy}` transformed the training images only{path}. The exported "
+        "model contains no augmentation layer: every form computes what was validated.",
+        "",
+    ]

@@ -1,12 +1,16 @@
 """Backbone features computed once and reused: a frozen trial costs one backbone pass.
 
-A frozen backbone (pretrained weights, no fine-tuning, no augmentation) maps each image to the
-same features in every epoch of every trial. They are computed once per (backbone, image
-size, the values of the weights that compute them, split, cut) from the decoded-pixel cache
-and stored as float16 under
+A frozen backbone (pretrained weights, no fine-tuning) maps each image to the same features in
+every epoch of every trial. They are computed once per (backbone, image size, the values of
+the weights that compute them, split, cut, augmented view) from the decoded-pixel cache and
+stored as float16 under
 ``results/<name>/cache/features/`` (written to a temporary file, then renamed; checked on
 load, rebuilt when the check fails). The head then trains on them; because the head is the
 same layer object inside the full model, the full model is trained too.
+
+Augmentation keeps the cache: view 0 of a train image is the image itself (the plain entry),
+views 1..K-1 are seeded transforms of it (:mod:`tuner.augment`), each cached once per policy,
+seed and index, and the head sees one view per image and epoch, drawn at random.
 """
 
 from __future__ import annotations
@@ -82,31 +86,50 @@ def cache_file(
     split: str,
     source: str,
     cut: str = "pooled",
+    view: str = "",
 ) -> Path:
     """``weights_key`` is the :func:`weights_fingerprint` of what computes the entry;
     ``source`` names the pixels (the decoded cache's file name, which fingerprints the image
     files), so new images never meet old features; ``cut`` names the layer whose output is
-    cached (``pooled``: the backbone's features)."""
+    cached (``pooled``: the backbone's features); ``view`` names an augmented view (policy,
+    seed, index: :func:`view_name`); the un-augmented images have none."""
     text = f"v{FORMAT_VERSION}|{backbone}|{size}|{weights_key}|{source}|{cut}"
+    if view:
+        text += f"|{view}"
     key = hashlib.sha1(text.encode())
     safe = backbone.replace(":", "_").replace("/", "_")[-40:]
     return Path(cache_dir) / "features" / f"{split}-{safe}-{size}px-{key.hexdigest()[:16]}.npy"
 
 
+def view_name(policy: str, seed: int, view: int) -> str:
+    """What names augmented view ``view`` (1, 2, ...) in a cache key: a larger view count
+    reuses the views of a smaller one."""
+    return f"augment={policy}|seed={seed}|view={view}"
+
+
 def cached_features(
-    make_net: Callable[[], keras.Model], pixels: np.ndarray, target: Path, batch: int = BATCH
+    make_net: Callable[[], keras.Model],
+    pixels: np.ndarray,
+    target: Path,
+    batch: int = BATCH,
+    augment: Callable[[], keras.Model] | None = None,
 ) -> np.ndarray:
     """float16 outputs of ``make_net()`` (a frozen extractor, see :func:`extractor`) for
     ``pixels`` (uint8 [N, S, S, 3]), memory-mapped from ``target`` when it holds them, else
     computed once, ``batch`` images a call, and written there. The extractor is only built
-    when something must be computed."""
+    when something must be computed. ``augment()`` (a seeded :func:`tuner.augment.layer`)
+    transforms the pixels first, in training mode: an augmented view."""
     with pipeline.cache_lock(target):  # one builder among processes sharing the folder
         cached = pipeline.load_checked(target, None, np.float16)
         if cached is not None and cached.shape[0] == len(pixels) and cached.ndim >= 2:
             return cached
         net = make_net()
         expected = (len(pixels), *(int(d) for d in net.output_shape[1:]))
-        forward = _traced(net, pixels.shape[1:], batch)
+        forward = (
+            _traced(net, pixels.shape[1:], batch)
+            if augment is None
+            else _augmented(net, augment(), pixels.shape[1:], batch)
+        )
         with atomic_path(target) as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=expected)
             for start in range(0, len(pixels), batch):
@@ -141,6 +164,19 @@ def _traced(
 
 
 _TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # extractor -> batch -> pass
+
+
+def _augmented(
+    net: keras.Model, layer: keras.Model, shape: tuple[int, ...], batch: int
+) -> Callable[[np.ndarray], tf.Tensor]:
+    """``net(layer(pixels))``, the augmentation in training mode (random), the network in
+    inference mode, as one traced function for one view (its layer's seed state advances
+    batch by batch, so a view is the same in every process that computes it)."""
+    spec = tf.TensorSpec((batch, *shape), tf.uint8)
+    return tf.function(
+        lambda images: net(layer(tf.cast(images, tf.float32), training=True), training=False),
+        input_signature=[spec],
+    )
 
 
 class ForModel(keras.callbacks.Callback):

@@ -27,6 +27,12 @@ goes on in the phase its parent ended in.
 With random weights (``--weights none``) frozen features carry no information, so every
 trial trains the whole network, BatchNorm and stochastic depth included, in one phase.
 
+Augmentation (``augment``: :mod:`tuner.augment`) transforms train images only, outside the
+model: a cached trial trains on cached features (or activations at a fine-tune's cut) of
+``augment_views`` views of each train image, one drawn per image and epoch (a linear head is
+fitted to all of them); an end-to-end trial transforms its train batches afresh every epoch.
+Validation is never augmented, and the model a trial keeps has no augmentation inside.
+
 ``fit`` leaves the model at its best epoch (highest validation accuracy, the first on ties),
 the epoch whose numbers it returns: what a trial records is what it keeps and ships.
 """
@@ -50,6 +56,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from data_tools import pipeline
 from tuner import accelerate, backbones, features
+from tuner import augment as augment_mod
 from tuner import head as head_mod
 from tuner import space as space_mod
 
@@ -66,6 +73,9 @@ STAGES = ("frozen", "fine-tune")  # of transfer trials; other algorithms' trials
 # dispatch than in arithmetic (2.5 ms a step for a Dense head on B0 features): run 16 per
 # call (the same updates, callbacks see every 16th batch).
 CACHED_STEPS_PER_EXECUTION = 16
+# Augmented views of the activations at a fine-tune's cut are cached up to this size on disk
+# (float16, every view of the train split); beyond it the fine-tune augments end to end.
+VIEW_CACHE_MAX_BYTES = 8 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,8 @@ class TrialPlan:
     class_weight: str
     pretrained: bool
     l2: float = 0.0
+    augment: str = augment_mod.NONE  # the train split's augmentation policy (tuner/augment.py)
+    augment_views: int = 1  # views of each train image in a cached trial (1: not augmented)
     pass_batch: int = CPU_PASS_BATCH  # the backbone's forward passes (features, activations)
     stage: str = ""  # "frozen" / "fine-tune" for transfer trials
     solver: str = "adam"  # "exact": a linear head fitted exactly on cached features
@@ -118,9 +130,10 @@ class SplitData:
         return len(self.classes)
 
     def datasets(
-        self, size: int, batch_size: int, seed: int
+        self, size: int, batch_size: int, seed: int, augment: str = augment_mod.NONE
     ) -> tuple[tf.data.Dataset, tf.data.Dataset]:
-        """(train, validation) as float32 pixels in 0..255 and int32 labels."""
+        """(train, validation) as float32 pixels in 0..255 and int32 labels; ``augment``
+        transforms the train batches afresh every epoch (validation never)."""
 
         def as_float(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             return tf.cast(images, tf.float32), labels
@@ -137,7 +150,14 @@ class SplitData:
         val = pipeline.make_dataset(
             self.validation, size, batch_size, cache_dir=self.cache_dir, split="validation"
         )
-        return train.map(as_float), val.map(as_float)
+        train = train.map(as_float)
+        layer = augment_mod.layer(augment, augment_mod.view_seed(augment, seed, 0))
+        if layer is not None:
+            train = train.map(
+                lambda images, labels: (layer(images, training=True), labels),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+        return train, val.map(as_float)
 
     def rows(self, split: str) -> pd.DataFrame:
         return self.train if split == "train" else self.validation
@@ -205,6 +225,8 @@ class EffNetHyperModel(kt.HyperModel):
         pretrained = self.weights is not None or entry.constructor == "hub"
         width = int(values["head_width"])
         cached = self.feature_cache and pretrained and self.data.cache_dir is not None
+        policy = augment_mod.canonical(str(values.get("augment", augment_mod.NONE)))
+        views = int(values.get("augment_views", 1)) if augment_mod.is_on(policy) else 1
         return TrialPlan(
             backbone=entry.name,
             image_size=size,
@@ -217,6 +239,8 @@ class EffNetHyperModel(kt.HyperModel):
             class_weight=str(values["class_weight"]),
             pretrained=pretrained,
             l2=float(values["l2"]),
+            augment=policy,
+            augment_views=views,
             pass_batch=pass_batch,
             stage=stage,
             solver="exact" if stage == "frozen" and width == 0 and cached else "adam",
@@ -348,7 +372,7 @@ class EffNetHyperModel(kt.HyperModel):
         if self.uses_feature_cache(plan):
             arrays = self._features(run)
             head = model.get_layer("head")
-            head_mod.standardize(head, arrays["train"])
+            head_mod.standardize(head, stacked(arrays["train"], self.data.labels("train"))[0])
             compile_model(
                 head,
                 plan.learning_rate,
@@ -380,14 +404,24 @@ class EffNetHyperModel(kt.HyperModel):
         self.last_fit["unfrozen_blocks"] = backbones.unfreeze_top(base, count)
         run.best.track(base.trainable_weights)
         rate = plan.learning_rate * plan.finetune_lr_factor
-        if self.uses_feature_cache(plan) and count < len(backbones.blocks(base)):
+        cached = self.uses_feature_cache(plan) and count < len(backbones.blocks(base))
+        if cached and plan.augment_views > 1:  # the views at the cut must fit on disk
+            _, top, _ = features.split_backbone(model, count)
+            per_image = math.prod(int(d) for d in top.input_shape[1:]) * 2
+            views_bytes = len(self.data.train) * plan.augment_views * per_image
+            cached = views_bytes <= VIEW_CACHE_MAX_BYTES
+        if cached:
             run.extend(self._fit_top_on_activations(run, count, until, start, rate))
         else:
             compile_model(model, rate, self.data.num_classes, self.jit_compile)
             run.extend(self._end_to_end(run, until, start, run.end_to_end()))
 
     def _end_to_end(self, run: _Run, until: int, start: int, callbacks) -> keras.callbacks.History:
-        train, val = self.data.datasets(run.plan.image_size, run.plan.batch_size, self.space.seed)
+        plan = run.plan
+        train, val = self.data.datasets(
+            plan.image_size, plan.batch_size, self.space.seed, plan.augment
+        )
+        self._augment_path(plan, "end to end")
         build_state(run.model, train)
         return run.model.fit(
             train,
@@ -405,8 +439,9 @@ class EffNetHyperModel(kt.HyperModel):
         scored like an epoch and reported to the callbacks as one."""
         plan = run.plan
         arrays = self._features(run)
+        train, labels = stacked(arrays["train"], self.data.labels("train"))
         head = run.model.get_layer("head")
-        head_mod.standardize(head, arrays["train"])
+        head_mod.standardize(head, train)
         # Callbacks read the model's optimizer (W&B's logs its learning rate): the head gets
         # one at rate 0, which is what it is, no gradient step being taken.
         compile_model(head, 0.0, self.data.num_classes, jit_compile=False)
@@ -415,12 +450,15 @@ class EffNetHyperModel(kt.HyperModel):
         callbacks.on_epoch_begin(0)
         started = time.monotonic()
         self.last_fit["solver_iterations"] = head_mod.fit_linear(
-            head, arrays["train"], self.data.labels("train"), plan.l2, run.class_weight
+            head, train, labels, plan.l2, run.class_weight
         )
         self.last_fit["solver_seconds"] = time.monotonic() - started
         logs = {}
-        for split, prefix in (("train", ""), ("validation", "val_")):
-            scores = head_mod.linear_scores(head, arrays[split], self.data.labels(split), plan.l2)
+        for x, y, prefix in (
+            (train, labels, ""),
+            (arrays["validation"], self.data.labels("validation"), "val_"),
+        ):
+            scores = head_mod.linear_scores(head, x, y, plan.l2)
             logs.update({prefix + key: value for key, value in scores.items()})
         callbacks.on_epoch_end(0, logs)
         callbacks.on_train_end(logs)
@@ -443,18 +481,40 @@ class EffNetHyperModel(kt.HyperModel):
         return self.feature_cache and plan.pretrained and self.data.cache_dir is not None
 
     def _cached(
-        self, make_net, weights_key: str, plan: TrialPlan, split: str, cut: str = "pooled"
+        self,
+        make_net,
+        weights_key: str,
+        plan: TrialPlan,
+        split: str,
+        cut: str = "pooled",
+        view: int = 0,
     ) -> np.ndarray:
         """A split's cached backbone outputs (features, or activations at ``cut``) of the
-        part of the backbone whose weights' fingerprint is ``weights_key``."""
+        part of the backbone whose weights' fingerprint is ``weights_key``; ``view`` > 0:
+        of that augmented view of the images (:mod:`tuner.augment`)."""
         pixels, source = self.data.pixels(split, plan.image_size)
+        seed = self.space.seed
         target = features.cache_file(
-            self.data.cache_dir, plan.backbone, plan.image_size, weights_key, split, source, cut
+            self.data.cache_dir,
+            plan.backbone,
+            plan.image_size,
+            weights_key,
+            split,
+            source,
+            cut,
+            features.view_name(plan.augment, seed, view) if view else "",
+        )
+        augment = (
+            functools.partial(
+                augment_mod.layer, plan.augment, augment_mod.view_seed(plan.augment, seed, view)
+            )
+            if view
+            else None
         )
         computed = not target.exists()
         self.last_fit.setdefault("cache", []).append("computed" if computed else "loaded")
         started = time.monotonic()
-        array = features.cached_features(make_net, pixels, target, plan.pass_batch)
+        array = features.cached_features(make_net, pixels, target, plan.pass_batch, augment)
         if computed:  # what the oracle budgets a backbone pass by
             self.last_fit["pass_seconds"] += time.monotonic() - started
         return array
@@ -466,8 +526,31 @@ class EffNetHyperModel(kt.HyperModel):
         make_net = functools.cache(lambda: features.extractor(model))  # built once, if needed
         key = self._fingerprint(model.get_layer("backbone"))
         return {
-            split: self._cached(make_net, key, run.plan, split) for split in ("train", "validation")
+            "train": self._train_views(run.plan, make_net, key),
+            "validation": self._cached(make_net, key, run.plan, "validation"),
         }
+
+    def _train_views(
+        self, plan: TrialPlan, make_net, key: str, cut: str = "pooled"
+    ) -> np.ndarray | list[np.ndarray]:
+        """The train split's cached outputs: one array, or with augmentation a list of the
+        plan's views (view 0 is the images themselves, shared with un-augmented trials; the
+        others are cached per policy, seed and index, so 8 views reuse 4)."""
+        views = [
+            self._cached(make_net, key, plan, "train", cut, view)
+            for view in range(plan.augment_views)
+        ]
+        if plan.augment_views > 1:
+            where = "cached views" if cut == "pooled" else f"cached views at {cut}"
+            self._augment_path(plan, f"{where} ({plan.augment_views})")
+        return views if len(views) > 1 else views[0]
+
+    def _augment_path(self, plan: TrialPlan, path: str) -> None:
+        """Records how this fit augments (a trial line and trials.csv say it)."""
+        if augment_mod.is_on(plan.augment):
+            paths = self.last_fit.setdefault("augment_path", [])
+            if path not in paths:
+                paths.append(path)
 
     def _fit_on_cache(
         self,
@@ -484,7 +567,17 @@ class EffNetHyperModel(kt.HyperModel):
         their memory map batch by batch."""
         batch = run.plan.batch_size
         labels = {split: self.data.labels(split) for split in arrays}
-        if sum(a.size for a in arrays.values()) * 4 <= IN_MEMORY_BYTES:
+        views = isinstance(arrays["train"], list)  # augmented: one view a row, drawn each epoch
+        size = sum(a.size for a in _all(arrays))
+        if views:
+            train = arrays["train"]
+            if size * 4 <= IN_MEMORY_BYTES:
+                train = tf.constant(np.stack([np.asarray(v, dtype=np.float32) for v in train]))
+            train = pipeline.array_dataset(
+                train, labels["train"], batch, shuffle=True, seed=self.space.seed, views=True
+            )
+            val = pipeline.array_dataset(arrays["validation"], labels["validation"], batch)
+        elif size * 4 <= IN_MEMORY_BYTES:
             # tf.data over in-memory tensors: 1.6x faster than fit(x=numpy) for a small head.
             def dataset(split: str) -> tf.data.Dataset:
                 x = np.asarray(arrays[split], dtype=np.float32)
@@ -524,8 +617,8 @@ class EffNetHyperModel(kt.HyperModel):
         make_net = functools.cache(lambda: features.extractor(model, bottom))
         key = features.weights_fingerprint(bottom)
         arrays = {
-            split: self._cached(make_net, key, run.plan, split, cut)
-            for split in ("train", "validation")
+            "train": self._train_views(run.plan, make_net, key, cut),
+            "validation": self._cached(make_net, key, run.plan, "validation", cut),
         }
         inputs = keras.Input(top.input_shape[1:], name="activations")
         # Inference mode as in `build` (its stochastic depth is off: `inference_mode`).
@@ -552,6 +645,20 @@ class EffNetHyperModel(kt.HyperModel):
         """Phase-2 epochs out of ``epochs``: the space's setting, else half (at least 1)."""
         wanted = self.space.finetune_epochs or math.ceil(epochs / 2)
         return min(wanted, max(epochs - 1, 0))
+
+
+def stacked(
+    train: np.ndarray | list[np.ndarray], labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train features and labels with every augmented view as rows of their own (what a
+    linear head is fitted to: the mean loss over views is the loss the views sample)."""
+    if not isinstance(train, list):
+        return train, labels
+    return np.concatenate([np.asarray(v) for v in train]), np.tile(labels, len(train))
+
+
+def _all(arrays: dict[str, np.ndarray | list[np.ndarray]]) -> list[np.ndarray]:
+    return [a for value in arrays.values() for a in (value if isinstance(value, list) else [value])]
 
 
 def auto_train_batch(train_rows: int, pass_batch: int, floor: int) -> int:

@@ -30,7 +30,7 @@ from keras_tuner.src import backend as kt_backend
 from keras_tuner.src import utils as kt_utils
 from keras_tuner.src.engine import trial as trial_module
 
-from tuner import backbones, strategy
+from tuner import augment, backbones, strategy
 from tuner.space import SearchSpace, _as_list
 
 HEAD_KEYS = ("head_width", "dropout", "learning_rate", "l2", "class_weight", "train_batch_size")
@@ -41,15 +41,26 @@ COST_METRICS = ("train_seconds", "pass_seconds", "trial_seconds", "latency_ms", 
 
 
 def feature_sets(space: SearchSpace) -> list[strategy.FeatureSet]:
-    """Every (backbone, image size) of the space, cheapest pass first."""
+    """Every (backbone, image size, augmentation) of the space, cheapest passes first."""
     found = []
+    augmented = [(augment.NONE, 1)] + [
+        (policy, int(views))
+        for policy in _as_list(space.augment)
+        if augment.is_on(policy)
+        for views in _as_list(space.augment_views)
+    ]
+    if not any(not augment.is_on(p) for p in _as_list(space.augment)):
+        augmented = augmented[1:]  # every trial augments
     for name in space.backbones:
         entry = backbones.get(str(name))
         for choice in _as_list(space.image_size):
             pixels = entry.size if choice == "native" else int(choice)
-            found.append(strategy.FeatureSet(entry.name, str(choice), pixels))
+            for policy, views in augmented:
+                found.append(strategy.FeatureSet(entry.name, str(choice), pixels, policy, views))
     unique = list(dict.fromkeys(found))
-    return sorted(unique, key=lambda fs: (fs.gflops(), fs.pixels, fs.backbone))
+    return sorted(
+        unique, key=lambda fs: (fs.gflops() * fs.passes(), fs.pixels, fs.backbone, fs.label)
+    )
 
 
 class TransferOracle(kt.Oracle):
@@ -138,6 +149,9 @@ class TransferOracle(kt.Oracle):
         values["backbone"] = fs.backbone
         if "image_size" in space:
             values["image_size"] = fs.choice
+        values["augment"] = fs.augment
+        if "augment_views" in space:
+            values["augment_views"] = fs.views if fs.views > 1 else space["augment_views"].default
         values["finetune_fraction"] = 0.0
         return values
 
@@ -165,6 +179,8 @@ def trial_facts(trial, space: SearchSpace) -> strategy.TrialFacts:
     entry = backbones.get(str(values.get("backbone", space.backbones[0])))
     choice = str(values.get("image_size", _as_list(space.image_size)[0]))
     pixels = entry.size if choice == "native" else int(choice)
+    policy = str(values.get("augment", augment.NONE))
+    views = int(values.get("augment_views", 1)) if augment.is_on(policy) else 1
 
     def metric(name: str) -> float | None:
         if not trial.metrics.exists(name):
@@ -176,7 +192,7 @@ def trial_facts(trial, space: SearchSpace) -> strategy.TrialFacts:
         trial_id=trial.trial_id,
         status=str(trial.status),
         values=values,
-        feature_set=strategy.FeatureSet(entry.name, choice, pixels),
+        feature_set=strategy.FeatureSet(entry.name, choice, pixels, policy, views),
         score=trial.score if trial.score is not None and not np.isnan(trial.score) else None,
         train_seconds=metric("train_seconds"),
         pass_seconds=metric("pass_seconds") or 0.0,
@@ -192,6 +208,7 @@ def make_setting(
     images: int,
     seconds_per_gflop: float,
     finetunable: bool,
+    train_share: float = 0.9,
 ) -> strategy.Setting:
     """The strategy's view of the space and the search."""
     fractions = tuple(
@@ -209,6 +226,7 @@ def make_setting(
         budget_s=budget_s,
         images=images,
         seconds_per_gflop=seconds_per_gflop,
+        train_share=train_share,
     )
 
 

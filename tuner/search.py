@@ -575,6 +575,7 @@ def prepare_transfer(oracle, space, data, ledger, budget_s: float, console) -> N
         len(data.train) + len(data.validation),
         oracle_mod.calibrate(sets[0]),
         finetunable=True,
+        train_share=len(data.train) / max(len(data.train) + len(data.validation), 1),
     )
     oracle.remaining = ledger.remaining
     for line in oracle.plan():

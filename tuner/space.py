@@ -25,6 +25,7 @@ import keras_tuner as kt
 import yaml
 
 from data_tools.errors import InputError
+from tuner import augment as augment_mod
 from tuner import backbones
 
 ALGORITHMS = ("transfer", "hyperband", "bayesian", "random")
@@ -62,6 +63,12 @@ class SearchSpace:
     finetune_lr_factor: Any = 0.1  # phase-2 learning rate = learning_rate * this
     finetune_epochs: int = 0  # epochs of phase 2 (0: half of epochs) when fine-tuning
     class_weight: Any = ("none", "balanced")
+    # Augmentation of the train split (tuner/augment.py): "none", or policies such as
+    # "flip+zoom:0.1"; a list is searched like any choice. A frozen trial trains on cached
+    # features of `augment_views` views of each image (view 0 un-augmented), one drawn per
+    # image and epoch.
+    augment: Any = "none"
+    augment_views: Any = 4
     epochs: int = 10  # per trial; for `transfer`, the longest fine-tune (the top rung)
     algorithm: str = "transfer"
     # transfer: head trials per (backbone, size) in the frozen stage, the epoch cap and
@@ -110,9 +117,22 @@ def load(
             f"{where}: unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(FIELDS)}"
         )
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    if "augment" in values:
+        values["augment"] = _canonical_policies(values["augment"], where)
     space = SearchSpace(**values)
     check(space, where)
     return space
+
+
+def _canonical_policies(value: Any, where: str) -> Any:
+    """Every augmentation policy with its strengths written out (one spelling per policy)."""
+    try:
+        policies = [augment_mod.canonical(str(p)) for p in _as_list(value)]
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    if not policies:
+        raise InputError(f"{where}: augment is empty; write none or a list of policies")
+    return tuple(policies) if isinstance(value, tuple | list) else policies[0]
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -147,6 +167,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def check(space: SearchSpace, where: str) -> None:
     """Every value in range and of the right kind, or one line saying what is valid."""
+    _canonical_policies(space.augment, where)
+    for views in _as_list(space.augment_views):
+        if not isinstance(views, int) or isinstance(views, bool) or not 2 <= views <= 32:
+            raise InputError(
+                f"{where}: augment_views must be a whole number from 2 to 32 (view 0 is the "
+                f"image itself) or a list of them, got {space.augment_views!r}"
+            )
     if not space.backbones:
         raise InputError(
             f"{where}: backbones is empty; list at least one of {', '.join(backbones.BACKBONES)}"
@@ -256,7 +283,10 @@ def declare(hp: kt.HyperParameters, space: SearchSpace) -> dict[str, Any]:
         "finetune_lr_factor": _declare(hp, "finetune_lr_factor", space.finetune_lr_factor),
         "class_weight": _declare(hp, "class_weight", space.class_weight),
         "l2": _declare(hp, "l2", space.l2),
+        "augment": _declare(hp, "augment", space.augment),
     }
+    if any(augment_mod.is_on(p) for p in _as_list(space.augment)):
+        values["augment_views"] = _declare(hp, "augment_views", space.augment_views)
     if len(_as_list(space.train_batch_size)) > 1 or space.train_batch_size != "auto":
         values["train_batch_size"] = _declare(
             hp, "train_batch_size", [str(s) for s in _as_list(space.train_batch_size)]

@@ -23,6 +23,7 @@ backbone table's FLOPs scaled by a calibration measured at start.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Sequence
@@ -41,16 +42,28 @@ EXTRA_HEADS = 3  # leftover time: up to this many times head_trials on the best 
 
 @dataclass(frozen=True)
 class FeatureSet:
-    """A (backbone, image size) pair: one backbone pass over the images serves all its heads.
-    ``choice`` is the space's image-size value (``"native"`` or a number as text)."""
+    """A (backbone, image size, augmentation) triple: one backbone pass over the images (and
+    over ``views - 1`` augmented views of the train split) serves all its heads. ``choice``
+    is the space's image-size value (``"native"`` or a number as text)."""
 
     backbone: str
     choice: str
     pixels: int
+    augment: str = "none"
+    views: int = 1
 
     @property
     def label(self) -> str:
-        return f"{self.backbone} {self.pixels}px"
+        views = f" +{self.augment} x{self.views}" if self.views > 1 else ""
+        return f"{self.backbone} {self.pixels}px{views}"
+
+    def plain(self) -> FeatureSet:
+        """The same backbone and size, not augmented (whose pass gives view 0)."""
+        return dataclasses.replace(self, augment="none", views=1)
+
+    def passes(self, train_share: float = 0.9) -> float:
+        """Backbone passes over train + validation its features cost, from nothing."""
+        return 1 + train_share * (self.views - 1)
 
     def gflops(self) -> float:
         entry = backbones.get(self.backbone)
@@ -106,6 +119,7 @@ class Setting:
     budget_s: float
     images: int  # train + validation: what a pass runs over
     seconds_per_gflop: float  # calibration: pass seconds per GFLOP of one image, x images
+    train_share: float = 0.9  # of those images, the train split's (augmented views: train only)
 
 
 @dataclass(frozen=True)
@@ -141,9 +155,18 @@ class Costs:
                 self._pass.setdefault(t.feature_set, t.pass_seconds)
 
     def pass_seconds(self, fs: FeatureSet) -> float:
+        """The passes a feature set's first trial pays: the images' (unless paid already by
+        its un-augmented twin) and, augmented, ``views - 1`` passes over the train split."""
         if fs in self._pass:
             return self._pass[fs]
-        rates = [s / (f.gflops() * self.setting.images) for f, s in self._pass.items()]
+        if fs.views > 1:
+            plain = fs.plain()
+            base = self.pass_seconds(plain)
+            extra = base * self.setting.train_share * (fs.views - 1)
+            return extra + (0.0 if self.measured(plain) else base)
+        rates = [
+            s / (f.gflops() * self.setting.images) for f, s in self._pass.items() if f.views == 1
+        ]
         rate = statistics.median(rates) if rates else self.setting.seconds_per_gflop
         return rate * fs.gflops() * self.setting.images
 
@@ -160,14 +183,21 @@ class Costs:
         ]
         return statistics.median(gaps) if gaps else PRIOR_OVERHEAD_SECONDS
 
-    def head_seconds(self, solver: str) -> float:
-        """A head trial beyond its pass, records included."""
-        spent = [
-            t.train_seconds - t.pass_seconds
-            for t in self.trials
-            if t.stage == FROZEN and t.done and t.solver == solver and t.train_seconds
-        ]
-        base = statistics.median(spent) if spent else PRIOR_HEAD_SECONDS[solver]
+    def head_seconds(self, solver: str, views: int = 1) -> float:
+        """A head trial beyond its pass, records included. A linear head is fitted to every
+        augmented view (``views`` times the rows); Adam sees one view an image an epoch."""
+        spent: dict[int, list[float]] = {}
+        for t in self.trials:
+            if t.stage == FROZEN and t.done and t.solver == solver and t.train_seconds:
+                spent.setdefault(t.feature_set.views, []).append(t.train_seconds - t.pass_seconds)
+        scale = 1.0 if solver == "adam" else float(views)
+        if views in spent:
+            base = statistics.median(spent[views])
+        elif spent:
+            known = min(spent)
+            base = statistics.median(spent[known]) * (scale / (1 if solver == "adam" else known))
+        else:
+            base = PRIOR_HEAD_SECONDS[solver] * scale
         return base + self.overhead()
 
     def epoch_seconds(self, fs: FeatureSet, fraction: float) -> float:
@@ -189,9 +219,9 @@ class Costs:
         if measured:
             known = min(measured, key=lambda f: abs(f - fraction))
             return statistics.median(measured[known]) * fraction / known
-        # Forward and backward through the top, over the train split (most of the images a
-        # pass runs over): about 3x its share of a forward pass.
-        return 3 * fraction * self.pass_seconds(fs) * 0.9
+        # Forward and backward through the top, over the train split (one view of each
+        # image): about 3x its share of a forward pass.
+        return 3 * fraction * self.pass_seconds(fs.plain()) * self.setting.train_share
 
     def activation_pass(self, fs: FeatureSet, fraction: float) -> float:
         """The pass that caches the activations at this fraction's cut (0 once done)."""
@@ -237,8 +267,8 @@ def _feature_set_cost(setting: Setting, costs: Costs, fs: FeatureSet) -> float:
     heads = math.ceil(setting.head_trials / 2)
     return (
         costs.pass_seconds(fs)
-        + heads * costs.head_seconds("exact")
-        + (setting.head_trials - heads) * costs.head_seconds("adam")
+        + heads * costs.head_seconds("exact", fs.views)
+        + (setting.head_trials - heads) * costs.head_seconds("adam", fs.views)
     )
 
 
@@ -251,7 +281,7 @@ def _head_move(
 ) -> tuple[Move, float]:
     solver = "exact" if index < math.ceil(setting.head_trials / 2) else "adam"
     first = not costs.measured(fs) and index == 0
-    estimate = costs.head_seconds(solver) + (costs.pass_seconds(fs) if first else 0.0)
+    estimate = costs.head_seconds(solver, fs.views) + (costs.pass_seconds(fs) if first else 0.0)
     return Move(FROZEN, fs, estimate, why, head_index=index), estimate
 
 

@@ -269,13 +269,15 @@ class TrialRunner:
             params=model.count_params(),
             model_bytes=model_bytes,
             unfrozen_blocks=" ".join(fit.get("unfrozen_blocks", [])),
+            augment_path=", ".join(fit.get("augment_path", [])),
         )
         self.context.record(row)
         self.context.results.prune_checkpoints()
+        augmented = f", augmented: {row['augment_path']}" if row["augment_path"] else ""
         self.context.console.print(
             f"  done: val_acc {metrics['val_accuracy']:.4f} in "
             f"{budget_mod.format_seconds(train_seconds)}, {latency_ms:.2f} ms/image, "
-            f"{status}",
+            f"{status}{augmented}",
             highlight=False,
         )
         return row
@@ -325,6 +327,10 @@ class TrialRunner:
                 if plan.stage == "frozen"
                 else f"{epochs} epochs"
             )
+        if plan.augment != "none":
+            cached = plan.augment_views > 1 and self.hypermodel.uses_feature_cache(plan)
+            views = f", {plan.augment_views} views" if cached else ""
+            tune += f", augment {plan.augment}{views}"
         self.context.console.print(
             f"  {head}, {tune}, class weight {plan.class_weight}; {length}{guess}; budget "
             f"left {budget_mod.format_seconds(self.context.ledger.remaining())}",
