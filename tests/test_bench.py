@@ -21,11 +21,12 @@ def test_bench_prints_one_line_per_measure(capsys):
     assert bench.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split() == ["measure", "reference", "s", "ours", "s", "ratio", "target"]
-    last = lines[-4:]
+    last = lines[-5:]
     assert [line.split(":")[0] for line in last] == [
         "frozen trial",
         "second frozen trial",
         "fine-tune top 20%",
+        "augmented frozen trial",
         "decoding",
     ]
     assert all(line.endswith("x") and float(line.split(": ")[1][:-1]) > 0 for line in last)
