@@ -20,8 +20,9 @@ from tuner import export_best, predict, search
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory, demo_dir) -> Path:
-    """Three one-epoch T0 trials on the demo digits (W&B offline)."""
+def searched(tmp_path_factory, demo_dir, pretrained_t0) -> Path:
+    """Three frozen T0 trials (3 epochs of a head on cached features) on the demo digits
+    (W&B offline): export treats every trial's model alike, and these take seconds."""
     root = tmp_path_factory.mktemp("export")
     argv = [
         "--results",
@@ -32,10 +33,11 @@ def searched(tmp_path_factory, demo_dir) -> Path:
         "tiny",
         "--set",
         "backbones=[T0]",
+        *frozen(pretrained_t0),
         "--algorithm",
         "random",
         "--set",
-        "epochs=1",
+        "epochs=3",
         "--set",
         "max_trials=3",
         "--budget",

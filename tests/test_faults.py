@@ -24,8 +24,15 @@ def read_trials(out) -> pd.DataFrame:
     return pd.read_csv(out / "trials.csv", dtype={"trial_id": str})
 
 
-def test_kill_9_mid_trial_loses_only_that_trials_progress(tmp_path, demo_dir):
-    argv = [sys.executable, "-m", "tuner.search", *search_argv(tmp_path, demo_dir, "k", *COMMON)]
+def test_kill_9_mid_trial_loses_only_that_trials_progress(tmp_path, demo_dir, pretrained_t0):
+    # Frozen heads, 150 epochs each: long enough to be killed inside the second trial.
+    slow_heads = [*frozen(pretrained_t0), *COMMON, "--set", "epochs=150"]
+    argv = [
+        sys.executable,
+        "-m",
+        "tuner.search",
+        *search_argv(tmp_path, demo_dir, "k", *slow_heads),
+    ]
     out = tmp_path / "results" / "k"
     process = subprocess.Popen(
         argv, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT

@@ -94,12 +94,16 @@ def test_resume_keeps_finished_trials_and_counts_spent_time(tmp_path, demo_dir, 
     assert len(kt_trials) == 2
 
 
-def test_interrupted_trial_is_rerun_on_resume(tmp_path, demo_dir, capsys):
+def test_interrupted_trial_is_rerun_on_resume(tmp_path, demo_dir, pretrained_t0, capsys):
+    # Frozen heads on cached features, 150 epochs (no early stopping outside `transfer`):
+    # a trial lasts long enough to be interrupted inside, and costs a fraction of a
+    # whole-network trial.
     common = [
+        *frozen(pretrained_t0),
         "--algorithm",
         "random",
         "--set",
-        "epochs=2",
+        "epochs=150",
         "--set",
         "max_trials=2",
         "--budget",
