@@ -25,8 +25,8 @@ def read_trials(out) -> pd.DataFrame:
 
 
 def test_kill_9_mid_trial_loses_only_that_trials_progress(tmp_path, demo_dir, pretrained_t0):
-    # Frozen heads, 150 epochs each: long enough to be killed inside the second trial.
-    slow_heads = [*frozen(pretrained_t0), *COMMON, "--set", "epochs=150"]
+    # Frozen heads, 200 epochs each: long enough to be killed inside the second trial.
+    slow_heads = [*frozen(pretrained_t0), *COMMON, "--set", "epochs=200"]
     argv = [
         sys.executable,
         "-m",

@@ -95,7 +95,7 @@ def test_resume_keeps_finished_trials_and_counts_spent_time(tmp_path, demo_dir, 
 
 
 def test_interrupted_trial_is_rerun_on_resume(tmp_path, demo_dir, pretrained_t0, capsys):
-    # Frozen heads on cached features, 150 epochs (no early stopping outside `transfer`):
+    # Frozen heads on cached features, 200 epochs (no early stopping outside `transfer`):
     # a trial lasts long enough to be interrupted inside, and costs a fraction of a
     # whole-network trial.
     common = [
@@ -103,7 +103,7 @@ def test_interrupted_trial_is_rerun_on_resume(tmp_path, demo_dir, pretrained_t0,
         "--algorithm",
         "random",
         "--set",
-        "epochs=150",
+        "epochs=200",
         "--set",
         "max_trials=2",
         "--budget",
