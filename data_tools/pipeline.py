@@ -380,7 +380,8 @@ def array_dataset(
 
         def gather(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             if not views:
-                index = np.stack([np.zeros_like(index), index], axis=1)
+                index = np.sort(index)  # sorted reads from a memory map
+                return np.asarray(arrays[0][index], dtype=out_type.as_numpy_dtype), labels[index]
             index = index[np.lexsort((index[:, 1], index[:, 0]))]  # sorted reads, view by view
             out = np.empty((len(index), *shape), dtype=out_type.as_numpy_dtype)
             for view in np.unique(index[:, 0]):
