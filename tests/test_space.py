@@ -12,7 +12,7 @@ from tuner import space
 from tuner.search import SPACES
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "quick.yaml"])
+@pytest.mark.parametrize("name", ["default.yaml", "quick.yaml", "v2.yaml", "v1_v2.yaml"])
 def test_shipped_spaces_load_and_open_with_their_command(name: str) -> None:
     path = SPACES / name
     loaded = space.load(path)
@@ -30,6 +30,14 @@ def test_default_space_is_the_gpu_search_the_issue_describes() -> None:
     assert loaded.learning_rate == {"min": 1e-5, "max": 1e-2, "log": True}
     assert max(loaded.finetune_fraction) == 0.5 and min(loaded.finetune_fraction) == 0.0
     assert set(loaded.class_weight) == {"none", "balanced"} and loaded.epochs == 10
+
+
+def test_v2_spaces_search_v2_alone_and_beside_v1() -> None:
+    assert space.load(SPACES / "v2.yaml").backbones == (
+        "V2B0", "V2B1", "V2B2", "V2B3", "V2S", "V2M", "V2L"
+    )  # fmt: skip
+    mixed = space.load(SPACES / "v1_v2.yaml").backbones
+    assert {b[:2] == "V2" for b in mixed} == {True, False}
 
 
 BAD = {

@@ -9,12 +9,20 @@ Sources:
 * ``B0`` .. ``B7``: ``keras.applications.EfficientNetB0..B7``. ImageNet weights come from
   Keras' cache (``~/.keras/models/efficientnetb0_notop.h5`` ...), downloaded on first use.
   They take pixels in 0..255 and normalise inside.
+* ``V2B0`` .. ``V2B3``, ``V2S``, ``V2M``, ``V2L``: ``keras.applications.EfficientNetV2*``
+  (Tan & Le 2021), whose ImageNet notop files are ``efficientnetv2-b0_notop.h5`` ...
+  ``efficientnetv2-l_notop.h5`` in the same cache. They also take 0..255 and preprocess inside
+  (B0-B3: ImageNet mean and std; S/M/L: to -1..1). Their blocks are named as V1's
+  (``block6h_...``, then ``top_``), so partial unfreezing and activation caches work alike.
 * ``hub:<handle or SavedModel path>``: a TF-Hub image feature-vector module, always frozen,
   wrapped in a Keras 3 layer around ``hub.load`` (``hub.KerasLayer`` is a Keras 2 layer).
   TF-Hub EfficientNet feature vectors take pixels in 0..1.
 * ``T0``: a tiny EfficientNet (width x0.25, depth x0.3, 32 px, 173k parameters) built by
   the same Keras code, for fast tests of the production path. Its depth gives stage 6 a
   second block (6b), whose residual branch has stochastic depth as B0..B7's do.
+* ``V2T0``: a tiny EfficientNetV2 (V2-B0's blocks, width x0.25, depth x0.3, 32 px, 161k
+  parameters) built by Keras' EfficientNetV2 code, for the same tests of the V2 rows: fused
+  and depthwise blocks, 9 blocks and ``top``, stochastic depth in 5b, 6b and 6c.
 
 Keras' official notop files store the ImageNet std (not its square) as the Normalization
 layer's variance, and ``keras.applications`` adds the missing ``Rescaling(1/sqrt(std))`` only
@@ -38,6 +46,9 @@ from data_tools.errors import InputError
 BLOCK_NAME = re.compile(r"^block(\d+[a-z])_")
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)  # what the official files store as the variance
 TOP_BLOCK = "top"  # top_conv / top_bn / top_activation: the last unit to unfreeze
+V1_WEIGHTS_URL = "https://storage.googleapis.com/keras-applications/"
+V2_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/efficientnet_v2/"
+TINY = ("tiny", "tiny_v2")  # the constructors of the test backbones (never ImageNet weights)
 
 
 @dataclass(frozen=True)
@@ -48,10 +59,11 @@ class Backbone:
     size: int
     batch: int
     input_scale: float  # multiply 0..255 pixels by this before the backbone
-    constructor: str  # attribute of keras.applications, or "hub" / "tiny"
+    constructor: str  # attribute of keras.applications, or "hub" / "tiny" / "tiny_v2"
     weights_file: str | None = None  # the notop file in Keras' cache, for ImageNet weights
     handle: str | None = None  # TF-Hub handle or SavedModel path
     gflops: float = 0.39  # multiply-adds of one image at `size` (what a pass costs, relatively)
+    weights_url: str = V1_WEIGHTS_URL  # where Keras downloads `weights_file` from
 
     @property
     def finetunable(self) -> bool:
@@ -70,7 +82,21 @@ def _keras_effnet(index: int, size: int, batch: int, gflops: float) -> Backbone:
     )
 
 
-# GFLOPs at native size: the EfficientNet paper's table (Tan & Le 2019).
+def _keras_effnet_v2(variant: str, size: int, batch: int, gflops: float) -> Backbone:
+    return Backbone(
+        f"V2{variant}",
+        size,
+        batch,
+        1.0,
+        f"EfficientNetV2{variant}",
+        f"efficientnetv2-{variant.lower()}_notop.h5",
+        gflops=gflops,
+        weights_url=V2_WEIGHTS_URL,
+    )
+
+
+# GFLOPs at native size: the EfficientNet papers' tables (Tan & Le 2019, 2021). V2's batches
+# follow V1's at the same size, one step lower from 384 px (S/M/L are 2-4x V1's parameters).
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in [
@@ -82,19 +108,34 @@ BACKBONES: dict[str, Backbone] = {
         _keras_effnet(5, 456, 64, 9.9),
         _keras_effnet(6, 528, 32, 19.0),
         _keras_effnet(7, 600, 32, 37.0),
+        _keras_effnet_v2("B0", 224, 512, 0.72),
+        _keras_effnet_v2("B1", 240, 256, 1.2),
+        _keras_effnet_v2("B2", 260, 256, 1.7),
+        _keras_effnet_v2("B3", 300, 128, 3.0),
+        _keras_effnet_v2("S", 384, 64, 8.8),
+        _keras_effnet_v2("M", 480, 32, 24.0),
+        _keras_effnet_v2("L", 480, 16, 53.0),
         Backbone("T0", 32, 64, 1.0, "tiny", gflops=0.002),
+        Backbone("V2T0", 32, 64, 1.0, "tiny_v2", gflops=0.002),
     ]
 }
 _HUB_SIZE = re.compile(r"efficientnet[/_-]?b([0-7])", re.IGNORECASE)
+# TF-Hub's V2 feature vectors: .../efficientnet_v2_imagenet21k_b3/feature_vector/2, ..._s/...
+_HUB_V2_SIZE = re.compile(r"efficientnet_?v2\w*?[_-](b[0-3]|s|m|l)(?![a-z0-9])", re.IGNORECASE)
 
 
 def get(name: str) -> Backbone:
-    """The table entry for ``name`` (``B0``..``B7``, ``T0``, or ``hub:<handle>``)."""
+    """The table entry for ``name`` (``B0``..``B7``, ``V2B0``..``V2L``, ``T0``, ``V2T0``, or
+    ``hub:<handle>``). A hub handle naming an EfficientNet variant gets that row's size."""
     if name.startswith("hub:"):
         handle = name[len("hub:") :]
-        match = _HUB_SIZE.search(handle)
-        like = BACKBONES[f"B{match.group(1)}"] if match else BACKBONES["B0"]
-        batch = like.batch if match else 256
+        like = None
+        if match := _HUB_V2_SIZE.search(handle):
+            like = BACKBONES[f"V2{match.group(1).upper()}"]
+        elif match := _HUB_SIZE.search(handle):
+            like = BACKBONES[f"B{match.group(1)}"]
+        batch = like.batch if like else 256
+        like = like or BACKBONES["B0"]
         return Backbone(name, like.size, batch, 1 / 255, "hub", handle=handle, gflops=like.gflops)
     if name not in BACKBONES:
         raise InputError(
@@ -113,8 +154,8 @@ def keras_cache_dir() -> Path:
 def build(backbone: Backbone, size: int, weights: str | None) -> keras.Model:
     """The backbone as a Keras model from ``[size, size, 3]`` pixels (already scaled) to
     pooled features. ``weights``: ``"imagenet"``, ``None`` (random), or a folder holding this
-    backbone's Keras notop file (``efficientnetb0_notop.h5``) or a Keras 3 weights file
-    (``B0.weights.h5``, as ``model.save_weights`` writes)."""
+    backbone's Keras notop file (``efficientnetb0_notop.h5``, ``efficientnetv2-b0_notop.h5``)
+    or a Keras 3 weights file (``B0.weights.h5``, as ``model.save_weights`` writes)."""
     shape = (size, size, 3)
     if backbone.constructor == "hub":  # the module carries its own weights, whatever --weights
         return _hub_model(backbone.handle, shape)
@@ -133,6 +174,22 @@ def build(backbone: Backbone, size: int, weights: str | None) -> keras.Model:
             dropout_rate=0.0,
             drop_connect_rate=0.2,  # stochastic depth, as in B0..B7
             name="efficientnet_t0",
+            include_top=False,
+            weights=None,
+            input_shape=shape,
+            pooling="avg",
+        )
+    elif backbone.constructor == "tiny_v2":
+        from keras.src.applications.efficientnet_v2 import DEFAULT_BLOCKS_ARGS, EfficientNetV2
+
+        model = EfficientNetV2(
+            0.25,
+            0.3,  # stages 5 and 6 repeat: residual blocks with stochastic depth (5b, 6b, 6c)
+            32,
+            dropout_rate=0.0,
+            drop_connect_rate=0.2,
+            blocks_args=DEFAULT_BLOCKS_ARGS["efficientnetv2-b0"],
+            name="efficientnetv2-t0",  # not "-b*": S/M/L's preprocessing (to -1..1)
             include_top=False,
             weights=None,
             input_shape=shape,
@@ -236,7 +293,7 @@ def ensure_weights(backbone: Backbone) -> None:
     target = keras_cache_dir() / backbone.weights_file
     if target.is_file():
         return
-    url = "https://storage.googleapis.com/keras-applications/" + backbone.weights_file
+    url = backbone.weights_url + backbone.weights_file
     try:
         keras.utils.get_file(backbone.weights_file, url, cache_subdir="models")
     except Exception:  # noqa: BLE001 - any download failure means the same thing to the user

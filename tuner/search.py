@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--weights",
         default="imagenet",
-        help="imagenet (Keras' cache), none (random init) or a folder holding "
-        "efficientnetb<N>_notop.h5 files",
+        help="imagenet (Keras' cache), none (random init) or a folder holding notop files "
+        "(efficientnetb<N>_notop.h5, efficientnetv2-<b0..b3|s|m|l>_notop.h5)",
     )
     parser.add_argument("--seed", type=int)
     parser.add_argument(
@@ -487,8 +487,8 @@ def resolve_weights(choice: str, space, demo: bool, console) -> tuple[str | None
         folder = Path(choice)
         if not folder.is_dir():
             raise InputError(
-                f"--weights {choice}: not imagenet, none, or a folder holding "
-                f"efficientnetb<N>_notop.h5 files"
+                f"--weights {choice}: not imagenet, none, or a folder holding notop files "
+                f"(efficientnetb0_notop.h5, efficientnetv2-b0_notop.h5, ...)"
             )
         return str(folder), str(folder)
     try:
@@ -502,7 +502,7 @@ def resolve_weights(choice: str, space, demo: bool, console) -> tuple[str | None
             f"training the whole network"
         )
         return None, "none (imagenet unavailable)"
-    if any(backbones.get(n).constructor == "tiny" for n in space.backbones):
+    if any(backbones.get(n).constructor in backbones.TINY for n in space.backbones):
         return None, "none (test backbone)"
     return "imagenet", "imagenet"
 
