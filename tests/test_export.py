@@ -70,6 +70,7 @@ def test_export_writes_best_and_every_form_predicts_the_same(searched, tmp_path,
         "saved_model",
     ]
     record = json.loads((best / "metrics.json").read_text())
+    assert record["exported"] == "trial" and "refit" not in record and "trial_test" not in record
     assert f"chosen: trial {record['trial_id']}. knee:" in printed
     assert "model: loaded its checkpoint" in printed
     config, trials = export_best.load_search(folder)
@@ -110,6 +111,80 @@ def test_export_writes_best_and_every_form_predicts_the_same(searched, tmp_path,
     artifacts = [a for r in search_runs for a in r.artifacts]
     assert artifacts and set(artifacts[-1].aliases) >= {"best", "knee"}
     assert artifacts[-1].type == "model"
+
+
+def test_refit_trains_on_train_and_validation_for_the_best_epochs_and_never_sees_test(
+    searched, tmp_path, capsys, monkeypatch
+):
+    from tuner import hypermodel
+
+    folder = fresh_copy(searched, tmp_path)
+    config, trials = export_best.load_search(folder)
+    tables, evaluated, fits = [], [], []
+    split_data_init = hypermodel.SplitData.__init__
+    monkeypatch.setattr(
+        hypermodel.SplitData,
+        "__init__",
+        lambda self, table, *a, **k: tables.append(table) or split_data_init(self, table, *a, **k),
+    )
+    metrics = export_best.test_metrics
+    monkeypatch.setattr(
+        export_best,
+        "test_metrics",
+        lambda labels, probs, classes: evaluated.append(probs) or metrics(labels, probs, classes),
+    )
+    fit = hypermodel.EffNetHyperModel.fit
+
+    def spied_fit(self, hp, model, *args, **kwargs):
+        result = fit(self, hp, model, *args, **kwargs)
+        fits.append((self.stop_after, self.last_fit["epochs_run"], model))
+        return result
+
+    monkeypatch.setattr(hypermodel.EffNetHyperModel, "fit", spied_fit)
+    assert run_cli(export_best.main, ["--results", str(folder), "--refit"]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((folder / "best" / "metrics.json").read_text())
+    row = trials[trials.trial_id.astype(str) == record["trial_id"]].iloc[0]
+
+    # Trained on every train and validation row, and on no test row.
+    test_paths = set(export_best.split_table(config, ("test",))[0]["path"])
+    seen = set(export_best.split_table(config, ("train", "validation"))[0]["path"])
+    assert len(tables) == 1 and set(tables[0]["path"]) == seen
+    assert not test_paths & set(tables[0]["path"])
+    rows = config["split_counts"]["train"] + config["split_counts"]["validation"]
+    assert (tables[0]["type"] == "train").sum() == rows == len(seen)
+    # For the epochs its trial found best, kept at the last of them.
+    best_epoch = int(row["best_epoch"])
+    assert [(stop, run) for stop, run, _ in fits] == [(best_epoch, best_epoch)]
+    assert record["refit"]["trials"] == [
+        {"trial_id": record["trial_id"], "stage": "frozen", "solver": "adam", "epochs": best_epoch}
+    ]
+    assert record["refit"]["train_rows"] == rows
+    # Both models evaluated on test once each: the trial's, then the refit that is exported.
+    assert len(evaluated) == 2 and record["exported"] == "refit"
+    pixels, labels, _ = export_best.test_pixels(config, 32)
+    shipped = export_best.probabilities(
+        keras.models.load_model(folder / "best" / "model.keras"), pixels
+    )
+    np.testing.assert_allclose(shipped, evaluated[1], atol=1e-6)
+    np.testing.assert_allclose(shipped, export_best.probabilities(fits[0][2], pixels), atol=1e-6)
+    trial_model, _ = export_best.trial_model(folder, row, config)
+    np.testing.assert_allclose(
+        export_best.probabilities(trial_model, pixels), evaluated[0], atol=1e-6
+    )
+    assert not np.allclose(evaluated[0], evaluated[1], atol=1e-3)
+    assert record["test"]["accuracy"] == pytest.approx((shipped.argmax(1) == labels).mean())
+    assert record["trial_test"]["accuracy"] == pytest.approx(
+        (evaluated[0].argmax(1) == labels).mean()
+    )
+    assert (
+        f"refit: trial {record['trial_id']} (frozen, {best_epoch} epoch(s)) on {rows:,}" in printed
+    )
+    assert "test, the trial's model: accuracy" in printed
+    card = (folder / "best" / "model_card.md").read_text()
+    assert "## Refit on train + validation" in card
+    assert f"refit model (exported) | {record['test']['accuracy']:.4f}" in card
+    assert f"the trial's model (not exported) | {record['trial_test']['accuracy']:.4f}" in card
 
 
 def test_a_pruned_model_is_rebuilt_from_its_best_epoch_checkpoint_or_retrained(

@@ -80,14 +80,17 @@ def model_card(
         f"Obtained by: {record['model_source']}.",
         "",
         *augment_lines(record),
+        *refit_lines(record),
         "## Metrics",
         "",
         "| split | accuracy | loss | balanced accuracy |",
         "|---|---:|---:|---:|",
-        f"| validation | {record['validation']['accuracy']:.4f} | "
-        f"{record['validation']['loss']:.4f} | |",
-        f"| test ({test['count']} images, read once, at export) | {test['accuracy']:.4f} | "
+        f"| validation{' (the trial)' if 'refit' in record else ''} | "
+        f"{record['validation']['accuracy']:.4f} | {record['validation']['loss']:.4f} | |",
+        f"| test ({test['count']} images, read once, at export)"
+        f"{', refit model (exported)' if 'refit' in record else ''} | {test['accuracy']:.4f} | "
         f"{test['loss']:.4f} | {test['balanced_accuracy']:.4f} |",
+        *trial_test_row(record),
         "",
         "| class | precision | recall | F1 | support |",
         "|---|---:|---:|---:|---:|",
@@ -177,3 +180,40 @@ def augment_lines(record: dict[str, Any]) -> list[str]:
         "model contains no augmentation layer: every form computes what was validated.",
         "",
     ]
+
+
+def refit_lines(record: dict[str, Any]) -> list[str]:
+    """How the exported model was refit on train + validation, when it was."""
+    if "refit" not in record:
+        return []
+    refit = record["refit"]
+    steps = ", then ".join(refit_step(step) for step in refit["trials"])
+    return [
+        "## Refit on train + validation",
+        "",
+        f"The exported model is the chosen configuration trained again on train + validation "
+        f"({refit['train_rows']:,} images) for the epochs its trial found best: {steps} "
+        f"({refit['seconds']:.0f} s). Its validation rows were training rows, so it has no "
+        "validation figure of its own: the one below is the trial's. Both models were "
+        "evaluated on test once; the refit is exported whichever scored higher, since "
+        "choosing by test would spend the test split. The trial's own model: "
+        f"{refit['trial_model_source']}.",
+        "",
+    ]
+
+
+def trial_test_row(record: dict[str, Any]) -> list[str]:
+    if "trial_test" not in record:
+        return []
+    test = record["trial_test"]
+    return [
+        f"| test, the trial's model (not exported) | {test['accuracy']:.4f} | "
+        f"{test['loss']:.4f} | {test['balanced_accuracy']:.4f} |"
+    ]
+
+
+def refit_step(step: dict[str, Any]) -> str:
+    """``trial 3 (fine-tune, 2 epoch(s))``, ``trial 1 (exact linear head)``."""
+    if step["solver"] == "exact":
+        return f"trial {step['trial_id']} (exact linear head)"
+    return f"trial {step['trial_id']} ({step['stage']}, {step['epochs']} epoch(s))"

@@ -22,6 +22,13 @@
    A trial trained in mixed precision (the GPU default) is exported in float32: the same
    weights, every layer float32, checked against the trial's own outputs on the test images
    (``precision`` in metrics.json).
+5. ``--refit``: the chosen configuration is trained once more on train + validation, for the
+   epochs its trial found best, replaying the trial's own schedule (and, for a trial continued
+   from another, its parents' first, each to its best epoch), with nothing chosen on the
+   validation rows it now trains on. Both models are evaluated on test once; the refit model
+   is exported whatever the two figures say (choosing by test would spend the test split),
+   and metrics.json and the card give both (``exported``, ``test``, ``trial_test``,
+   ``refit``).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import pandas as pd
 import yaml
 
 from data_tools.errors import InputError, run_cli
+from tuner.card import refit_step
 from tuner.choose import MNAS_WEIGHT, RULES, Choice, choose
 from tuner.results import plain_value
 
@@ -111,20 +119,109 @@ def trial_model(folder: Path, row: pd.Series, config: dict[str, Any]):
     return model, "retrained it from its hyperparameters (its checkpoint was not kept)"
 
 
-def trial_hypermodel(folder: Path, row: pd.Series, config: dict[str, Any]):
-    """(the search's hypermodel over the train and validation rows, the trial's values)."""
+def trial_values(folder: Path, trial_id: str):
+    """The trial's hyperparameters as Keras Tuner recorded them (``trial.json``)."""
     import keras_tuner as kt
 
+    trial_json = folder / "keras_tuner" / f"trial_{trial_id}" / "trial.json"
+    if not trial_json.is_file():
+        raise InputError(
+            f"trial {trial_id} has no Keras Tuner record ({trial_json}): choose another "
+            f"trial or rerun the search"
+        )
+    return kt.HyperParameters.from_config(json.loads(trial_json.read_text())["hyperparameters"])
+
+
+def trial_hypermodel(folder: Path, row: pd.Series, config: dict[str, Any]):
+    """(the search's hypermodel over the train and validation rows, the trial's values)."""
     from tuner import hypermodel, space
 
-    trial_json = folder / "keras_tuner" / f"trial_{row['trial_id']}" / "trial.json"
-    hp = kt.HyperParameters.from_config(json.loads(trial_json.read_text())["hyperparameters"])
+    hp = trial_values(folder, str(row["trial_id"]))
     search_space = space.load(None, config["space"])
     table, classes = split_table(config, ("train", "validation"))
     data = hypermodel.SplitData(table, classes, cache_dir=str(folder / "cache"))
     maker = hypermodel.EffNetHyperModel(search_space, data, weights_argument(config["weights"]))
     maker.batch_override = int(row["batch_size"])
     return maker, hp
+
+
+def lineage(folder: Path, row: pd.Series, trials: pd.DataFrame) -> list[tuple[pd.Series, Any]]:
+    """The trial and the trials it continued (``tuner/trial_id``: a fine-tune from its
+    frozen head, a promoted rung from the shorter one), first ancestor first, with values."""
+    chain = []
+    current = row
+    while True:
+        hp = trial_values(folder, str(current["trial_id"]))
+        chain.append((current, hp))
+        parent = str(hp.values.get("tuner/trial_id") or "")
+        if not parent:
+            return chain[::-1]
+        found = trials[trials["trial_id"].astype(str) == parent]
+        if found.empty:
+            raise InputError(
+                f"trial {current['trial_id']} continued trial {parent}, which "
+                f"{folder / 'trials.csv'} does not hold: cannot refit it"
+            )
+        current = found.iloc[0]
+
+
+def refit(folder: Path, row: pd.Series, trials: pd.DataFrame, config: dict[str, Any], console):
+    """(the model, facts): the trial's configuration trained again on train + validation.
+
+    Each trial of its :func:`lineage` is replayed as the search ran it (same values, epochs,
+    initial epoch, batch) but stops at the epoch that trial found best and keeps it; the
+    next continues from those weights, as it continued from that best-epoch checkpoint. A
+    linear head is fitted exactly again. The validation rows stay the hypermodel's validation
+    split only because its code paths score one; nothing is chosen on them. Test rows never
+    reach it (:class:`~tuner.hypermodel.SplitData` refuses them)."""
+    import tempfile
+    import time
+
+    from tuner import hypermodel, space
+    from tuner.budget import format_seconds
+
+    chain = lineage(folder, row, trials)
+    table, classes = split_table(config, ("train", "validation"))
+    both = pd.concat(
+        [table.assign(type="train"), table[table["type"] == "validation"]], ignore_index=True
+    )
+    data = hypermodel.SplitData(both, classes, cache_dir=str(folder / "cache"))
+    maker = hypermodel.EffNetHyperModel(
+        space.load(None, config["space"]), data, weights_argument(config["weights"])
+    )
+    started = time.monotonic()
+    steps = []
+    with tempfile.TemporaryDirectory() as tmp:
+        previous = None
+        for link, hp in chain:
+            maker.batch_override = int(link["batch_size"])
+            model = maker.build(hp)
+            if previous is not None:
+                model.load_weights(previous)
+            initial = int(hp.values.get("tuner/initial_epoch", 0))
+            epochs = hp.values.get("tuner/epochs")
+            maker.stop_after = initial + int(link["best_epoch"])
+            maker.fit(hp, model, epochs=int(epochs) if epochs else None, initial_epoch=initial)
+            steps.append(
+                {
+                    "trial_id": str(link["trial_id"]),
+                    "stage": maker.last_fit["plan"].stage or maker.last_fit["plan"].mode,
+                    "solver": maker.last_fit["plan"].solver,
+                    "epochs": int(maker.last_fit["epochs_run"]),
+                }
+            )
+            previous = Path(tmp) / f"{link['trial_id']}.weights.h5"
+            model.save_weights(previous)
+    facts = {
+        "train_rows": len(data.train),
+        "trials": steps,
+        "seconds": time.monotonic() - started,
+    }
+    console.print(
+        f"refit: {', then '.join(map(refit_step, steps))} on {facts['train_rows']:,} images "
+        f"(train + validation) in {format_seconds(facts['seconds'])}"
+    )
+    return model, facts
 
 
 def split_table(config: dict[str, Any], types: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
@@ -285,6 +382,45 @@ def tflite_probabilities(path: Path, pixels: np.ndarray) -> np.ndarray:
     return two_columns(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
 
 
+def in_float32(model, pixels: np.ndarray, console):
+    """(the model to ship, its test probabilities, the precision record or None). A trial
+    trained in mixed precision (a GPU's) is rebuilt in float32, the same weights, and
+    checked against its own outputs on the test images."""
+    mixed = mixed_policies(model)
+    if not mixed:
+        return model, probabilities(model, pixels), None
+    trial_probs = probabilities(model, pixels)
+    model = float32_model(model)
+    probs = probabilities(model, pixels)
+    precision = {
+        "trial": sorted(mixed)[0],
+        "exported": "float32",
+        "mean_abs_difference": float(np.abs(trial_probs - probs).mean()),
+        "max_abs_difference": float(np.abs(trial_probs - probs).max()),
+        "same_predictions": float((trial_probs.argmax(1) == probs.argmax(1)).mean()),
+    }
+    console.print(
+        f"precision: the trial ran in {precision['trial']}; exported in float32 (same "
+        f"class as the trial for {precision['same_predictions']:.1%} of the test images, "
+        f"probabilities {precision['mean_abs_difference']:.1e} apart on average)"
+    )
+    if precision["same_predictions"] < MIXED_MIN_AGREEMENT:
+        raise RuntimeError(
+            f"the float32 model predicts another class than the {precision['trial']} "
+            f"trial for {1 - precision['same_predictions']:.1%} of the test images "
+            f"(at most {1 - MIXED_MIN_AGREEMENT:.0%} allowed)"
+        )
+    return model, probs, precision
+
+
+def test_line(metrics: dict[str, Any]) -> str:
+    return (
+        f"accuracy {metrics['accuracy']:.4f}, balanced accuracy "
+        f"{metrics['balanced_accuracy']:.4f}, loss {metrics['loss']:.4f} on "
+        f"{metrics['count']} images"
+    )
+
+
 def export(args: argparse.Namespace) -> Path:
     """Choose, evaluate and write ``best/``; returns the folder. The CLI's one call."""
     from rich.console import Console
@@ -315,33 +451,16 @@ def export(args: argparse.Namespace) -> Path:
     console.print(f"model: {how}")
     size = int(row["image_size"])
     pixels, labels, _ = test_pixels(config, size)
-    precision = None
-    mixed = mixed_policies(model)
-    if mixed:  # a GPU trial: export float32, checked against the trial's own outputs
-        trial_probs = probabilities(model, pixels)
-        model = float32_model(model)
-        probs = probabilities(model, pixels)
-        precision = {
-            "trial": sorted(mixed)[0],
-            "exported": "float32",
-            "mean_abs_difference": float(np.abs(trial_probs - probs).mean()),
-            "max_abs_difference": float(np.abs(trial_probs - probs).max()),
-            "same_predictions": float((trial_probs.argmax(1) == probs.argmax(1)).mean()),
-        }
-        console.print(
-            f"precision: the trial ran in {precision['trial']}; exported in float32 (same "
-            f"class as the trial for {precision['same_predictions']:.1%} of the test images, "
-            f"probabilities {precision['mean_abs_difference']:.1e} apart on average)"
-        )
-        if precision["same_predictions"] < MIXED_MIN_AGREEMENT:
-            raise RuntimeError(
-                f"the float32 model predicts another class than the {precision['trial']} "
-                f"trial for {1 - precision['same_predictions']:.1%} of the test images "
-                f"(at most {1 - MIXED_MIN_AGREEMENT:.0%} allowed)"
-            )
-    else:
-        probs = probabilities(model, pixels)
-    metrics = test_metrics(labels, probs, list(config["classes"]))
+    classes = list(config["classes"])
+    model, probs, precision = in_float32(model, pixels, console)
+    metrics = test_metrics(labels, probs, classes)
+    trial_test = refit_facts = None
+    if args.refit:
+        trial_test = metrics
+        console.print(f"test, the trial's model: {test_line(trial_test)}")
+        model, refit_facts = refit(folder, row, trials, config, console)
+        model, probs, precision = in_float32(model, pixels, console)
+        metrics = test_metrics(labels, probs, classes)
     latency_ms, images_per_s, _ = measure_latency(model, size)
     out = Path(args.out) if args.out else folder / "best"
     with atomic_path(out) as tmp:
@@ -354,7 +473,8 @@ def export(args: argparse.Namespace) -> Path:
             "trial_id": choice.trial_id,
             "rule": choice.rule,
             "reason": choice.reason,
-            "model_source": how,
+            "model_source": how if refit_facts is None else "refit on train + validation",
+            "exported": "trial" if refit_facts is None else "refit",
             "backbone": row["backbone"],
             "image_size": size,
             "classes": list(config["classes"]),
@@ -367,6 +487,9 @@ def export(args: argparse.Namespace) -> Path:
             "params": int(model.count_params()),
             "model_bytes": (tmp / "model.keras").stat().st_size,
         }
+        if refit_facts is not None:
+            record["trial_test"] = trial_test
+            record["refit"] = {**refit_facts, "trial_model_source": how}
         if precision:
             record["precision"] = precision
         if args.tflite:
@@ -384,10 +507,9 @@ def export(args: argparse.Namespace) -> Path:
                 )
         (tmp / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
         (tmp / "model_card.md").write_text(card.model_card(record, config, choice, column))
+    which = "" if refit_facts is None else ", the refit model (exported)"
     console.print(
-        f"test: accuracy {metrics['accuracy']:.4f}, balanced accuracy "
-        f"{metrics['balanced_accuracy']:.4f}, loss {metrics['loss']:.4f} on "
-        f"{metrics['count']} images; {latency_ms:.2f} ms/image on {device_name()}"
+        f"test{which}: {test_line(metrics)}; {latency_ms:.2f} ms/image on {device_name()}"
     )
     console.print(f"exported to {out}/")
     _log_artifact(folder, config, out, choice, record, console, args)
@@ -407,7 +529,10 @@ def _log_artifact(folder, config, out, choice, record, console, args) -> None:
         "val_accuracy": record["validation"]["accuracy"],
         "latency_ms": record["latency_ms"],
         "backbone": record["backbone"],
+        "exported": record["exported"],
     }
+    if "trial_test" in record:
+        metadata["trial_test_accuracy"] = record["trial_test"]["accuracy"]
     logger.log_model(out, ["best", choice.rule], metadata)
     if logger.sync_command():
         console.print(f"W&B is offline; to upload: {logger.sync_command()}")
@@ -432,6 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight", type=float, default=MNAS_WEIGHT, help="weighted rule's W")
     parser.add_argument("--target-ms", type=float, help="weighted rule's T (default: median)")
     parser.add_argument("--tflite", action="store_true", help="also write model.tflite")
+    parser.add_argument(
+        "--refit",
+        action="store_true",
+        help="train the chosen configuration again on train + validation for its best "
+        "epochs and export that (both models' test figures are reported)",
+    )
     parser.add_argument("--out", help="export folder (default: results/NAME/best)")
     parser.add_argument("--wandb-project")
     parser.add_argument("--wandb-entity")

@@ -35,6 +35,10 @@ Validation is never augmented, and the model a trial keeps has no augmentation i
 
 ``fit`` leaves the model at its best epoch (highest validation accuracy, the first on ties),
 the epoch whose numbers it returns: what a trial records is what it keeps and ships.
+
+A refit (``export_best --refit``) sets ``stop_after``: ``fit`` then trains the same schedule
+(the same phases, learning rates and decay) but stops at that epoch and keeps it, with no
+early stopping and no return to a best epoch: its validation rows are part of its training.
 """
 
 from __future__ import annotations
@@ -202,6 +206,8 @@ class EffNetHyperModel(kt.HyperModel):
         self.callbacks_factory = callbacks_factory  # () -> list of per-fit callbacks
         self.feature_cache = feature_cache  # train frozen heads on cached backbone features
         self.batch_override: int | None = None  # set by out-of-memory retries
+        # A refit's last epoch (absolute, as ``epochs``): stop there and keep it.
+        self.stop_after: int | None = None
         self.last_fit: dict[str, Any] = {}
         self._frozen_backbone: tuple[tuple[str, int], keras.Model] | None = None
         self._frozen_fingerprint: tuple[keras.Model, str] | None = None
@@ -344,9 +350,10 @@ class EffNetHyperModel(kt.HyperModel):
             self._phase2(run, epochs, initial_epoch)
         else:
             phase1_end = self.phase1_end(plan, epochs, initial_epoch)
-            if initial_epoch < phase1_end:
+            if initial_epoch < self._last(phase1_end):
                 self._phase1(run, phase1_end, initial_epoch)
-            if plan.fine_tunes and epochs > phase1_end and not model.stop_training:
+            fine_tunes = plan.fine_tunes and self._last(epochs) > phase1_end
+            if fine_tunes and not model.stop_training:
                 self._phase2(run, epochs, max(initial_epoch, phase1_end))
         self.last_fit.update(
             history=run.history,
@@ -354,8 +361,14 @@ class EffNetHyperModel(kt.HyperModel):
             plan=plan,
         )
         metrics = best_metrics(run.history)
-        run.best.restore()
+        if self.stop_after is None:
+            run.best.restore()
         return metrics
+
+    def _last(self, until: int) -> int:
+        """The epoch a phase planned to end at ``until`` ends at: ``until``, or a refit's
+        ``stop_after`` when that comes first."""
+        return until if self.stop_after is None else min(until, self.stop_after)
 
     def _phase1(self, run: _Run, until: int, start: int, converge: bool = False) -> None:
         """The head on the frozen backbone: on cached features when possible, else end to
@@ -366,9 +379,10 @@ class EffNetHyperModel(kt.HyperModel):
         decay = steps if converge else None
         stopping = (
             [keras.callbacks.EarlyStopping("val_loss", patience=self.space.patience)]
-            if converge
+            if converge and self.stop_after is None
             else []
         )
+        until = self._last(until)  # the schedule above is the searched one; a refit ends early
         if self.uses_feature_cache(plan):
             arrays = self._features(run)
             head = model.get_layer("head")
@@ -399,6 +413,7 @@ class EffNetHyperModel(kt.HyperModel):
         head at ``learning_rate * finetune_lr_factor``, on cached activations at the cut
         when possible, else end to end."""
         plan, model = run.plan, run.model
+        until = self._last(until)
         base = model.get_layer("backbone")
         count = backbones.blocks_for_fraction(base, plan.finetune_fraction)
         self.last_fit["unfrozen_blocks"] = backbones.unfreeze_top(base, count)
