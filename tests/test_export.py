@@ -18,6 +18,10 @@ from tests.conftest import frozen
 from tests.wandb_files import read_runs
 from tuner import export_best, predict, search
 
+# The tests that export from the ``searched`` fixture run in one test process (pytest's
+# --dist loadgroup), so the fixture's search runs once, not once per process.
+ON_SEARCHED = pytest.mark.xdist_group("searched")
+
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, demo_dir, pretrained_t0) -> Path:
@@ -55,6 +59,7 @@ def fresh_copy(searched: Path, tmp_path: Path) -> Path:
     return target
 
 
+@ON_SEARCHED
 def test_export_writes_best_and_every_form_predicts_the_same(searched, tmp_path, capsys):
     folder = fresh_copy(searched, tmp_path)
     argv = ["--results", str(folder), "--tflite", "--wandb-mode", "offline"]
@@ -113,6 +118,7 @@ def test_export_writes_best_and_every_form_predicts_the_same(searched, tmp_path,
     assert artifacts[-1].type == "model"
 
 
+@ON_SEARCHED
 def test_refit_trains_on_train_and_validation_for_the_best_epochs_and_never_sees_test(
     searched, tmp_path, capsys, monkeypatch
 ):
@@ -187,6 +193,7 @@ def test_refit_trains_on_train_and_validation_for_the_best_epochs_and_never_sees
     assert f"the trial's model (not exported) | {record['trial_test']['accuracy']:.4f}" in card
 
 
+@ON_SEARCHED
 def test_a_pruned_model_is_rebuilt_from_its_best_epoch_checkpoint_or_retrained(
     searched, tmp_path, capsys
 ):
@@ -223,6 +230,7 @@ def test_a_pruned_model_is_rebuilt_from_its_best_epoch_checkpoint_or_retrained(
     assert record["model_source"].startswith("retrained")
 
 
+@ON_SEARCHED
 def test_predict_prints_labels_and_a_folder_gives_a_csv(searched, tmp_path, demo_dir, capsys):
     folder = fresh_copy(searched, tmp_path)
     assert run_cli(export_best.main, ["--results", str(folder), "--wandb-mode", "disabled"]) == 0
@@ -252,6 +260,7 @@ def test_predict_prints_labels_and_a_folder_gives_a_csv(searched, tmp_path, demo
     np.testing.assert_allclose(readable.filter(regex=r"^\d$").sum(axis=1), 1.0, atol=1e-5)
 
 
+@ON_SEARCHED
 @pytest.mark.parametrize(
     "argv,expected",
     [
