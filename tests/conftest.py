@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -84,13 +85,29 @@ def run_search(tmp_path: Path, demo_dir: Path, name: str, *extra: str) -> int:
 @pytest.fixture(scope="session")
 def pretrained_t0(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Path:
     """A weights folder whose T0 backbone was trained (2 epochs, whole network, on the demo
-    digits): frozen random features carry no information, these do, like ImageNet's."""
+    digits): frozen random features carry no information, these do, like ImageNet's.
+
+    Trained once per test run: the test processes (pytest-xdist) share one folder beside
+    their own temporary folders, the first to arrive training it under a file lock."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:  # one process: its own folder
+        shared = tmp_path_factory.getbasetemp()
+    folder = shared / "pretrained_t0"
+    with FileLock(str(shared / "pretrained_t0.lock")):
+        if not (folder / "T0.weights.h5").is_file():
+            _train_t0(folder, demo_dir)
+    return folder
+
+
+def _train_t0(folder: Path, demo_dir: Path) -> None:
     import keras_tuner as kt
 
     from data_tools import ingest, split
     from tuner import hypermodel, space
 
-    folder = tmp_path_factory.mktemp("pretrained")
+    folder.mkdir(parents=True, exist_ok=True)
     labels = ingest.read_label_csv(demo_dir / "label.csv")
     frame = split.split_frame(labels)
     frame = frame[frame.type != "test"].reset_index(drop=True)
@@ -105,5 +122,6 @@ def pretrained_t0(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> P
     hp = kt.HyperParameters()
     model = maker.build(hp)
     maker.fit(hp, model, epochs=2)
-    model.get_layer("backbone").save_weights(folder / "T0.weights.h5")
-    return folder
+    written = folder / "T0.partial.weights.h5"  # whole or absent, for the other process
+    model.get_layer("backbone").save_weights(written)
+    written.rename(folder / "T0.weights.h5")

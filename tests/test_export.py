@@ -119,13 +119,38 @@ def test_export_writes_best_and_every_form_predicts_the_same(searched, tmp_path,
 
 
 @ON_SEARCHED
-def test_refit_trains_on_train_and_validation_for_the_best_epochs_and_never_sees_test(
+def test_a_pruned_model_is_rebuilt_or_retrained_and_a_refit_trains_on_train_and_validation(
     searched, tmp_path, capsys, monkeypatch
 ):
+    """A trial's model comes from its checkpoint when pruned; with neither it is retrained.
+    ``--refit`` then trains the configuration again on train + validation for the trial's
+    best epochs, never sees a test row, and each model is evaluated on test once."""
     from tuner import hypermodel
 
     folder = fresh_copy(searched, tmp_path)
-    config, trials = export_best.load_search(folder)
+    kept = {p.parent.name: keras.models.load_model(p) for p in folder.glob("trials/*/model.keras")}
+    for model in folder.glob("trials/*/model.keras"):
+        model.unlink()
+
+    def export(out: str, *extra: str) -> dict:
+        argv = ["--results", str(folder), "--rule", "max-accuracy", "--out", str(tmp_path / out)]
+        assert run_cli(export_best.main, [*argv, "--wandb-mode", "disabled", *extra]) == 0
+        return json.loads((tmp_path / out / "metrics.json").read_text())
+
+    record = export("o")
+    assert "model: rebuilt it with its best-epoch weights" in capsys.readouterr().out
+    assert record["model_source"].startswith("rebuilt") and record["rule"] == "max-accuracy"
+    # The same weights as the model the trial kept: the same predictions.
+    rebuilt = keras.models.load_model(tmp_path / "o" / "model.keras")
+    pixels = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    original = kept[record["trial_id"]]
+    np.testing.assert_allclose(
+        rebuilt.predict(pixels, verbose=0), original.predict(pixels, verbose=0), atol=1e-6
+    )
+
+    # Without Keras Tuner's checkpoint either, it is retrained, and says so; then refit.
+    for checkpoint in folder.glob("keras_tuner/trial_*/checkpoint.weights.h5"):
+        checkpoint.unlink()
     tables, evaluated, fits = [], [], []
     split_data_init = hypermodel.SplitData.__init__
     monkeypatch.setattr(
@@ -147,36 +172,38 @@ def test_refit_trains_on_train_and_validation_for_the_best_epochs_and_never_sees
         return result
 
     monkeypatch.setattr(hypermodel.EffNetHyperModel, "fit", spied_fit)
-    assert run_cli(export_best.main, ["--results", str(folder), "--refit"]) == 0
+    record = export("p", "--refit")
     printed = capsys.readouterr().out
-    record = json.loads((folder / "best" / "metrics.json").read_text())
+    assert "model: retrained it from its hyperparameters (its checkpoint was not kept)" in printed
+    assert record["refit"]["trial_model_source"].startswith("retrained")
+    assert record["model_source"] == "refit on train + validation"
+    config, trials = export_best.load_search(folder)
     row = trials[trials.trial_id.astype(str) == record["trial_id"]].iloc[0]
 
-    # Trained on every train and validation row, and on no test row.
+    # The retrain saw train and validation; the refit trained on both: no test row in either.
     test_paths = set(export_best.split_table(config, ("test",))[0]["path"])
     seen = set(export_best.split_table(config, ("train", "validation"))[0]["path"])
-    assert len(tables) == 1 and set(tables[0]["path"]) == seen
-    assert not test_paths & set(tables[0]["path"])
+    assert len(tables) == 2 and all(set(t["path"]) == seen for t in tables)
+    assert not test_paths & seen
     rows = config["split_counts"]["train"] + config["split_counts"]["validation"]
-    assert (tables[0]["type"] == "train").sum() == rows == len(seen)
-    # For the epochs its trial found best, kept at the last of them.
+    assert (tables[1]["type"] == "train").sum() == rows == len(seen)
+    # The refit ran the epochs its trial found best and kept the last of them.
     best_epoch = int(row["best_epoch"])
-    assert [(stop, run) for stop, run, _ in fits] == [(best_epoch, best_epoch)]
+    assert [(stop, run) for stop, run, _ in fits] == [(None, 3), (best_epoch, best_epoch)]
     assert record["refit"]["trials"] == [
         {"trial_id": record["trial_id"], "stage": "frozen", "solver": "adam", "epochs": best_epoch}
     ]
     assert record["refit"]["train_rows"] == rows
-    # Both models evaluated on test once each: the trial's, then the refit that is exported.
+    # Each model evaluated on test once: the trial's, then the refit that is exported.
     assert len(evaluated) == 2 and record["exported"] == "refit"
     pixels, labels, _ = export_best.test_pixels(config, 32)
     shipped = export_best.probabilities(
-        keras.models.load_model(folder / "best" / "model.keras"), pixels
+        keras.models.load_model(tmp_path / "p" / "model.keras"), pixels
     )
     np.testing.assert_allclose(shipped, evaluated[1], atol=1e-6)
-    np.testing.assert_allclose(shipped, export_best.probabilities(fits[0][2], pixels), atol=1e-6)
-    trial_model, _ = export_best.trial_model(folder, row, config)
+    np.testing.assert_allclose(shipped, export_best.probabilities(fits[1][2], pixels), atol=1e-6)
     np.testing.assert_allclose(
-        export_best.probabilities(trial_model, pixels), evaluated[0], atol=1e-6
+        evaluated[0], export_best.probabilities(fits[0][2], pixels), atol=1e-6
     )
     assert not np.allclose(evaluated[0], evaluated[1], atol=1e-3)
     assert record["test"]["accuracy"] == pytest.approx((shipped.argmax(1) == labels).mean())
@@ -187,47 +214,10 @@ def test_refit_trains_on_train_and_validation_for_the_best_epochs_and_never_sees
         f"refit: trial {record['trial_id']} (frozen, {best_epoch} epoch(s)) on {rows:,}" in printed
     )
     assert "test, the trial's model: accuracy" in printed
-    card = (folder / "best" / "model_card.md").read_text()
+    card = (tmp_path / "p" / "model_card.md").read_text()
     assert "## Refit on train + validation" in card
     assert f"refit model (exported) | {record['test']['accuracy']:.4f}" in card
     assert f"the trial's model (not exported) | {record['trial_test']['accuracy']:.4f}" in card
-
-
-@ON_SEARCHED
-def test_a_pruned_model_is_rebuilt_from_its_best_epoch_checkpoint_or_retrained(
-    searched, tmp_path, capsys
-):
-    import keras
-    import numpy as np
-
-    folder = fresh_copy(searched, tmp_path)
-    kept = {p.parent.name: keras.models.load_model(p) for p in folder.glob("trials/*/model.keras")}
-    for model in folder.glob("trials/*/model.keras"):
-        model.unlink()
-
-    def export(out: str) -> dict:
-        argv = ["--results", str(folder), "--rule", "max-accuracy", "--out", str(tmp_path / out)]
-        assert run_cli(export_best.main, [*argv, "--wandb-mode", "disabled"]) == 0
-        return json.loads((tmp_path / out / "metrics.json").read_text())
-
-    record = export("o")
-    assert "model: rebuilt it with its best-epoch weights" in capsys.readouterr().out
-    assert record["model_source"].startswith("rebuilt") and record["rule"] == "max-accuracy"
-    # The same weights as the model the trial kept: the same predictions.
-    rebuilt = keras.models.load_model(tmp_path / "o" / "model.keras")
-    pixels = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
-    original = kept[record["trial_id"]]
-    np.testing.assert_allclose(
-        rebuilt.predict(pixels, verbose=0), original.predict(pixels, verbose=0), atol=1e-6
-    )
-    # Without Keras Tuner's checkpoint either, it is retrained, and says so.
-    for checkpoint in folder.glob("keras_tuner/trial_*/checkpoint.weights.h5"):
-        checkpoint.unlink()
-    record = export("p")
-    assert "model: retrained it from its hyperparameters (its checkpoint was not kept)" in (
-        capsys.readouterr().out
-    )
-    assert record["model_source"].startswith("retrained")
 
 
 @ON_SEARCHED

@@ -163,7 +163,7 @@ def test_v2_searches_on_cached_features_and_activations_and_exports(
     cached = [
         *common,
         *("--algorithm", "transfer", "--set", "head_trials=2", "--set", "head_width=[0, 16]"),
-        *("--set", "head_epochs=20", "--set", "finetune_fraction=[0.0, 0.3]"),
+        *("--set", "head_epochs=10", "--set", "finetune_fraction=[0.0, 0.3]"),
         *("--set", "max_trials=3", "--budget", "5m"),
     ]
     assert run_search(tmp_path, demo_dir, "v2", *cached) == 0
