@@ -52,6 +52,7 @@ def test_transfer_search_runs_its_stages_in_order_and_resumes(
     assert "T0 32px" in out and "successive halving over 1, 3 epochs" in out
     folder = tmp_path / "results" / "tl"
     first = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str})
+    first_spent = json.loads((folder / "budget.json").read_text())["spent_s"]
     assert 1 <= len(first) < 7
     assert first.stage[0] == "frozen" and first.solver[0] == "exact"
     assert "frozen stage: head 1/4 on T0 32px" in out
@@ -61,10 +62,17 @@ def test_transfer_search_runs_its_stages_in_order_and_resumes(
     out += capsys.readouterr().out
     table = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str, "resumed_from": str})
     assert len(table) == 7
-    kept = table.set_index("trial_id").loc[first.trial_id, "val_accuracy"].to_numpy()
-    np.testing.assert_array_equal(kept, first.val_accuracy.to_numpy())
+    # The first run's rows are kept as they were, and its time counts against the budget.
+    again = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str}).iloc[: len(first)]
+    pd.testing.assert_frame_equal(again, first)
+    assert json.loads((folder / "budget.json").read_text())["spent_s"] > first_spent + 5
+    assert "search finished" in out
     oracle = json.loads((folder / "keras_tuner" / "oracle.json").read_text())
     assert len(oracle["end_order"]) == 7
+    assert len(list((folder / "keras_tuner").glob("trial_*"))) == 7  # rows = Keras Tuner's trials
+    # A third run has nothing left to do and adds nothing.
+    assert transfer(tmp_path, demo_dir, pretrained_t0, "tl", "6m") == 0
+    assert len(pd.read_csv(folder / "trials.csv")) == 7
     # The 40 s deadline may stop the first run's last trial at an epoch end (a slow
     # machine): it is kept as it is, and every trial after it completes.
     later = ~table.trial_id.isin(first.trial_id)

@@ -223,26 +223,6 @@ def test_full_disk_under_wandb_turns_logging_off_and_the_search_goes_on(
     assert pd.read_csv(out / "trials.csv").status.tolist() == ["completed"]
 
 
-def test_disabled_mode_writes_no_runs(tmp_path, demo_dir, pretrained_t0):
-    assert (
-        run(
-            tmp_path,
-            demo_dir,
-            pretrained_t0,
-            "x",
-            "--set",
-            "max_trials=1",
-            "--budget",
-            "10m",
-            "--wandb-mode",
-            "disabled",
-        )
-        == 0
-    )
-    assert not (tmp_path / "results" / "x" / "wandb").exists()
-    assert pd.read_csv(tmp_path / "results" / "x" / "trials.csv").wandb_run_id.isna().all()
-
-
 def test_model_artifact_hook_logs_to_the_search_run(tmp_path):
     from rich.console import Console
 
