@@ -175,7 +175,6 @@ def test_v2_searches_on_cached_features_and_activations_and_exports(
     # Pooled features and the activations at the cut (block 6a's output), per split.
     names = sorted(p.name.split("-")[0] for p in (folder / "cache" / "features").glob("*.npy"))
     assert names == ["train", "train", "validation", "validation"]
-
     capsys.readouterr()
 
     argv = ["--results", str(folder), "--rule", "max-accuracy"]
@@ -183,14 +182,18 @@ def test_v2_searches_on_cached_features_and_activations_and_exports(
     best = folder / "best"
     record = json.loads((best / "metrics.json").read_text())
     assert record["backbone"] == "V2T0" and record["test"]["count"] == 110
-    # A fine-tune refits its lineage: the frozen head it started from, to that trial's best
-    # epoch, then its own epochs.
+    # A fine-tune refits its lineage: the linear head it started from, fitted exactly again,
+    # then its own epochs up to its best.
     config, trials = export_best.load_search(folder)
     fine = trials.iloc[-1]
     _, facts = export_best.refit(folder, fine, trials, config, Console(quiet=True))
-    parent = trials[trials.trial_id == fine.resumed_from].iloc[0]
-    assert facts["trials"][0]["trial_id"] == parent.trial_id
-    assert facts["trials"][0]["epochs"] == (1 if parent.solver == "exact" else parent.best_epoch)
+    assert fine.resumed_from == trials.trial_id[0]
+    assert facts["trials"][0] == {
+        "trial_id": trials.trial_id[0],
+        "stage": "frozen",
+        "solver": "exact",
+        "epochs": 1,
+    }
     assert facts["trials"][1] == {
         "trial_id": fine.trial_id,
         "stage": "fine-tune",
