@@ -70,28 +70,19 @@ class Backbone:
         return self.constructor != "hub"
 
 
-def _keras_effnet(index: int, size: int, batch: int, gflops: float) -> Backbone:
+def _keras_effnet(variant: str, size: int, batch: int, gflops: float, v2: bool = False) -> Backbone:
+    """A keras.applications row: ``B0`` -> EfficientNetB0 and efficientnetb0_notop.h5;
+    ``V2`` + ``S`` -> EfficientNetV2S and efficientnetv2-s_notop.h5 (V2's download address)."""
+    family, stem = ("V2", "efficientnetv2-") if v2 else ("", "efficientnet")
     return Backbone(
-        f"B{index}",
+        f"{family}{variant}",
         size,
         batch,
         1.0,
-        f"EfficientNetB{index}",
-        f"efficientnetb{index}_notop.h5",
+        f"EfficientNet{family}{variant}",
+        f"{stem}{variant.lower()}_notop.h5",
         gflops=gflops,
-    )
-
-
-def _keras_effnet_v2(variant: str, size: int, batch: int, gflops: float) -> Backbone:
-    return Backbone(
-        f"V2{variant}",
-        size,
-        batch,
-        1.0,
-        f"EfficientNetV2{variant}",
-        f"efficientnetv2-{variant.lower()}_notop.h5",
-        gflops=gflops,
-        weights_url=V2_WEIGHTS_URL,
+        weights_url=V2_WEIGHTS_URL if v2 else V1_WEIGHTS_URL,
     )
 
 
@@ -100,21 +91,21 @@ def _keras_effnet_v2(variant: str, size: int, batch: int, gflops: float) -> Back
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in [
-        _keras_effnet(0, 224, 512, 0.39),
-        _keras_effnet(1, 240, 256, 0.70),
-        _keras_effnet(2, 260, 256, 1.0),
-        _keras_effnet(3, 300, 128, 1.8),
-        _keras_effnet(4, 380, 128, 4.2),
-        _keras_effnet(5, 456, 64, 9.9),
-        _keras_effnet(6, 528, 32, 19.0),
-        _keras_effnet(7, 600, 32, 37.0),
-        _keras_effnet_v2("B0", 224, 512, 0.72),
-        _keras_effnet_v2("B1", 240, 256, 1.2),
-        _keras_effnet_v2("B2", 260, 256, 1.7),
-        _keras_effnet_v2("B3", 300, 128, 3.0),
-        _keras_effnet_v2("S", 384, 64, 8.8),
-        _keras_effnet_v2("M", 480, 32, 24.0),
-        _keras_effnet_v2("L", 480, 16, 53.0),
+        _keras_effnet("B0", 224, 512, 0.39),
+        _keras_effnet("B1", 240, 256, 0.70),
+        _keras_effnet("B2", 260, 256, 1.0),
+        _keras_effnet("B3", 300, 128, 1.8),
+        _keras_effnet("B4", 380, 128, 4.2),
+        _keras_effnet("B5", 456, 64, 9.9),
+        _keras_effnet("B6", 528, 32, 19.0),
+        _keras_effnet("B7", 600, 32, 37.0),
+        _keras_effnet("B0", 224, 512, 0.72, v2=True),
+        _keras_effnet("B1", 240, 256, 1.2, v2=True),
+        _keras_effnet("B2", 260, 256, 1.7, v2=True),
+        _keras_effnet("B3", 300, 128, 3.0, v2=True),
+        _keras_effnet("S", 384, 64, 8.8, v2=True),
+        _keras_effnet("M", 480, 32, 24.0, v2=True),
+        _keras_effnet("L", 480, 16, 53.0, v2=True),
         Backbone("T0", 32, 64, 1.0, "tiny", gflops=0.002),
         Backbone("V2T0", 32, 64, 1.0, "tiny_v2", gflops=0.002),
     ]
