@@ -134,15 +134,20 @@ def trial_values(folder: Path, trial_id: str):
 
 def trial_hypermodel(folder: Path, row: pd.Series, config: dict[str, Any]):
     """(the search's hypermodel over the train and validation rows, the trial's values)."""
+    table, classes = split_table(config, ("train", "validation"))
+    maker = search_hypermodel(folder, config, table, classes)
+    maker.batch_override = int(row["batch_size"])
+    return maker, trial_values(folder, str(row["trial_id"]))
+
+
+def search_hypermodel(folder: Path, config: dict[str, Any], table: pd.DataFrame, classes):
+    """The search's hypermodel (its space, weights and cache folder) over ``table``'s rows."""
     from tuner import hypermodel, space
 
-    hp = trial_values(folder, str(row["trial_id"]))
-    search_space = space.load(None, config["space"])
-    table, classes = split_table(config, ("train", "validation"))
     data = hypermodel.SplitData(table, classes, cache_dir=str(folder / "cache"))
-    maker = hypermodel.EffNetHyperModel(search_space, data, weights_argument(config["weights"]))
-    maker.batch_override = int(row["batch_size"])
-    return maker, hp
+    return hypermodel.EffNetHyperModel(
+        space.load(None, config["space"]), data, weights_argument(config["weights"])
+    )
 
 
 def lineage(folder: Path, row: pd.Series, trials: pd.DataFrame) -> list[tuple[pd.Series, Any]]:
@@ -177,7 +182,6 @@ def refit(folder: Path, row: pd.Series, trials: pd.DataFrame, config: dict[str, 
     import tempfile
     import time
 
-    from tuner import hypermodel, space
     from tuner.budget import format_seconds
 
     chain = lineage(folder, row, trials)
@@ -185,10 +189,7 @@ def refit(folder: Path, row: pd.Series, trials: pd.DataFrame, config: dict[str, 
     both = pd.concat(
         [table.assign(type="train"), table[table["type"] == "validation"]], ignore_index=True
     )
-    data = hypermodel.SplitData(both, classes, cache_dir=str(folder / "cache"))
-    maker = hypermodel.EffNetHyperModel(
-        space.load(None, config["space"]), data, weights_argument(config["weights"])
-    )
+    maker = search_hypermodel(folder, config, both, classes)
     started = time.monotonic()
     steps = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,7 +214,7 @@ def refit(folder: Path, row: pd.Series, trials: pd.DataFrame, config: dict[str, 
             previous = Path(tmp) / f"{link['trial_id']}.weights.h5"
             model.save_weights(previous)
     facts = {
-        "train_rows": len(data.train),
+        "train_rows": len(maker.data.train),
         "trials": steps,
         "seconds": time.monotonic() - started,
     }
