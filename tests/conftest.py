@@ -125,3 +125,27 @@ def _train_t0(folder: Path, demo_dir: Path) -> None:
     written = folder / "T0.partial.weights.h5"  # whole or absent, for the other process
     model.get_layer("backbone").save_weights(written)
     written.rename(folder / "T0.weights.h5")
+
+
+def rebuilt_val_accuracy(folder: Path, trial_id: str) -> tuple[float, str]:
+    """(validation accuracy, how it was obtained) of a trial's model as export assembles it
+    from the results folder (its best-epoch checkpoint onto a freshly built model).
+
+    A frozen trial is scored as the search scored it: its head on the backbone's features
+    rounded to float16 (the feature cache's type), so the figure is its row's to the image."""
+    from tuner import export_best, features
+
+    config, table = export_best.load_search(folder)
+    row = table[table.trial_id.astype(str) == str(trial_id)].iloc[0]
+    model, source = export_best.trial_model(folder, row, config)
+    maker, _ = export_best.trial_hypermodel(folder, row, config)
+    pixels, _ = maker.data.pixels("validation", int(row["image_size"]))
+    pixels = np.asarray(pixels, dtype="float32")
+    frozen = not str(config["weights"]).startswith("none") and not row["finetune_fraction"]
+    if frozen:
+        cached = features.extractor(model).predict(pixels, verbose=0).astype("float16")
+        probs = model.get_layer("head").predict(cached.astype("float32"), verbose=0)
+    else:
+        probs = model.predict(pixels, verbose=0)
+    predicted = probs.argmax(axis=1)
+    return float((predicted == maker.data.labels("validation")).mean()), source

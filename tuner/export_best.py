@@ -7,10 +7,10 @@
 1. The Pareto front of the finished trials (val accuracy up, time down; ``--time training``
    uses training time instead of latency) is printed with the chosen trial marked and the
    reason (rules: :mod:`tuner.choose`).
-2. The chosen trial's model is loaded from its kept model (``trials/<id>/model.keras``; the
-   search keeps them only for trials on the front), or rebuilt with Keras Tuner's best-epoch
-   checkpoint of the trial (the same weights), or, when neither is there, retrained from
-   its hyperparameters; the output says which.
+2. The chosen trial's model is rebuilt with its best-epoch checkpoint (what the trial
+   trained, on the same frozen weights: :mod:`tuner.checkpoint`), or loaded whole from
+   ``trials/<id>/model.keras`` for a search from before that format, or, when neither is
+   there, retrained from its hyperparameters; the output says which.
 3. It is evaluated once on the test split, which nothing read before: accuracy, loss,
    balanced accuracy, per-class precision/recall/F1 and the confusion matrix
    (scikit-learn), and its latency on this device.
@@ -94,10 +94,13 @@ def weights_argument(label: str) -> str | None:
 
 
 def trial_model(folder: Path, row: pd.Series, config: dict[str, Any]):
-    """(model, how it was obtained): the trial's kept model; else its architecture rebuilt
-    with Keras Tuner's best-epoch checkpoint (kept for every trial: the same weights); else a
+    """(model, how it was obtained): its architecture rebuilt with its best-epoch checkpoint
+    (kept for every trial: what it trained, on the frozen weights the rebuild loads:
+    :mod:`tuner.checkpoint`); a whole model a search from before that format kept; else a
     retrain from its hyperparameters."""
     import keras
+
+    from tuner import checkpoint
 
     saved = folder / "trials" / str(row["trial_id"]) / "model.keras"
     if saved.is_file():
@@ -110,9 +113,9 @@ def trial_model(folder: Path, row: pd.Series, config: dict[str, Any]):
         )
     maker, hp = trial_hypermodel(folder, row, config)
     model = maker.build(hp)
-    weights = trial_dir / "checkpoint.weights.h5"
-    if weights.is_file():
-        model.load_weights(weights)
+    weights = checkpoint.find(trial_dir)
+    if weights is not None:
+        checkpoint.load(model, weights)
         return model, f"rebuilt it with its best-epoch weights {weights}"
     epochs = int(row["hyperband_epochs"]) if pd.notna(row.get("hyperband_epochs")) else None
     maker.fit(hp, model, epochs=epochs or maker.space.epochs)

@@ -26,8 +26,6 @@ from typing import Any
 
 import keras_tuner as kt
 import numpy as np
-from keras_tuner.src import backend as kt_backend
-from keras_tuner.src import utils as kt_utils
 from keras_tuner.src.engine import trial as trial_module
 
 from tuner import augment, backbones, strategy
@@ -258,9 +256,10 @@ def calibrate(fs: strategy.FeatureSet, batch: int = 8) -> float:
 
 
 class TransferTuner(kt.Tuner):
-    """Runs the oracle's trials; a continued trial (``tuner/trial_id``) starts from its
-    parent's best-epoch checkpoint and trains from ``tuner/initial_epoch`` to
-    ``tuner/epochs`` (Keras Tuner's Hyperband does the same)."""
+    """Runs the oracle's trials; a continued trial (``tuner/trial_id``) trains from
+    ``tuner/initial_epoch`` to ``tuner/epochs`` (Keras Tuner's Hyperband does the same),
+    from its parent's best-epoch checkpoint (loaded by the trial runner:
+    :meth:`tuner.trial.TrialRunner._build_hypermodel`)."""
 
     def run_trial(self, trial, *fit_args, **fit_kwargs):
         hp = trial.hyperparameters
@@ -268,12 +267,3 @@ class TransferTuner(kt.Tuner):
             fit_kwargs["epochs"] = hp.values["tuner/epochs"]
             fit_kwargs["initial_epoch"] = hp.values["tuner/initial_epoch"]
         return super().run_trial(trial, *fit_args, **fit_kwargs)
-
-    def _build_hypermodel(self, hp):
-        model = super()._build_hypermodel(hp)
-        if "tuner/trial_id" in hp.values:
-            parent = hp.values["tuner/trial_id"]
-            if kt_backend.config.multi_backend():
-                model.build_from_config(kt_utils.load_json(self._get_build_config_fname(parent)))
-            model.load_weights(self._get_checkpoint_fname(parent))
-        return model

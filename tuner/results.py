@@ -132,27 +132,29 @@ class Results:
             zip(done["train_seconds"].astype(float), done["epochs"].astype(int), strict=True)
         )
 
-    def latency_of(
+    def architecture_facts(
         self, backbone: str, image_size: int, head_width: int
-    ) -> tuple[float, float, float] | None:
-        """(latency ms, images/s, spread ms) already measured for this architecture (backbone,
-        size, head) in this search: trials that differ only in training share one figure."""
+    ) -> dict[str, float] | None:
+        """What was already measured for this architecture (backbone, size, head) in this
+        search: ``latency_ms``, ``images_per_s``, ``latency_spread_ms`` and ``model_bytes``.
+        Trials that differ only in training share one figure."""
         table = self.rows()
         same = table[
             table["status"].isin(FINISHED)
             & (table["backbone"] == backbone)
             & (table["image_size"] == image_size)
             & (table["head_width"] == head_width)
-        ].dropna(subset=["latency_ms"])
+        ].dropna(subset=["latency_ms", "model_bytes"])
         if same.empty:
             return None
         first = same.iloc[0]
         spread = first.get("latency_spread_ms")
-        return (
-            float(first["latency_ms"]),
-            float(first["images_per_s"]),
-            float(spread) if pd.notna(spread) else 0.0,
-        )
+        return {
+            "latency_ms": float(first["latency_ms"]),
+            "images_per_s": float(first["images_per_s"]),
+            "latency_spread_ms": float(spread) if pd.notna(spread) else 0.0,
+            "model_bytes": int(first["model_bytes"]),
+        }
 
     def prune_checkpoints(self) -> list[str]:
         """Delete the saved models of trials off both Pareto fronts (val accuracy against

@@ -31,12 +31,12 @@ import keras_tuner as kt
 import numpy as np
 import tensorflow as tf
 from keras_tuner.src import config as kt_config
-from keras_tuner.src import utils as kt_utils
+from keras_tuner.src.engine import tuner as kt_tuner
 from keras_tuner.src.engine import tuner_utils as kt_tuner_utils
 from rich.console import Console
 
-from data_tools.atomic import atomic_path
 from tuner import budget as budget_mod
+from tuner import checkpoint
 from tuner.hypermodel import TrialPlan, best_epoch
 from tuner.results import Results
 from tuner.wandb_log import WandbLogger
@@ -207,9 +207,37 @@ class TrialRunner:
         if trial.message:  # Keras Tuner stores a whole traceback: keep our one-line reason
             trial.message = trial.message.strip().splitlines()[-1]
 
+    def _get_checkpoint_fname(self, trial_id) -> str:
+        return os.path.join(self.get_trial_dir(trial_id), checkpoint.FILE)
+
+    def _build_hypermodel(self, hp: kt.HyperParameters) -> keras.Model:
+        """The trial's model; a continued trial (``tuner/trial_id``: a Hyperband or transfer
+        continuation) starts from its parent's best-epoch checkpoint, assembled onto the
+        freshly built model (:mod:`tuner.checkpoint`)."""
+        model = kt.Tuner._build_hypermodel(self, hp)  # not the parents': they load whole models
+        parent = hp.values.get("tuner/trial_id")
+        if parent:
+            with kt_tuner.maybe_distribute(self.distribution_strategy):
+                checkpoint.load(model, self._get_checkpoint_fname(parent))
+        return model
+
+    def load_model(self, trial: kt.engine.trial.Trial) -> keras.Model:
+        model = self._try_build(trial.hyperparameters)
+        with kt_tuner.maybe_distribute(self.distribution_strategy):
+            checkpoint.load(model, self._get_checkpoint_fname(trial.trial_id))
+        return model
+
     def _build_and_fit_model(self, trial: kt.engine.trial.Trial, *args, **kwargs):
         hp = trial.hyperparameters
         self.hypermodel.batch_override = None
+        # Keras Tuner's best-epoch checkpoint writes what the trial trains, not the backbone.
+        whole = not self.hypermodel.plan(hp).pretrained
+        kwargs["callbacks"] = [
+            checkpoint.SaveTrained.replacing(c, whole)
+            if type(c) is kt_tuner_utils.SaveBestEpoch
+            else c
+            for c in kwargs.get("callbacks", [])
+        ]
         while True:
             keras.backend.clear_session()  # free the previous trial's graphs and memory
             model = self._try_build(hp)
@@ -231,9 +259,6 @@ class TrialRunner:
                 self.hypermodel.batch_override = half
                 forget_attempt(kwargs.get("callbacks", []))
         train_seconds = time.monotonic() - started
-        # Hyperband continues a trial from its parent's checkpoint and needs the parent's
-        # build config to rebuild it (Keras Tuner's own implementation saves it here too).
-        kt_utils.save_json(self._get_build_config_fname(trial.trial_id), model.get_build_config())
         row = self._record_completed(trial, model, train_seconds)
         # What the transfer oracle budgets by (other oracles ignore them).
         fit = self.hypermodel.last_fit
@@ -249,11 +274,17 @@ class TrialRunner:
     def _record_completed(self, trial, model: keras.Model, train_seconds: float) -> dict:
         fit = self.hypermodel.last_fit
         plan: TrialPlan = fit["plan"]
-        # One figure per architecture: trials that differ only in training share it.
-        known = self.context.results.latency_of(plan.backbone, plan.image_size, plan.head_width)
-        latency_ms, images_per_s, spread_ms = known or measure_latency(model, plan.image_size)
-        model_dir = self.context.results.trial_dir(trial.trial_id)
-        model_bytes = save_model(model, model_dir / "model.keras")
+        # One figure per architecture: trials that differ only in training share it. The
+        # trial keeps its checkpoint (what it trained), not a whole model: the model's file
+        # is written once per architecture, to be measured.
+        results = self.context.results
+        known = results.architecture_facts(plan.backbone, plan.image_size, plan.head_width)
+        if known is None:
+            latency_ms, images_per_s, spread_ms = measure_latency(model, plan.image_size)
+            model_bytes = model_file_bytes(model, results.trial_dir(trial.trial_id))
+        else:
+            latency_ms, images_per_s = known["latency_ms"], known["images_per_s"]
+            spread_ms, model_bytes = known["latency_spread_ms"], known["model_bytes"]
         metrics = _best_epoch(fit["history"])
         status = "stopped-budget" if self.context.stopped_by_budget else "completed"
         row = self._row(
@@ -455,14 +486,16 @@ def measure_latency(model: keras.Model, size: int, runs: int = 10) -> tuple[floa
     )
 
 
-def save_model(model: keras.Model, path: Path) -> int:
-    """Save ``model`` as a .keras file (atomically); returns its size in bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp_keras = tmp.with_suffix(".keras")  # Keras insists on the extension
-        model.save(tmp_keras)
-        os.replace(tmp_keras, tmp)
-    return path.stat().st_size
+def model_file_bytes(model: keras.Model, folder: Path) -> int:
+    """The size in bytes of ``model`` saved as a .keras file (written in ``folder``, then
+    deleted: the file a user exports is this size)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "measured.keras"
+    try:
+        model.save(path)
+        return path.stat().st_size
+    finally:
+        path.unlink(missing_ok=True)
 
 
 @functools.cache  # asked for every trial row; the device does not change under a process
