@@ -112,7 +112,16 @@ def trial_model(folder: Path, row: pd.Series, config: dict[str, Any]):
             f"record ({trial_dir / 'trial.json'}): choose another trial or rerun the search"
         )
     maker, hp = trial_hypermodel(folder, row, config)
-    model = maker.build(hp)
+    # As the trial was built: in mixed precision when the search ran in it (the export
+    # then makes it float32 and checks that it computes the same).
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(
+        "mixed_float16" if config.get("mixed_precision") else "float32"
+    )
+    try:
+        model = maker.build(hp)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
     weights = checkpoint.find(trial_dir)
     if weights is not None:
         checkpoint.load(model, weights)
@@ -147,7 +156,8 @@ def search_hypermodel(folder: Path, config: dict[str, Any], table: pd.DataFrame,
     """The search's hypermodel (its space, weights and cache folder) over ``table``'s rows."""
     from tuner import hypermodel, space
 
-    data = hypermodel.SplitData(table, classes, cache_dir=str(folder / "cache"))
+    cache_dir = config.get("cache_dir") or str(folder / "cache")  # --cache-dir, if given
+    data = hypermodel.SplitData(table, classes, cache_dir=cache_dir)
     return hypermodel.EffNetHyperModel(
         space.load(None, config["space"]), data, weights_argument(config["weights"])
     )
