@@ -29,7 +29,7 @@ import mmap
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +53,52 @@ def decode_image(path: tf.Tensor, size: int) -> tf.Tensor:
     return resize_pixels(read_rgb(path), size)
 
 
+def decode_sizes(path: tf.Tensor, sizes: Sequence[int]) -> tuple[tf.Tensor, ...]:
+    """Read and decode one image file once; return it at every size of ``sizes`` (each
+    exactly :func:`decode_image` at that size: the same resize of the same pixels)."""
+    image = read_rgb(path)
+    return tuple(resize_pixels(image, size) for size in sizes)
+
+
+_DECODES: list[tf.Variable] = []  # made on first use, outside any graph
+
+
+def decodes() -> int:
+    """How many image files this process has decoded (every decode goes through
+    :func:`read_rgb`; what ``tuner.bench_scale`` reports as decodes an image)."""
+    return int(_DECODES[0].numpy()) if _DECODES else 0
+
+
+def _decode_counter() -> tf.Variable:
+    if not _DECODES:
+        with tf.init_scope():
+            _DECODES.append(tf.Variable(0, dtype=tf.int64, trainable=False, name="decodes"))
+    return _DECODES[0]
+
+
 def read_rgb(path: tf.Tensor) -> tf.Tensor:
     """The package's one decoder: a file's pixels as ``uint8 [H, W, 3]`` RGB."""
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    counted = _decode_counter().assign_add(1)
+    with tf.control_dependencies([counted]):
+        data = tf.io.read_file(path)
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
+
+
+def stream_sizes(
+    paths: Sequence[str], sizes: Sequence[int], batch: int
+) -> Iterator[dict[int, np.ndarray]]:
+    """The images of ``paths`` in order, ``batch`` at a time, as ``{size: uint8 [n, size,
+    size, 3]}``: each file read and decoded once for all ``sizes`` (decoding in parallel,
+    two batches ahead; memory holds those batches, whatever the number of files)."""
+    sizes = list(sizes)
+    files = tf.data.Dataset.from_tensor_slices(tf.constant(list(paths), dtype=tf.string))
+    decoded = files.map(
+        lambda p: decode_sizes(p, sizes), num_parallel_calls=AUTOTUNE, deterministic=True
+    )
+    for images in decoded.batch(batch).prefetch(2).as_numpy_iterator():
+        yield dict(zip(sizes, images, strict=True))
 
 
 def resize_pixels(images: tf.Tensor, size: int) -> tf.Tensor:

@@ -122,6 +122,18 @@ CASES: list[tuple[str, Callable, Callable[[Path], list[str]], str]] = [
         "--budget 'soon' is not a duration: write e.g. 20h, 90m, 45s or 1h30m",
     ),
     (
+        "search-bad-cache-budget",
+        search.main,
+        lambda b: search_args(b, "--cache-budget", "plenty"),
+        "--cache-budget 'plenty' is not a size: write it like 40GB, 500MB or 1.5TB",
+    ),
+    (
+        "search-costs-without-dry-run",
+        search.main,
+        lambda b: search_args(b, "--costs", write(b / "c.yaml", "backbones: {}")),
+        "--costs is what --dry-run plans from: add --dry-run, or drop --costs",
+    ),
+    (
         "search-zero-budget",
         search.main,
         lambda b: search_args(b, "--budget", "0m"),

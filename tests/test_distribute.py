@@ -51,9 +51,11 @@ def test_chief_and_two_workers_share_one_search(tmp_path, demo_dir, pretrained_t
     assert sorted(table.trial_id) == oracle_trials and len(oracle_trials) == 4
     assert table.trial_id.is_unique and (table.status == "completed").all()
     assert set(table.worker) == {"gpu0", "gpu1"}, done.stdout[-3000:]
-    # The decoded images were built once per split, and no temporary file is left.
-    cached = sorted(p.name.split("-")[0] for p in (out / "cache" / "decoded").glob("*.npy"))
+    # The features were built once per split, from the files: a frozen pass caches no
+    # pixels. No temporary file is left.
+    cached = sorted(p.name.split("-")[0] for p in (out / "cache" / "features").glob("*.npy"))
     assert cached == ["train", "validation"]
+    assert not list(out.glob("cache/decoded/*.npy"))
     assert not list(out.rglob("*.tmp"))
     # Output is prefixed by process; the chief wrote the summary after both workers ended.
     assert "[chief] chief: serving trials on 127.0.0.1:" in done.stdout

@@ -91,22 +91,26 @@ def test_full_disk_stops_cleanly_and_the_results_stay_valid(
 
 
 def test_corrupt_feature_cache_is_detected_and_rebuilt(tmp_path):
-    import keras
-
     calls = []
 
-    def make_net() -> keras.Model:  # built only when something must be computed
-        calls.append(1)
-        inputs = keras.Input((2, 2, 3))
-        return keras.Model(inputs, keras.layers.Flatten()(inputs)[:, :4] + 1)
+    def forward(images: np.ndarray) -> np.ndarray:  # run only when something is computed
+        calls.append(len(images))
+        return images.reshape(len(images), -1)[:, :4].astype("float32") + 1
 
     pixels = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
     target = tmp_path / "features" / "train.npy"
-    first = np.array(features.cached_features(make_net, pixels, target))
-    assert len(calls) == 1 and first.shape == (10, 4)
+    entry = features.Pass(target, 2, (4,), np.float16, forward, batch=4)
+
+    def cached() -> np.ndarray:
+        features.run_passes({2: pixels}, 10, [entry])
+        return np.array(features.load_entry(target, 10))
+
+    first = cached()
+    assert calls == [4, 4, 4] and first.shape == (10, 4)  # the last batch padded
     assert np.array_equal(first, pixels.reshape(10, -1)[:, :4] + 1)
     target.write_bytes(target.read_bytes()[:100])  # truncated by a crash mid-copy
-    again = features.cached_features(make_net, pixels, target)
-    assert len(calls) == 2 and np.array_equal(again, first)
-    assert np.array_equal(features.cached_features(make_net, pixels, target), first)
-    assert len(calls) == 2  # whole again: loaded, not computed
+    assert features.load_entry(target, 10) is None
+    again = cached()
+    assert len(calls) == 6 and np.array_equal(again, first)
+    assert np.array_equal(cached(), first)
+    assert len(calls) == 6  # whole again: loaded, not computed

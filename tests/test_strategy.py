@@ -142,6 +142,18 @@ def test_nothing_fits_says_why():
     assert strategy.next_move(setting(), trials, 1) == "nothing more fits in the 1s left"
 
 
+def test_a_long_budget_with_nothing_left_worth_trying_ends_and_says_so():
+    done = setting(feature_sets=(B0,), fractions=(), head_trials=2)
+    trials = [head(str(i), pass_s=40.0 if i == 0 else 0.0) for i in range(5)]
+    assert strategy.next_move(done, trials, 72_000).stage == FROZEN  # the 6th extra head
+    trials.append(head("5"))
+    why = strategy.next_move(done, trials, 72_000)
+    assert (
+        why.startswith("nothing left worth trying")
+        and "20h00m00s of the budget is left unspent" in why
+    )
+
+
 def test_fine_tune_epochs_scale_from_a_measured_fraction():
     costs = strategy.Costs(setting(), [fine("10", "0", 0.1, 0.1, epochs=2)])
     assert costs.epoch_seconds(B0, 0.1) == pytest.approx(10.0)

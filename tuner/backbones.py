@@ -64,13 +64,16 @@ class Backbone:
     handle: str | None = None  # TF-Hub handle or SavedModel path
     gflops: float = 0.39  # multiply-adds of one image at `size` (what a pass costs, relatively)
     weights_url: str = V1_WEIGHTS_URL  # where Keras downloads `weights_file` from
+    features: int = 1280  # pooled features an image (what the disk plan counts)
 
     @property
     def finetunable(self) -> bool:
         return self.constructor != "hub"
 
 
-def _keras_effnet(variant: str, size: int, batch: int, gflops: float, v2: bool = False) -> Backbone:
+def _keras_effnet(
+    variant: str, size: int, batch: int, gflops: float, features: int, v2: bool = False
+) -> Backbone:
     """A keras.applications row: ``B0`` -> EfficientNetB0 and efficientnetb0_notop.h5;
     ``V2`` + ``S`` -> EfficientNetV2S and efficientnetv2-s_notop.h5 (V2's download address)."""
     family, stem = ("V2", "efficientnetv2-") if v2 else ("", "efficientnet")
@@ -83,31 +86,33 @@ def _keras_effnet(variant: str, size: int, batch: int, gflops: float, v2: bool =
         f"{stem}{variant.lower()}_notop.h5",
         gflops=gflops,
         weights_url=V2_WEIGHTS_URL if v2 else V1_WEIGHTS_URL,
+        features=features,
     )
 
 
-# GFLOPs at native size: the EfficientNet papers' tables (Tan & Le 2019, 2021). V2's batches
+# GFLOPs at native size and pooled features: the EfficientNet papers' tables (Tan & Le 2019,
+# 2021) and keras.applications' top layers. V2's batches
 # follow V1's at the same size, one step lower from 384 px (S/M/L are 2-4x V1's parameters).
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in [
-        _keras_effnet("B0", 224, 512, 0.39),
-        _keras_effnet("B1", 240, 256, 0.70),
-        _keras_effnet("B2", 260, 256, 1.0),
-        _keras_effnet("B3", 300, 128, 1.8),
-        _keras_effnet("B4", 380, 128, 4.2),
-        _keras_effnet("B5", 456, 64, 9.9),
-        _keras_effnet("B6", 528, 32, 19.0),
-        _keras_effnet("B7", 600, 32, 37.0),
-        _keras_effnet("B0", 224, 512, 0.72, v2=True),
-        _keras_effnet("B1", 240, 256, 1.2, v2=True),
-        _keras_effnet("B2", 260, 256, 1.7, v2=True),
-        _keras_effnet("B3", 300, 128, 3.0, v2=True),
-        _keras_effnet("S", 384, 64, 8.8, v2=True),
-        _keras_effnet("M", 480, 32, 24.0, v2=True),
-        _keras_effnet("L", 480, 16, 53.0, v2=True),
-        Backbone("T0", 32, 64, 1.0, "tiny", gflops=0.002),
-        Backbone("V2T0", 32, 64, 1.0, "tiny_v2", gflops=0.002),
+        _keras_effnet("B0", 224, 512, 0.39, 1280),
+        _keras_effnet("B1", 240, 256, 0.70, 1280),
+        _keras_effnet("B2", 260, 256, 1.0, 1408),
+        _keras_effnet("B3", 300, 128, 1.8, 1536),
+        _keras_effnet("B4", 380, 128, 4.2, 1792),
+        _keras_effnet("B5", 456, 64, 9.9, 2048),
+        _keras_effnet("B6", 528, 32, 19.0, 2304),
+        _keras_effnet("B7", 600, 32, 37.0, 2560),
+        _keras_effnet("B0", 224, 512, 0.72, 1280, v2=True),
+        _keras_effnet("B1", 240, 256, 1.2, 1280, v2=True),
+        _keras_effnet("B2", 260, 256, 1.7, 1408, v2=True),
+        _keras_effnet("B3", 300, 128, 3.0, 1536, v2=True),
+        _keras_effnet("S", 384, 64, 8.8, 1280, v2=True),
+        _keras_effnet("M", 480, 32, 24.0, 1280, v2=True),
+        _keras_effnet("L", 480, 16, 53.0, 1280, v2=True),
+        Backbone("T0", 32, 64, 1.0, "tiny", gflops=0.002, features=320),
+        Backbone("V2T0", 32, 64, 1.0, "tiny_v2", gflops=0.002, features=320),
     ]
 }
 _HUB_SIZE = re.compile(r"efficientnet[/_-]?b([0-7])", re.IGNORECASE)
@@ -127,7 +132,16 @@ def get(name: str) -> Backbone:
             like = BACKBONES[f"B{match.group(1)}"]
         batch = like.batch if like else 256
         like = like or BACKBONES["B0"]
-        return Backbone(name, like.size, batch, 1 / 255, "hub", handle=handle, gflops=like.gflops)
+        return Backbone(
+            name,
+            like.size,
+            batch,
+            1 / 255,
+            "hub",
+            handle=handle,
+            gflops=like.gflops,
+            features=like.features,
+        )
     if name not in BACKBONES:
         raise InputError(
             f"unknown backbone '{name}': valid backbones are "

@@ -15,10 +15,14 @@ seed and index, and the head sees one view per image and epoch, drawn at random.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
 import os
+import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -51,9 +55,7 @@ def split_backbone(model: keras.Model, top_blocks: int) -> tuple[keras.Model, ke
     block), so ``top(bottom(x)) == backbone(x)``; both share the backbone's layers.
     """
     base = model.get_layer("backbone")
-    units = backbones.blocks(base)
-    last_frozen = units[len(units) - top_blocks - 1]
-    cut = [layer for layer in base.layers if backbones.block_of(layer.name) == last_frozen][-1]
+    cut = cut_layer(base, top_blocks)
     bottom = keras.Model(base.input, cut.output, name="frozen_bottom")
     top = keras.Model(cut.output, base.output, name="trainable_top")
     return bottom, top, cut.name
@@ -107,41 +109,170 @@ def view_name(policy: str, seed: int, view: int) -> str:
     return f"augment={policy}|seed={seed}|view={view}"
 
 
-def cached_features(
-    make_net: Callable[[], keras.Model],
-    pixels: np.ndarray,
+@dataclass(frozen=True)
+class Pass:
+    """One array a pass over a split's images writes to ``target``: a backbone's outputs
+    (``forward``: uint8 batches of ``batch`` images -> outputs) or, with no ``forward``, the
+    pixels themselves at ``size`` (a decoded-pixel cache)."""
+
+    target: Path
+    size: int
+    shape: tuple[int, ...]  # of one image's entry
+    dtype: type
+    forward: Callable[[np.ndarray], tf.Tensor] | None = None
+    batch: int = BATCH
+    net: keras.Model | None = None  # what ``forward`` runs, kept alive while the pass is
+    # Further outputs of the same forward (it then returns a list, ``target``'s first): the
+    # activations at fine-tuning cuts, computed on the way to the pooled features.
+    more: tuple[tuple[Path, tuple[int, ...]], ...] = ()
+
+    @property
+    def outputs(self) -> list[tuple[Path, tuple[int, ...]]]:
+        return [(self.target, self.shape), *self.more]
+
+    @property
+    def bytes(self) -> int:
+        size = np.dtype(self.dtype).itemsize
+        return int(sum(size * math.prod(shape) for _, shape in self.outputs))
+
+
+def load_entry(target: Path, rows: int, dtype=np.float16) -> np.ndarray | None:
+    """A cache entry of ``rows`` rows memory-mapped, or None when it is missing or fails its
+    check. A hit marks the file used now (what eviction orders by)."""
+    cached = pipeline.load_checked(target, None, dtype)
+    if cached is None or cached.shape[0] != rows or cached.ndim < 2:
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(target)
+    return cached
+
+
+def run_passes(
+    source: Sequence[str] | dict[int, np.ndarray], rows: int, passes: Sequence[Pass]
+) -> dict[Path | str, float]:
+    """Write every pass in one sweep over the images: ``source`` is the split's image files
+    (each read and decoded once for all the passes' sizes: :func:`pipeline.stream_sizes`) or
+    decoded pixels per size. Each target is built under its lock (processes sharing the folder
+    build it once), into a temporary file renamed at the end; a pass another process finished
+    meanwhile is skipped. Returns the seconds each target's forward took, and under
+    ``"decode"`` the seconds spent waiting for pixels."""
+    spent: dict[Path | str, float] = {"decode": 0.0}
+    with contextlib.ExitStack() as stack:
+        for target in sorted({t for p in passes for t, _ in p.outputs}):
+            stack.enter_context(pipeline.cache_lock(target))
+        todo = [
+            p for p in passes if any(load_entry(t, rows, p.dtype) is None for t, _ in p.outputs)
+        ]
+        if not todo:
+            return spent
+        outputs = []
+        for pass_ in todo:
+            arrays = []
+            for target, shape in pass_.outputs:
+                tmp = stack.enter_context(atomic_path(target))
+                arrays.append(np.lib.format.open_memmap(tmp, "w+", pass_.dtype, (rows, *shape)))
+            outputs.append(arrays)
+        sizes = sorted({p.size for p in todo})
+        chunk = _chunk(todo)
+        start, waited = 0, time.monotonic()
+        for images in _sweep(source, sizes, chunk, rows):
+            spent["decode"] += time.monotonic() - waited
+            count = len(next(iter(images.values())))
+            for pass_, arrays in zip(todo, outputs, strict=True):
+                began = time.monotonic()
+                for out, values in zip(arrays, _apply(pass_, images[pass_.size]), strict=True):
+                    out[start : start + count] = values
+                spent[pass_.target] = spent.get(pass_.target, 0.0) + time.monotonic() - began
+            start += count
+            waited = time.monotonic()
+        for arrays in outputs:
+            for out in arrays:
+                out.flush()
+        del outputs, arrays
+    return spent
+
+
+# A sweep holds this many bytes of decoded pixels at once (all sizes), whatever the set's size.
+WINDOW_BYTES = 256 * 1024**2
+
+
+def _chunk(passes: Sequence[Pass]) -> int:
+    """Images a sweep decodes at a time: the largest pass batch, within ``WINDOW_BYTES``."""
+    per_image = sum(3 * s * s for s in {p.size for p in passes})
+    return max(1, min(max(p.batch for p in passes), WINDOW_BYTES // per_image))
+
+
+def _sweep(
+    source: Sequence[str] | dict[int, np.ndarray], sizes: list[int], chunk: int, rows: int
+) -> Iterator[dict[int, np.ndarray]]:
+    if isinstance(source, dict):
+        for start in range(0, rows, chunk):
+            yield {s: np.asarray(source[s][start : start + chunk], np.uint8) for s in sizes}
+    else:
+        yield from pipeline.stream_sizes(source, sizes, chunk)
+
+
+def _apply(pass_: Pass, images: np.ndarray) -> list[np.ndarray]:
+    """A pass's entries for a chunk of images, one array per output, ``pass_.batch`` images
+    at a time (the last padded: the traced forward takes one shape)."""
+    if pass_.forward is None:
+        return [images]
+    parts: list[list[np.ndarray]] = [[] for _ in pass_.outputs]
+    for start in range(0, len(images), pass_.batch):
+        piece = images[start : start + pass_.batch]
+        real = len(piece)
+        if real < pass_.batch:
+            padding = np.zeros((pass_.batch - real, *piece.shape[1:]), dtype=np.uint8)
+            piece = np.concatenate([piece, padding])
+        result = pass_.forward(piece)
+        for part, values in zip(parts, result if pass_.more else [result], strict=True):
+            part.append(np.asarray(values)[:real])
+    return [np.concatenate(part) for part in parts]
+
+
+def feature_pass(
+    net: keras.Model,
     target: Path,
+    size: int,
     batch: int = BATCH,
-    augment: Callable[[], keras.Model] | None = None,
-) -> np.ndarray:
-    """float16 outputs of ``make_net()`` (a frozen extractor, see :func:`extractor`) for
-    ``pixels`` (uint8 [N, S, S, 3]), memory-mapped from ``target`` when it holds them, else
-    computed once, ``batch`` images a call, and written there. The extractor is only built
-    when something must be computed. ``augment()`` (a seeded :func:`tuner.augment.layer`)
-    transforms the pixels first, in training mode: an augmented view."""
-    with pipeline.cache_lock(target):  # one builder among processes sharing the folder
-        cached = pipeline.load_checked(target, None, np.float16)
-        if cached is not None and cached.shape[0] == len(pixels) and cached.ndim >= 2:
-            return cached
-        net = make_net()
-        expected = (len(pixels), *(int(d) for d in net.output_shape[1:]))
-        forward = (
-            _traced(net, pixels.shape[1:], batch)
-            if augment is None
-            else _augmented(net, augment(), pixels.shape[1:], batch)
-        )
-        with atomic_path(target) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=expected)
-            for start in range(0, len(pixels), batch):
-                images = np.asarray(pixels[start : start + batch], dtype=np.uint8)
-                real = len(images)
-                if real < batch:
-                    padding = np.zeros((batch - real, *images.shape[1:]), dtype=np.uint8)
-                    images = np.concatenate([images, padding])
-                out[start : start + real] = np.asarray(forward(images))[:real]
-            out.flush()
-            del out
-        return np.load(target, mmap_mode="r")
+    augment: keras.Model | None = None,
+    more: Sequence[Path] = (),
+) -> Pass:
+    """The :class:`Pass` of ``net`` (a frozen extractor, see :func:`extractor`) at ``size``,
+    its outputs float16; ``augment`` (a seeded :func:`tuner.augment.layer`) transforms the
+    pixels first, in training mode: an augmented view. ``more``: where ``net``'s further
+    outputs go (:func:`backbone_extractor` with cuts)."""
+    shape = (size, size, 3)
+    forward = (
+        _traced(net, shape, batch) if augment is None else _augmented(net, augment, shape, batch)
+    )
+    shapes = net.output_shape if more else [net.output_shape]
+    shapes = [tuple(int(d) for d in shape[1:]) for shape in shapes]
+    outputs = tuple(zip(more, shapes[1:], strict=True))
+    return Pass(target, size, shapes[0], np.float16, forward, batch, net, outputs)
+
+
+def backbone_extractor(
+    base: keras.Model, size: int, input_scale: float, cuts: Sequence[str] = ()
+) -> keras.Model:
+    """``pixels -> [input_scale] -> base`` in inference mode: :func:`extractor` for a
+    backbone built on its own (a pass planned ahead of its trials). With ``cuts`` (layer
+    names) it also outputs their activations, after the pooled features."""
+    if cuts:
+        outputs = [base.output, *(base.get_layer(name).output for name in cuts)]
+        base = keras.Model(base.input, outputs, name=base.name)
+    inputs = keras.Input((size, size, 3), name="pixels")
+    x = inputs
+    if input_scale != 1.0:
+        x = keras.layers.Rescaling(input_scale, name="input_scale")(x)
+    return keras.Model(inputs, base(x, training=False), name="feature_extractor")
+
+
+def cut_layer(base: keras.Model, top_blocks: int) -> keras.layers.Layer:
+    """The last layer of the last frozen block below the top ``top_blocks`` blocks."""
+    units = backbones.blocks(base)
+    last_frozen = units[len(units) - top_blocks - 1]
+    return [layer for layer in base.layers if backbones.block_of(layer.name) == last_frozen][-1]
 
 
 def _traced(

@@ -49,6 +49,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -59,7 +60,7 @@ import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
 from data_tools import pipeline
-from tuner import accelerate, backbones, features
+from tuner import accelerate, backbones, disk, features
 from tuner import augment as augment_mod
 from tuner import head as head_mod
 from tuner import space as space_mod
@@ -134,10 +135,17 @@ class SplitData:
         return len(self.classes)
 
     def datasets(
-        self, size: int, batch_size: int, seed: int, augment: str = augment_mod.NONE
+        self,
+        size: int,
+        batch_size: int,
+        seed: int,
+        augment: str = augment_mod.NONE,
+        cache: bool = True,
     ) -> tuple[tf.data.Dataset, tf.data.Dataset]:
         """(train, validation) as float32 pixels in 0..255 and int32 labels; ``augment``
-        transforms the train batches afresh every epoch (validation never)."""
+        transforms the train batches afresh every epoch (validation never). ``cache``: read
+        (or build) the decoded-pixel cache; without it every epoch decodes the files."""
+        cache_dir = self.cache_dir if cache else None
 
         def as_float(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             return tf.cast(images, tf.float32), labels
@@ -148,11 +156,11 @@ class SplitData:
             batch_size,
             shuffle=True,
             seed=seed,
-            cache_dir=self.cache_dir,
+            cache_dir=cache_dir,
             split="train",
         )
         val = pipeline.make_dataset(
-            self.validation, size, batch_size, cache_dir=self.cache_dir, split="validation"
+            self.validation, size, batch_size, cache_dir=cache_dir, split="validation"
         )
         train = train.map(as_float)
         layer = augment_mod.layer(augment, augment_mod.view_seed(augment, seed, 0))
@@ -166,11 +174,25 @@ class SplitData:
     def rows(self, split: str) -> pd.DataFrame:
         return self.train if split == "train" else self.validation
 
+    def paths(self, split: str) -> list[str]:
+        return self.rows(split)["path"].tolist()
+
+    def pixel_file(self, split: str, size: int) -> Path:
+        """Where a split's decoded pixels at ``size`` are cached; its name fingerprints the
+        image files (what every feature entry computed from them is keyed by)."""
+        return pipeline.cache_file(self.cache_dir, split, size, self.paths(split))
+
+    def cached_pixels(self, split: str, size: int) -> np.ndarray | None:
+        """A split's decoded pixels at ``size`` when they are cached, else None."""
+        target = self.pixel_file(split, size)
+        expected = (len(self.rows(split)), size, size, 3)
+        return pipeline.load_checked(target, expected, np.uint8)
+
     def pixels(self, split: str, size: int) -> tuple[np.ndarray, str]:
-        """(uint8 pixels of a split at ``size`` from the decoded cache, the cache file's name,
-        which fingerprints the image files)."""
-        paths = self.rows(split)["path"].tolist()
-        name = pipeline.cache_file(self.cache_dir, split, size, paths).name
+        """(uint8 pixels of a split at ``size`` from the decoded cache, decoded into it when
+        missing; the cache file's name)."""
+        paths = self.paths(split)
+        name = self.pixel_file(split, size).name
         return pipeline.decoded_array(paths, size, self.cache_dir, split), name
 
     def labels(self, split: str) -> np.ndarray:
@@ -210,6 +232,12 @@ class EffNetHyperModel(kt.HyperModel):
         self.stop_after: int | None = None
         self.last_fit: dict[str, Any] = {}
         self._frozen_backbone: tuple[tuple[str, int], keras.Model] | None = None
+        # Set by the search: the (backbone, size) pairs whose features the frozen stage will
+        # want, computed in the first pass over the files from one decode of each, with the
+        # activations at the cuts of the fine-tune fractions the search plans.
+        self.planned: list[tuple[str, int]] = []
+        self.cut_fractions: tuple[float, ...] = ()  # whose cuts' activations come with them
+        self.disk: disk.Budget | None = None  # the cache folder's budget (None: no limit)
         self._frozen_fingerprint: tuple[keras.Model, str] | None = None
 
     def plan(self, hp: kt.HyperParameters) -> TrialPlan:
@@ -330,7 +358,8 @@ class EffNetHyperModel(kt.HyperModel):
         callbacks: Sequence[keras.callbacks.Callback],
     ) -> dict[str, float]:
         plan = self.plan(hp)
-        self.last_fit = {"pass_seconds": 0.0}  # facts of this fit only (the runner reads them)
+        # Facts of this fit only (the runner reads them).
+        self.last_fit = {"pass_seconds": 0.0, "ahead_seconds": 0.0}
         epochs = epochs or self.space.epochs
         own = list(self.callbacks_factory()) if self.callbacks_factory else []
         run = _Run(
@@ -420,21 +449,57 @@ class EffNetHyperModel(kt.HyperModel):
         run.best.track(base.trainable_weights)
         rate = plan.learning_rate * plan.finetune_lr_factor
         cached = self.uses_feature_cache(plan) and count < len(backbones.blocks(base))
-        if cached and plan.augment_views > 1:  # the views at the cut must fit on disk
-            _, top, _ = features.split_backbone(model, count)
-            per_image = math.prod(int(d) for d in top.input_shape[1:]) * 2
-            views_bytes = len(self.data.train) * plan.augment_views * per_image
-            cached = views_bytes <= VIEW_CACHE_MAX_BYTES
+        if cached:  # the activations at the cut must fit on disk
+            cached = self._activations_fit(model, plan, count)
         if cached:
             run.extend(self._fit_top_on_activations(run, count, until, start, rate))
         else:
             compile_model(model, rate, self.data.num_classes, self.jit_compile)
             run.extend(self._end_to_end(run, until, start, run.end_to_end()))
 
+    def _activations_fit(self, model: keras.Model, plan: TrialPlan, count: int) -> bool:
+        """Whether the activations at the cut below the top ``count`` blocks (every view of
+        the train split, and validation) are cached or fit: augmented views within
+        ``VIEW_CACHE_MAX_BYTES``, and what is missing within the cache budget."""
+        bottom, top, cut = features.split_backbone(model, count)
+        per_image = math.prod(int(d) for d in top.input_shape[1:]) * 2
+        views_bytes = len(self.data.train) * plan.augment_views * per_image
+        if plan.augment_views > 1 and views_bytes > VIEW_CACHE_MAX_BYTES:
+            return False
+        key = features.weights_fingerprint(bottom)
+        needed = 0
+        for split, views in (("train", plan.augment_views), ("validation", 1)):
+            rows = len(self.data.rows(split))
+            for view in range(views):
+                target = self._target(
+                    plan.backbone, plan.image_size, key, split, cut, view, plan.augment
+                )
+                if features.load_entry(target, rows) is None:
+                    needed += rows * per_image
+        if self._room(needed, f"activations at {cut}", self._pixels_of(plan.image_size)):
+            return True
+        self._note("so the fine-tune trains end to end")
+        return False
+
+    def _pixels_cacheable(self, size: int) -> bool:
+        """Whether an end-to-end fit reads (or builds) the decoded-pixel cache at ``size``:
+        yes unless the budget cannot hold it, then every epoch decodes the files."""
+        splits = ("train", "validation")
+        missing = [s for s in splits if self.data.cached_pixels(s, size) is None]
+        rows = sum(len(self.data.rows(s)) for s in missing)
+        if self._room(disk.pixel_bytes(rows, size), f"pixels at {size}px"):
+            return True
+        self._note("so they are decoded from the files every epoch")
+        return False
+
     def _end_to_end(self, run: _Run, until: int, start: int, callbacks) -> keras.callbacks.History:
         plan = run.plan
         train, val = self.data.datasets(
-            plan.image_size, plan.batch_size, self.space.seed, plan.augment
+            plan.image_size,
+            plan.batch_size,
+            self.space.seed,
+            plan.augment,
+            cache=self._pixels_cacheable(plan.image_size),
         )
         self._augment_path(plan, "end to end")
         build_state(run.model, train)
@@ -506,33 +571,130 @@ class EffNetHyperModel(kt.HyperModel):
     ) -> np.ndarray:
         """A split's cached backbone outputs (features, or activations at ``cut``) of the
         part of the backbone whose weights' fingerprint is ``weights_key``; ``view`` > 0:
-        of that augmented view of the images (:mod:`tuner.augment`)."""
-        pixels, source = self.data.pixels(split, plan.image_size)
-        seed = self.space.seed
-        target = features.cache_file(
-            self.data.cache_dir,
-            plan.backbone,
-            plan.image_size,
-            weights_key,
-            split,
-            source,
-            cut,
-            features.view_name(plan.augment, seed, view) if view else "",
-        )
+        of that augmented view of the images (:mod:`tuner.augment`).
+
+        When it must be computed, the pass reads the split's cached pixels at this size if
+        there are any, else decodes the image files; a plain pass over decoded files also
+        computes the passes planned ahead (:attr:`planned`: other backbones and sizes) and
+        the pixel caches that later steps will read (:attr:`pixel_sizes`), from one decode
+        of each file."""
+        size, rows = plan.image_size, len(self.data.rows(split))
+        target = self._target(plan.backbone, size, weights_key, split, cut, view, plan.augment)
+        found = features.load_entry(target, rows)
+        self.last_fit.setdefault("cache", []).append("loaded" if found is not None else "computed")
+        if found is not None:
+            return found
         augment = (
-            functools.partial(
-                augment_mod.layer, plan.augment, augment_mod.view_seed(plan.augment, seed, view)
+            augment_mod.layer(
+                plan.augment, augment_mod.view_seed(plan.augment, self.space.seed, view)
             )
             if view
             else None
         )
-        computed = not target.exists()
-        self.last_fit.setdefault("cache", []).append("computed" if computed else "loaded")
+        what = f"{split} {cut} outputs of {plan.backbone} {size}px"
+        if not self._room(rows * 2 * _entry_size(make_net()), what, self._pixels_of(size)):
+            raise kt.errors.FailedTrialError(
+                f"the cache budget ({disk.format_bytes(self.disk.limit)}) cannot hold the {what}"
+                f" even after evicting older entries: raise --cache-budget"
+            )
         started = time.monotonic()
-        array = features.cached_features(make_net, pixels, target, plan.pass_batch, augment)
-        if computed:  # what the oracle budgets a backbone pass by
-            self.last_fit["pass_seconds"] += time.monotonic() - started
-        return array
+        pixels = self.data.cached_pixels(split, size)
+        passes = []
+        if pixels is None and cut == "pooled" and not view:
+            passes = self._ahead(split, (plan.backbone, size), target)
+        if not any(p.target == target for p in passes):
+            passes.insert(
+                0, features.feature_pass(make_net(), target, size, plan.pass_batch, augment)
+            )
+        source = self.data.paths(split) if pixels is None else {size: pixels}
+        spent = features.run_passes(source, rows, passes)
+        # What the oracle budgets by: this feature set's pass (its forward and the decoding),
+        # apart from the passes computed ahead for other feature sets in the same sweep.
+        own = spent.get(target, 0.0) + spent["decode"]
+        self.last_fit["pass_seconds"] += own
+        self.last_fit["ahead_seconds"] += max(time.monotonic() - started - own, 0.0)
+        return features.load_entry(target, rows)
+
+    def _target(
+        self,
+        backbone: str,
+        size: int,
+        weights_key: str,
+        split: str,
+        cut: str = "pooled",
+        view: int = 0,
+        policy: str = augment_mod.NONE,
+    ) -> Path:
+        view_key = features.view_name(policy, self.space.seed, view) if view else ""
+        source = self.data.pixel_file(split, size).name
+        return features.cache_file(
+            self.data.cache_dir, backbone, size, weights_key, split, source, cut, view_key
+        )
+
+    def _ahead(self, split: str, current: tuple[str, int], target: Path) -> list[features.Pass]:
+        """The passes a plain pass over a split's files computes in the same sweep (one
+        decode of each file): for each planned (backbone, size) (:attr:`planned`; ``current``
+        is the one asked for, whose pooled features go to ``target``) its pooled features and
+        the activations at the cuts of :attr:`cut_fractions`, those not cached yet and
+        fitting in the budget's free room (nothing is evicted for them)."""
+        rows = len(self.data.rows(split))
+        passes, room = [], self.disk.limit - self.disk.used() if self.disk else math.inf
+        for backbone, size in self.planned:
+            entry = backbones.get(backbone)
+            base = backbones.build(entry, size, self.weights)
+            backbones.inference_mode(base)
+            pooled = self._target(backbone, size, features.weights_fingerprint(base), split)
+            if (backbone, size) == current and pooled != target:
+                continue  # other weights than the trial's (cannot happen): its own pass
+            cuts = self._cuts(base, entry) if entry.finetunable else {}
+            wanted = {
+                self._target(backbone, size, key, split, name): name for name, key in cuts.items()
+            }
+            wanted = {t: n for t, n in wanted.items() if features.load_entry(t, rows) is None}
+            if features.load_entry(pooled, rows) is not None and not wanted:
+                continue
+            net = features.backbone_extractor(base, size, entry.input_scale, list(wanted.values()))
+            made = features.feature_pass(
+                net, pooled, size, self.pass_batch(entry), None, list(wanted)
+            )
+            if rows * made.bytes <= room or (backbone, size) == current:
+                passes.append(made)
+                room -= rows * made.bytes
+            else:
+                self._note(f"{backbone} {size}px not computed ahead for {split} (cache budget)")
+        return passes
+
+    def _cuts(self, base: keras.Model, entry: backbones.Backbone) -> dict[str, str]:
+        """{cut layer name: fingerprint of the weights below it} for each fine-tune fraction
+        the search plans (:attr:`cut_fractions`) that leaves a frozen bottom."""
+        units = len(backbones.blocks(base))
+        out = {}
+        for fraction in self.cut_fractions:
+            count = backbones.blocks_for_fraction(base, fraction)
+            if 0 < count < units:
+                layer = features.cut_layer(base, count)
+                bottom = keras.Model(base.input, layer.output)
+                out[layer.name] = features.weights_fingerprint(bottom)
+        return out
+
+    def _pixels_of(self, size: int) -> frozenset[Path]:
+        return frozenset(self.data.pixel_file(s, size) for s in ("train", "validation"))
+
+    def _room(self, nbytes: int, what: str, keep: frozenset[Path] = frozenset()) -> bool:
+        """Whether the cache budget holds ``nbytes`` more (evicting the least recently read
+        entries when it must; each eviction noted on the trial line)."""
+        if self.disk is None:
+            return True
+        fits, evicted = self.disk.admit(nbytes, keep)
+        for path, size in evicted:
+            self._note(f"evicted {path.parent.name}/{path.name} ({disk.format_bytes(size)})")
+        if not fits:
+            self._note(f"{what} ({disk.format_bytes(nbytes)}) over the cache budget")
+        return fits
+
+    def _note(self, text: str) -> None:
+        """A line of what the cache budget changed in this fit (the trial line says it)."""
+        self.last_fit.setdefault("cache_notes", []).append(text)
 
     def _features(self, run: _Run) -> dict[str, np.ndarray]:
         """The train and validation splits' cached pooled features (one backbone pass per
@@ -803,3 +965,9 @@ def best_metrics(history: dict[str, list[float]]) -> dict[str, float]:
 def best_epoch(history: dict[str, list[float]]) -> int:
     """Index of the epoch with the best val accuracy (the first, on ties)."""
     return int(np.argmax(history["val_accuracy"]))
+
+
+def _entry_size(net: keras.Model) -> int:
+    """Values of one image's entry of ``net``'s (first) output."""
+    shape = net.output_shape[0] if isinstance(net.output_shape, list) else net.output_shape
+    return math.prod(int(d) for d in shape[1:])

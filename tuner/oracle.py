@@ -35,7 +35,14 @@ HEAD_KEYS = ("head_width", "dropout", "learning_rate", "l2", "class_weight", "tr
 # A linear head fitted by Newton-CG has no learning rate; its fine-tunes scale Adam's default.
 FINE_TUNE_BASE_RATE = 1e-3
 # Metrics the trial runner reports beside the objective, for the cost model.
-COST_METRICS = ("train_seconds", "pass_seconds", "trial_seconds", "latency_ms", "epochs_run")
+COST_METRICS = (
+    "train_seconds",
+    "pass_seconds",
+    "ahead_seconds",
+    "trial_seconds",
+    "latency_ms",
+    "epochs_run",
+)
 
 
 def feature_sets(space: SearchSpace) -> list[strategy.FeatureSet]:
@@ -194,6 +201,7 @@ def trial_facts(trial, space: SearchSpace) -> strategy.TrialFacts:
         score=trial.score if trial.score is not None and not np.isnan(trial.score) else None,
         train_seconds=metric("train_seconds"),
         pass_seconds=metric("pass_seconds") or 0.0,
+        ahead_seconds=metric("ahead_seconds") or 0.0,
         trial_seconds=metric("trial_seconds"),
         latency_ms=metric("latency_ms"),
         epochs_run=int(metric("epochs_run") or 0),

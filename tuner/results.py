@@ -58,6 +58,7 @@ COLUMNS = [
     "model_bytes",
     "unfrozen_blocks",
     "augment_path",
+    "cache_notes",
     "hyperband_epochs",
     "resumed_from",
     "wandb_run_id",

@@ -66,6 +66,10 @@ class SearchRequest:
     role: Role = Role("single")
     strategy: str = "none"
     gpu_free_mib: float | None = None  # read before TensorFlow was loaded
+    cache_dir: str | None = None  # default: results/<name>/cache
+    cache_budget: str | None = None  # default: a share of the free space (tuner/disk.py)
+    dry_run: bool = False  # print the plan, train nothing
+    costs: str | None = None  # a cost table for the dry run (tuner/plan.py)
     test_range: tuple[int, int] = split_mod.DEFAULT_TEST_RANGE  # when it splits a label.csv
     validation_range: tuple[int, int] = split_mod.DEFAULT_VALIDATION_RANGE
 
@@ -145,6 +149,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cache", default=str(default_cache()), help="where the demo data is written"
     )
+    parser.add_argument(
+        "--cache-dir",
+        help="where features, activations and decoded pixels are cached (default: "
+        "results/<name>/cache); e.g. a larger or faster disk",
+    )
+    parser.add_argument(
+        "--cache-budget",
+        metavar="SIZE",
+        help="the most the cache folder may hold, e.g. 40GB (default: half the free space on "
+        "its disk at start); the search plans around it and says so",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what the budget buys (stages, passes, heads, fine-tune rungs, disk, the "
+        "expected end) and train nothing",
+    )
+    parser.add_argument(
+        "--costs",
+        metavar="FILE",
+        help="with --dry-run: plan from this cost table (seconds an image per backbone) "
+        "instead of a timed batch here; see tuner/plan.py",
+    )
     scale = parser.add_argument_group("scaling out (see README, 'Scaling out')")
     scale.add_argument(
         "--chief",
@@ -180,8 +207,12 @@ def resolve_request(args: argparse.Namespace) -> SearchRequest:
     # is reserved, and the batch sizes scaled to the free memory would drop to the floor.
     free_mib = accelerate.gpu_free_mib()
 
-    from tuner import budget, distribute, space
+    from tuner import budget, disk, distribute, space
 
+    if args.cache_budget is not None:
+        disk.parse_size(args.cache_budget)  # a malformed size fails before any work
+    if args.costs and not args.dry_run:
+        raise InputError("--costs is what --dry-run plans from: add --dry-run, or drop --costs")
     demo = args.data is None
     if not demo and not Path(args.data).exists():
         raise InputError(
@@ -212,6 +243,10 @@ def resolve_request(args: argparse.Namespace) -> SearchRequest:
         role=distribute.resolve_role(args.chief, args.worker, args.worker_id),
         strategy=args.strategy,
         gpu_free_mib=free_mib,
+        cache_dir=args.cache_dir,
+        cache_budget=args.cache_budget,
+        dry_run=args.dry_run,
+        costs=args.costs,
         test_range=args.test_range,
         validation_range=args.validation_range,
     )
@@ -250,7 +285,7 @@ def run_search(request: SearchRequest) -> int:
     from filelock import FileLock
     from rich.console import Console
 
-    from tuner import accelerate, budget, distribute, hypermodel, trial
+    from tuner import accelerate, budget, disk, distribute, hypermodel, trial
     from tuner import space as space_mod
     from tuner.results import FINISHED, Results
     from tuner.wandb_log import WandbLogger
@@ -277,8 +312,10 @@ def run_search(request: SearchRequest) -> int:
         ledger = budget.Ledger.follow(out / "budget.json", request.budget_s)
     else:
         ledger = budget.Ledger.open(out / "budget.json", request.budget_s)
-    weights, weights_label = resolve_weights(
-        request.weights, space, demo=request.data is None, console=console
+    weights, weights_label = (
+        (None if request.weights == "none" else request.weights, request.weights)
+        if request.dry_run  # plans from costs: no weights needed
+        else resolve_weights(request.weights, space, demo=request.data is None, console=console)
     )
     if weights is None and space.algorithm == "transfer":
         # Random features are worth nothing frozen: every trial trains the whole network.
@@ -292,6 +329,22 @@ def run_search(request: SearchRequest) -> int:
     with FileLock(prepare_lock(out)):
         table, classes, data_facts, split_warning = load_data(request, out)
         accelerated = accelerate.apply(request.mixed_precision, request.xla, request.gpu_free_mib)
+        cache_dir = Path(request.cache_dir) if request.cache_dir else out / "cache"
+        cache_budget = disk.open_budget(cache_dir, request.cache_budget)
+        if request.dry_run:
+            from tuner import plan
+
+            table_costs = plan.load_costs(request.costs) if request.costs else None
+            train_rows = int((table["type"] == "train").sum())
+            return plan.dry_run(
+                space,
+                train_rows,
+                len(table) - train_rows,
+                max(ledger.remaining(), 0.0),
+                table_costs,
+                cache_budget,
+                console,
+            )
         config = {
             "name": request.name,
             "space_file": request.space,
@@ -299,6 +352,7 @@ def run_search(request: SearchRequest) -> int:
             "weights": weights_label,
             "budget_s": request.budget_s,
             "feature_cache": request.feature_cache,
+            "cache_dir": str(cache_dir),
             "strategy": request.strategy,
             **accelerated,
             **data_facts,
@@ -324,7 +378,7 @@ def run_search(request: SearchRequest) -> int:
         wandb=logger,
         role=role.kind,
     )
-    data = hypermodel.SplitData(table, classes, cache_dir=str(out / "cache"))
+    data = hypermodel.SplitData(table, classes, cache_dir=str(cache_dir))
     model = hypermodel.EffNetHyperModel(
         space,
         data,
@@ -338,8 +392,12 @@ def run_search(request: SearchRequest) -> int:
         trial.tuner_class(space.algorithm), model, space, out, strategy(request.strategy)
     )
     tuner.context = context
+    model.disk = cache_budget
+    sets = [(b, backbones_size(b, space)) for b in space.backbones][:1]
     if space.algorithm == "transfer" and role.kind != "worker":
-        prepare_transfer(tuner.oracle, space, data, ledger, request.budget_s, console)
+        sets = prepare_transfer(tuner.oracle, space, data, ledger, request.budget_s, console)
+    if role.kind != "worker" and request.feature_cache and weights is not None:
+        plan_cache(model, cache_budget, sets, space, data, console)
     if role.kind == "chief":
         distribute.budget_gate(
             tuner.oracle,
@@ -563,23 +621,53 @@ def strategy(name: str):
     return tf.distribute.MirroredStrategy()
 
 
-def prepare_transfer(oracle, space, data, ledger, budget_s: float, console) -> None:
-    """Give the transfer oracle the budget, the data's size and this device's speed (one
-    timed batch of the cheapest backbone), and print its plan."""
-    from tuner import oracle as oracle_mod
+def backbones_size(name: str, space) -> int:
+    """The first image size the space gives backbone ``name``."""
+    from tuner import backbones
+    from tuner.space import _as_list
 
-    sets = oracle_mod.feature_sets(space)
-    oracle.setting = oracle_mod.make_setting(
-        space,
-        budget_s,
+    choice = _as_list(space.image_size)[0]
+    return backbones.get(name).size if choice == "native" else int(choice)
+
+
+def plan_cache(model, cache_budget, sets, space, data, console) -> None:
+    """Print what the caches will hold and whether it fits (one line and exit 2 when not even
+    the first feature set's features fit); tell the hypermodel which passes the first sweep
+    over the files computes ahead (the features that fit, and the activations at the cuts of
+    the space's fine-tune fractions)."""
+    from tuner import backbones, disk
+
+    entries = disk.plan_entries(
+        [(b, size, backbones.get(b).features) for b, size in sets],
         len(data.train) + len(data.validation),
-        oracle_mod.calibrate(sets[0]),
-        finetunable=True,
-        train_share=len(data.train) / max(len(data.train) + len(data.validation), 1),
     )
+    lines, fits = disk.plan_lines(cache_budget, entries)
+    for line in lines:
+        console.print(line, highlight=False)
+    model.planned = [(b, size) for b, size in sets if f"features {b} {size}px" in fits]
+    model.cut_fractions = tuple(
+        sorted({float(f) for f in _values(space.finetune_fraction)} - {0.0})
+    )
+
+
+def _values(spec) -> list:
+    if isinstance(spec, dict):
+        return [spec.get("min", 0), spec.get("max", 0)]
+    return list(spec) if isinstance(spec, list | tuple) else [spec]
+
+
+def prepare_transfer(oracle, space, data, ledger, budget_s: float, console) -> list:
+    """Give the transfer oracle the budget, the data's size and this device's speed (one
+    timed batch of the cheapest backbone), and print its plan; returns the (backbone, size)
+    pairs its frozen stage plans to run."""
+    from tuner import plan, strategy
+
+    oracle.setting = plan.setting_for(space, len(data.train), len(data.validation), budget_s)
     oracle.remaining = ledger.remaining
     for line in oracle.plan():
         console.print(line, highlight=False)
+    planned = strategy.planned_sets(oracle.setting, oracle.facts())
+    return list(dict.fromkeys((fs.backbone, fs.pixels) for fs in planned))
 
 
 def make_tuner(cls: type, model, space, out: Path, distribution_strategy=None):

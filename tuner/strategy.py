@@ -80,10 +80,11 @@ class TrialFacts:
     feature_set: FeatureSet
     score: float | None = None  # validation accuracy
     train_seconds: float | None = None  # building and fitting
-    pass_seconds: float = 0.0  # the part of it spent in backbone passes
+    pass_seconds: float = 0.0  # the part of it spent in its own feature set's backbone passes
     trial_seconds: float | None = None  # wall clock, records included
     latency_ms: float | None = None
     epochs_run: int = 0
+    ahead_seconds: float = 0.0  # the part spent in passes of other feature sets, ahead of them
 
     @property
     def stage(self) -> str:
@@ -120,6 +121,9 @@ class Setting:
     images: int  # train + validation: what a pass runs over
     seconds_per_gflop: float  # calibration: pass seconds per GFLOP of one image, x images
     train_share: float = 0.9  # of those images, the train split's (augmented views: train only)
+    # A cost table (:class:`tuner.plan.CostTable`): per-image costs of another machine, what
+    # a dry run plans from instead of this machine's calibration.
+    table: object | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,8 @@ class Costs:
             base = self.pass_seconds(plain)
             extra = base * self.setting.train_share * (fs.views - 1)
             return extra + (0.0 if self.measured(plain) else base)
+        if self.setting.table is not None:
+            return self.setting.table.pass_seconds(self.setting, fs)
         rates = [
             s / (f.gflops() * self.setting.images) for f, s in self._pass.items() if f.views == 1
         ]
@@ -189,7 +195,8 @@ class Costs:
         spent: dict[int, list[float]] = {}
         for t in self.trials:
             if t.stage == FROZEN and t.done and t.solver == solver and t.train_seconds:
-                spent.setdefault(t.feature_set.views, []).append(t.train_seconds - t.pass_seconds)
+                head = t.train_seconds - t.pass_seconds - t.ahead_seconds
+                spent.setdefault(t.feature_set.views, []).append(head)
         scale = 1.0 if solver == "adam" else float(views)
         if views in spent:
             base = statistics.median(spent[views])
@@ -197,7 +204,8 @@ class Costs:
             known = min(spent)
             base = statistics.median(spent[known]) * (scale / (1 if solver == "adam" else known))
         else:
-            base = PRIOR_HEAD_SECONDS[solver] * scale
+            table = self.setting.table
+            base = (table.head_seconds(solver) if table else PRIOR_HEAD_SECONDS[solver]) * scale
         return base + self.overhead()
 
     def epoch_seconds(self, fs: FeatureSet, fraction: float) -> float:
@@ -212,13 +220,15 @@ class Costs:
                 and t.epochs_run > 0
                 and t.train_seconds
             ):
-                per_epoch = (t.train_seconds - t.pass_seconds) / t.epochs_run
+                per_epoch = (t.train_seconds - t.pass_seconds - t.ahead_seconds) / t.epochs_run
                 measured.setdefault(t.fine_tune[0], []).append(per_epoch)
         if fraction in measured:
             return statistics.median(measured[fraction])
         if measured:
             known = min(measured, key=lambda f: abs(f - fraction))
             return statistics.median(measured[known]) * fraction / known
+        if self.setting.table is not None:
+            return self.setting.table.epoch_seconds(self.setting, fs, fraction)
         # Forward and backward through the top, over the train split (one view of each
         # image): about 3x its share of a forward pass.
         return 3 * fraction * self.pass_seconds(fs.plain()) * self.setting.train_share
@@ -250,12 +260,21 @@ def next_move(setting: Setting, trials: Sequence[TrialFacts], remaining_s: float
         found = step(setting, trials, costs, remaining_s)
         if isinstance(found, Move):
             return found
-    return (
-        f"nothing more fits in the {format_seconds(max(remaining_s, 0))} left"
-        if trials
-        else f"the budget cannot pay for {setting.feature_sets[0].label}'s features and a head "
-        f"(about {format_seconds(_feature_set_cost(setting, costs, setting.feature_sets[0]))})"
-    )
+    if not trials:
+        first = setting.feature_sets[0]
+        return (
+            f"the budget cannot pay for {first.label}'s features and a head "
+            f"(about {format_seconds(_feature_set_cost(setting, costs, first))})"
+        )
+    unbounded = (step(setting, trials, costs, math.inf) for step in (_fine_tune_stage, _leftover))
+    if not any(isinstance(move, Move) for move in unbounded):
+        return (
+            "nothing left worth trying: every feature set has its heads, the front's trials "
+            "have their fine-tunes at every fraction and factor of the space, and the best "
+            f"feature set has {EXTRA_HEADS}x its heads; {format_seconds(max(remaining_s, 0))} "
+            "of the budget is left unspent"
+        )
+    return f"nothing more fits in the {format_seconds(max(remaining_s, 0))} left"
 
 
 def frozen_budget(setting: Setting) -> float:
@@ -321,11 +340,24 @@ def _front(trials: Sequence[TrialFacts]) -> list[TrialFacts]:
     return sorted(front, key=lambda t: (-(t.score or 0), t.latency_ms or 0, t.trial_id))
 
 
+def _parents(trials: Sequence[TrialFacts]) -> list[TrialFacts]:
+    """Fine-tune parents in order: the front, then the best other head of each feature set."""
+    front = _front(trials)
+    chosen = {t.trial_id for t in front}
+    others: dict[FeatureSet, TrialFacts] = {}
+    done = [t for t in trials if t.stage == FROZEN and t.done and t.trial_id not in chosen]
+    for t in sorted(done, key=lambda t: (-(t.score or 0), t.trial_id)):
+        others.setdefault(t.feature_set, t)
+    return front + sorted(others.values(), key=lambda t: (-(t.score or 0), t.trial_id))
+
+
 def _candidates(
     setting: Setting, trials: Sequence[TrialFacts]
 ) -> list[tuple[TrialFacts, float, float]]:
-    """(frozen parent, fraction, factor) not yet fine-tuned: front parents best first, the
-    smaller fractions (cheaper, one cut shared by both factors) first."""
+    """(frozen parent, fraction, factor) not yet fine-tuned: front parents best first, then
+    each feature set's best head off the front (a runner-up: with a long budget, another
+    fine-tune is worth more than more heads on the same features); the smaller fractions
+    (cheaper, one cut shared by both factors) first."""
     tried = {
         (t.values.get("tuner/trial_id"), *t.fine_tune)
         for t in trials
@@ -333,7 +365,7 @@ def _candidates(
     }
     return [
         (parent, fraction, factor)
-        for parent in _front(trials)
+        for parent in _parents(trials)
         for fraction in sorted(setting.fractions)
         for factor in setting.factors
         if (parent.trial_id, fraction, factor) not in tried
@@ -519,6 +551,23 @@ def _leftover(
     return move if estimate <= remaining_s else None
 
 
+def frozen_plan(setting: Setting, costs: Costs) -> list[tuple[FeatureSet, float, bool]]:
+    """(feature set, its pass and heads' cost, whether the frozen stage's share affords it),
+    cheapest first: the first always, the next while the running total fits."""
+    share, spent, out = frozen_budget(setting), 0.0, []
+    for position, fs in enumerate(setting.feature_sets):
+        cost = _feature_set_cost(setting, costs, fs)
+        fits = position == 0 or spent + cost <= share
+        spent += cost if fits else 0.0
+        out.append((fs, cost, fits))
+    return out
+
+
+def planned_sets(setting: Setting, trials: Sequence[TrialFacts]) -> list[FeatureSet]:
+    """The feature sets the frozen stage plans to run (what a first pass computes ahead)."""
+    return [fs for fs, _, fits in frozen_plan(setting, Costs(setting, trials)) if fits]
+
+
 def plan_lines(setting: Setting, trials: Sequence[TrialFacts], remaining_s: float) -> list[str]:
     """The plan at this budget, for the user: which feature sets the frozen stage can
     afford and why, and what the fine-tune stage will do."""
@@ -533,10 +582,8 @@ def plan_lines(setting: Setting, trials: Sequence[TrialFacts], remaining_s: floa
         f"to convergence)",
     ]
     spent = 0.0
-    for position, fs in enumerate(setting.feature_sets):
-        cost = _feature_set_cost(setting, costs, fs)
+    for fs, cost, fits in frozen_plan(setting, costs):
         source = "measured" if costs.measured(fs) else "estimated"
-        fits = position == 0 or spent + cost <= share
         verdict = "yes" if fits else "later, if time is left"
         lines.append(
             f"    {fs.label:<12} pass ~{format_seconds(costs.pass_seconds(fs))} ({source}) "

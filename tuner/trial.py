@@ -266,6 +266,7 @@ class TrialRunner:
             **results,
             "train_seconds": train_seconds,
             "pass_seconds": fit.get("pass_seconds", 0.0),
+            "ahead_seconds": fit.get("ahead_seconds", 0.0),
             "trial_seconds": time.monotonic() - getattr(self, "_trial_started", started),
             "latency_ms": row["latency_ms"],
             "epochs_run": fit["epochs_run"],
@@ -301,10 +302,12 @@ class TrialRunner:
             model_bytes=model_bytes,
             unfrozen_blocks=" ".join(fit.get("unfrozen_blocks", [])),
             augment_path=", ".join(fit.get("augment_path", [])),
+            cache_notes="; ".join(fit.get("cache_notes", [])),
         )
         self.context.record(row)
         self.context.results.prune_checkpoints()
         augmented = f", augmented: {row['augment_path']}" if row["augment_path"] else ""
+        augmented += f"; cache: {row['cache_notes']}" if row["cache_notes"] else ""
         self.context.console.print(
             f"  done: val_acc {metrics['val_accuracy']:.4f} in "
             f"{budget_mod.format_seconds(train_seconds)}, {latency_ms:.2f} ms/image, "

@@ -1,0 +1,80 @@
+"""What a budget buys, before spending it: the strategy played forward on a cost table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data_tools.errors import InputError
+from tests.conftest import run_search
+from tuner import plan, space, strategy
+
+TABLE = """
+decode: 1.0e-3
+heads: {exact: 2.0, adam: 10.0}
+backbones:
+  B0: {pass: 1.0e-4, fine_tune: 1.0e-3}
+  B1: {pass: 2.0e-4, fine_tune: 2.0e-3}
+"""
+
+
+def table(tmp_path: Path, text: str = TABLE) -> plan.CostTable:
+    path = tmp_path / "costs.yaml"
+    path.write_text(text)
+    return plan.load_costs(path)
+
+
+def test_a_cost_table_prices_passes_decoding_and_fine_tunes(tmp_path):
+    costs = table(tmp_path)
+    searched = space.load(None, {"backbones": ["B0", "B1"], "finetune_fraction": [0.0, 0.2]})
+    setting = plan.setting_for(searched, 9_000, 1_000, 3600, costs)
+    b0, b1 = setting.feature_sets
+    priced = strategy.Costs(setting, [])
+    # The cheapest set pays the one decode of every file; each its own pass.
+    assert priced.pass_seconds(b0) == pytest.approx(10_000 * (1e-4 + 1e-3))
+    assert priced.pass_seconds(b1) == pytest.approx(10_000 * 2e-4)
+    assert priced.epoch_seconds(b1, 0.2) == pytest.approx(0.2 * 2e-3 * 9_000)
+    assert priced.head_seconds("adam") == pytest.approx(10.0 + strategy.PRIOR_OVERHEAD_SECONDS)
+
+
+def test_a_long_budget_plays_out_to_fine_tunes_then_ends_with_time_left(tmp_path):
+    searched = space.load(
+        None,
+        {"backbones": ["B0", "B1"], "finetune_fraction": [0.0, 0.2], "head_trials": 4},
+    )
+    setting = plan.setting_for(searched, 9_000, 1_000, 20 * 3600, table(tmp_path))
+    moves, why = plan.play(setting)
+    frozen = [m for m in moves if m.stage == strategy.FROZEN]
+    tuned = [m for m in moves if m.stage == strategy.FINE_TUNE]
+    assert {m.feature_set.backbone for m in frozen} == {"B0", "B1"}
+    assert {m.feature_set.backbone for m in tuned} == {"B0", "B1"}
+    assert max(m.epochs for m in tuned) == searched.epochs  # rungs up to the space's limit
+    assert why.startswith("nothing left worth trying")  # and it says so, with time left
+    spent = sum(m.estimate_s for m in moves)
+    lines = "\n".join(plan.summary(setting, moves, why))
+    assert f"dry run: {len(moves)} trials" in lines and "expected end" in lines
+    assert spent < setting.budget_s
+
+
+def test_a_table_without_a_needed_backbone_or_numbers_is_one_line(tmp_path):
+    with pytest.raises(InputError, match="has no 'backbones:' table"):
+        table(tmp_path, "decode: 1\n")
+    with pytest.raises(InputError, match="needs a number for 'pass'"):
+        table(tmp_path, "backbones:\n  B0: {fine_tune: 1}\n")
+    costs = table(tmp_path)
+    searched = space.load(None, {"backbones": ["B3"]})
+    with pytest.raises(InputError, match="no pass cost for B3"):
+        plan.play(plan.setting_for(searched, 900, 100, 3600, costs))
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, demo_dir, pretrained_t0, capsys):
+    costs = tmp_path / "t0.yaml"
+    costs.write_text("backbones:\n  T0: {pass: 1.0e-4, fine_tune: 1.0e-3}\n")
+    argv = ["--algorithm", "transfer", "--weights", str(pretrained_t0), "--budget", "2h"]
+    assert run_search(tmp_path, demo_dir, "dry", *argv, "--dry-run", "--costs", str(costs)) == 0
+    out = capsys.readouterr().out
+    assert f"costs from --costs {costs}" in out and "expected end: after ~" in out
+    assert "cache plan" in out and "features T0 32px" in out
+    folder = tmp_path / "results" / "dry"
+    assert not (folder / "trials.csv").exists() and not (folder / "keras_tuner").exists()
