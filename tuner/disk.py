@@ -19,7 +19,6 @@ B0-B7's eight sizes, about 85 GB). So:
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 import shutil
@@ -194,7 +193,3 @@ def _instead(what: str) -> str:
 
 def pixel_bytes(rows: int, size: int) -> int:
     return rows * 3 * size * size
-
-
-def array_bytes(shape: tuple[int, ...], itemsize: int = 2) -> int:
-    return int(itemsize * math.prod(shape))

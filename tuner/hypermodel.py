@@ -574,10 +574,8 @@ class EffNetHyperModel(kt.HyperModel):
         of that augmented view of the images (:mod:`tuner.augment`).
 
         When it must be computed, the pass reads the split's cached pixels at this size if
-        there are any, else decodes the image files; a plain pass over decoded files also
-        computes the passes planned ahead (:attr:`planned`: other backbones and sizes) and
-        the pixel caches that later steps will read (:attr:`pixel_sizes`), from one decode
-        of each file."""
+        there are any, else decodes the image files; a plain pass over the files also
+        computes the passes planned ahead (:meth:`_ahead`), from one decode of each file."""
         size, rows = plan.image_size, len(self.data.rows(split))
         target = self._target(plan.backbone, size, weights_key, split, cut, view, plan.augment)
         found = features.load_entry(target, rows)
@@ -639,7 +637,8 @@ class EffNetHyperModel(kt.HyperModel):
         fitting in the budget's free room (nothing is evicted for them)."""
         rows = len(self.data.rows(split))
         passes, room = [], self.disk.limit - self.disk.used() if self.disk else math.inf
-        for backbone, size in self.planned:
+        # The one asked for first: its features must be computed (their room is reserved).
+        for backbone, size in sorted(self.planned, key=lambda pair: pair != current):
             entry = backbones.get(backbone)
             base = backbones.build(entry, size, self.weights)
             backbones.inference_mode(base)
@@ -653,16 +652,23 @@ class EffNetHyperModel(kt.HyperModel):
             wanted = {t: n for t, n in wanted.items() if features.load_entry(t, rows) is None}
             if features.load_entry(pooled, rows) is not None and not wanted:
                 continue
-            net = features.backbone_extractor(base, size, entry.input_scale, list(wanted.values()))
-            made = features.feature_pass(
-                net, pooled, size, self.pass_batch(entry), None, list(wanted)
-            )
+            made = self._pass_ahead(base, entry, size, pooled, wanted)
+            if rows * made.bytes > room and (backbone, size) == current:
+                made = self._pass_ahead(base, entry, size, pooled, {})  # without the cuts
             if rows * made.bytes <= room or (backbone, size) == current:
                 passes.append(made)
                 room -= rows * made.bytes
             else:
                 self._note(f"{backbone} {size}px not computed ahead for {split} (cache budget)")
         return passes
+
+    def _pass_ahead(
+        self, base: keras.Model, entry, size: int, pooled: Path, cuts: dict[Path, str]
+    ) -> features.Pass:
+        """The pass of a backbone built on its own: pooled features, and the activations at
+        ``cuts`` ({target: cut layer name}) from the same forward."""
+        net = features.backbone_extractor(base, size, entry.input_scale, list(cuts.values()))
+        return features.feature_pass(net, pooled, size, self.pass_batch(entry), None, list(cuts))
 
     def _cuts(self, base: keras.Model, entry: backbones.Backbone) -> dict[str, str]:
         """{cut layer name: fingerprint of the weights below it} for each fine-tune fraction

@@ -218,13 +218,13 @@ def make_setting(
 ) -> strategy.Setting:
     """The strategy's view of the space and the search."""
     fractions = tuple(
-        sorted({float(f) for f in _fine_tune_values(space.finetune_fraction) if float(f) > 0})
+        sorted({float(f) for f in fine_tune_values(space.finetune_fraction) if float(f) > 0})
     )
     any_finetunable = any(backbones.get(str(b)).finetunable for b in space.backbones)
     return strategy.Setting(
         feature_sets=tuple(feature_sets(space)),
         fractions=fractions if finetunable and any_finetunable else (),
-        factors=tuple(float(f) for f in _fine_tune_values(space.finetune_lr_factor)),
+        factors=tuple(float(f) for f in fine_tune_values(space.finetune_lr_factor)),
         head_trials=space.head_trials,
         frozen_share=float(space.frozen_share),
         epochs=space.epochs,
@@ -236,7 +236,7 @@ def make_setting(
     )
 
 
-def _fine_tune_values(spec) -> list[float]:
+def fine_tune_values(spec) -> list[float]:
     """A fine-tune key's values: its choices, or three points of a range."""
     if isinstance(spec, dict):
         low, high = float(spec["min"]), float(spec["max"])

@@ -256,3 +256,33 @@ def dry_run(
     for line in disk.plan_lines(cache_budget, entries)[0]:
         console.print(line, highlight=False)
     return 0
+
+
+def first_set(space) -> list[tuple[str, int]]:
+    """The space's first backbone at its first image size: what a search of another
+    algorithm than ``transfer`` plans its cache for."""
+    from tuner.space import _as_list
+
+    choice = _as_list(space.image_size)[0]
+    name = str(space.backbones[0])
+    return [(name, backbones.get(name).size if choice == "native" else int(choice))]
+
+
+def plan_cache(model, cache_budget, sets, space, data, console) -> None:
+    """Print what the caches will hold and whether it fits (one line and exit 2 when not even
+    the first feature set's features fit); tell the hypermodel which passes the first sweep
+    over the files computes ahead (the features that fit, and the activations at the cuts of
+    the space's fine-tune fractions)."""
+    from tuner import disk, oracle
+
+    entries = disk.plan_entries(
+        [(b, size, backbones.get(b).features) for b, size in sets],
+        len(data.train) + len(data.validation),
+    )
+    lines, fits = disk.plan_lines(cache_budget, entries)
+    for line in lines:
+        console.print(line, highlight=False)
+    model.planned = [(b, size) for b, size in sets if f"features {b} {size}px" in fits]
+    model.cut_fractions = tuple(
+        sorted({f for f in oracle.fine_tune_values(space.finetune_fraction) if f > 0})
+    )

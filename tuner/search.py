@@ -285,7 +285,7 @@ def run_search(request: SearchRequest) -> int:
     from filelock import FileLock
     from rich.console import Console
 
-    from tuner import accelerate, budget, disk, distribute, hypermodel, trial
+    from tuner import accelerate, budget, disk, distribute, hypermodel, plan, trial
     from tuner import space as space_mod
     from tuner.results import FINISHED, Results
     from tuner.wandb_log import WandbLogger
@@ -332,8 +332,6 @@ def run_search(request: SearchRequest) -> int:
         cache_dir = Path(request.cache_dir) if request.cache_dir else out / "cache"
         cache_budget = disk.open_budget(cache_dir, request.cache_budget)
         if request.dry_run:
-            from tuner import plan
-
             table_costs = plan.load_costs(request.costs) if request.costs else None
             train_rows = int((table["type"] == "train").sum())
             return plan.dry_run(
@@ -393,11 +391,12 @@ def run_search(request: SearchRequest) -> int:
     )
     tuner.context = context
     model.disk = cache_budget
-    sets = [(b, backbones_size(b, space)) for b in space.backbones][:1]
-    if space.algorithm == "transfer" and role.kind != "worker":
-        sets = prepare_transfer(tuner.oracle, space, data, ledger, request.budget_s, console)
-    if role.kind != "worker" and request.feature_cache and weights is not None:
-        plan_cache(model, cache_budget, sets, space, data, console)
+    if role.kind != "worker":
+        sets = plan.first_set(space)
+        if space.algorithm == "transfer":
+            sets = prepare_transfer(tuner.oracle, space, data, ledger, request.budget_s, console)
+        if request.feature_cache and weights is not None:
+            plan.plan_cache(model, cache_budget, sets, space, data, console)
     if role.kind == "chief":
         distribute.budget_gate(
             tuner.oracle,
@@ -619,41 +618,6 @@ def strategy(name: str):
     import tensorflow as tf
 
     return tf.distribute.MirroredStrategy()
-
-
-def backbones_size(name: str, space) -> int:
-    """The first image size the space gives backbone ``name``."""
-    from tuner import backbones
-    from tuner.space import _as_list
-
-    choice = _as_list(space.image_size)[0]
-    return backbones.get(name).size if choice == "native" else int(choice)
-
-
-def plan_cache(model, cache_budget, sets, space, data, console) -> None:
-    """Print what the caches will hold and whether it fits (one line and exit 2 when not even
-    the first feature set's features fit); tell the hypermodel which passes the first sweep
-    over the files computes ahead (the features that fit, and the activations at the cuts of
-    the space's fine-tune fractions)."""
-    from tuner import backbones, disk
-
-    entries = disk.plan_entries(
-        [(b, size, backbones.get(b).features) for b, size in sets],
-        len(data.train) + len(data.validation),
-    )
-    lines, fits = disk.plan_lines(cache_budget, entries)
-    for line in lines:
-        console.print(line, highlight=False)
-    model.planned = [(b, size) for b, size in sets if f"features {b} {size}px" in fits]
-    model.cut_fractions = tuple(
-        sorted({float(f) for f in _values(space.finetune_fraction)} - {0.0})
-    )
-
-
-def _values(spec) -> list:
-    if isinstance(spec, dict):
-        return [spec.get("min", 0), spec.get("max", 0)]
-    return list(spec) if isinstance(spec, list | tuple) else [spec]
 
 
 def prepare_transfer(oracle, space, data, ledger, budget_s: float, console) -> list:
