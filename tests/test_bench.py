@@ -74,3 +74,15 @@ def test_bench_quality_compares_the_recipe_and_the_search_on_one_test_split(
     shutil.rmtree(tmp_path / "digits-quality" / "search")
     assert bench_quality.main(argv) == 0
     assert "reusing its run" in capsys.readouterr().out
+
+
+def test_bench_scale_measures_each_n_and_ends_with_its_scale_line(tmp_path, capsys):
+    from tuner import bench_scale
+
+    argv = ["--counts", "40,80", "--sizes", "32,48", "--heads", "1", "--fine-tunes", "1"]
+    argv += ["--images-dir", str(tmp_path / "photos"), "--cache-budget", "50MB"]
+    assert bench_scale.main([*argv, "--out", str(tmp_path / "scale.csv")]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("scale: time x") and "for 2x the images (linear = 2)" in last
+    assert last.endswith("within budget 50MB, 1.00 decodes an image")
+    assert len(list((tmp_path / "photos").glob("*.jpg"))) == 80
