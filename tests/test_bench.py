@@ -84,5 +84,5 @@ def test_bench_scale_measures_each_n_and_ends_with_its_scale_line(tmp_path, caps
     assert bench_scale.main([*argv, "--out", str(tmp_path / "scale.csv")]) == 0
     last = capsys.readouterr().out.splitlines()[-1]
     assert last.startswith("scale: time x") and "for 2x the images (linear = 2)" in last
-    assert last.endswith("within budget 50MB, 1.00 decodes an image")
+    assert last.endswith("within budget 0.05 GB, 1.00 decodes an image")
     assert len(list((tmp_path / "photos").glob("*.jpg"))) == 80

@@ -239,7 +239,11 @@ def summary(table: pd.DataFrame, budget: str | None) -> str:
     first, last = table.iloc[0], table.iloc[-1]
     ratio = last["images"] / first["images"]
     decodes = last["decodes_per_image"]
-    within = f" within budget {budget}" if budget else ""
+    within = ""
+    if budget:
+        from tuner import disk
+
+        within = f" within budget {disk.parse_size(budget) / 1e9:.2f} GB"
     return (
         f"scale: time x{last['wall_s'] / first['wall_s']:.1f} for {ratio:g}x the images "
         f"(linear = {ratio:g}), peak RSS x{last['peak_rss_mb'] / first['peak_rss_mb']:.2f}, "
