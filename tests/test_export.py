@@ -407,3 +407,13 @@ def test_a_hub_backbone_searches_in_mixed_precision_with_a_weights_folder_and_ex
     np.testing.assert_allclose(
         served(tf.constant(pixels))["probabilities"].numpy(), probs, atol=1e-5
     )
+
+
+def test_a_retrain_or_refit_trains_as_its_search_did_with_the_feature_cache_off(tmp_path, demo_dir):
+    from tests.test_hypermodel import demo_data
+
+    data = demo_data(demo_dir, tmp_path)
+    for cached in (False, True):
+        config = {"space": {"backbones": ["T0"]}, "weights": "none", "feature_cache": cached}
+        maker = export_best.search_hypermodel(tmp_path, config, data.train, data.classes)
+        assert maker.feature_cache is cached

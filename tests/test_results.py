@@ -64,6 +64,7 @@ def test_leaderboard_orders_marks_front_and_lists_failures() -> None:
         ]
     )
     text = leaderboard_markdown(table)
+    assert "| latency | train time vs fastest | pareto |" in text  # not read as latency
     lines = [line for line in text.splitlines() if line.startswith("| 0")]
     assert [line.split("|")[1].strip() for line in lines] == ["001", "002", "000"]
     assert [line.rstrip(" |").endswith("*") for line in lines] == [True, False, True]

@@ -153,13 +153,17 @@ def trial_hypermodel(folder: Path, row: pd.Series, config: dict[str, Any]):
 
 
 def search_hypermodel(folder: Path, config: dict[str, Any], table: pd.DataFrame, classes):
-    """The search's hypermodel (its space, weights and cache folder) over ``table``'s rows."""
+    """The search's hypermodel (its space, weights, cache folder and ``--feature-cache``
+    setting: a retrain or refit trains as the search did) over ``table``'s rows."""
     from tuner import hypermodel, space
 
     cache_dir = config.get("cache_dir") or str(folder / "cache")  # --cache-dir, if given
     data = hypermodel.SplitData(table, classes, cache_dir=cache_dir)
     return hypermodel.EffNetHyperModel(
-        space.load(None, config["space"]), data, weights_argument(config["weights"])
+        space.load(None, config["space"]),
+        data,
+        weights_argument(config["weights"]),
+        feature_cache=bool(config.get("feature_cache", True)),
     )
 
 

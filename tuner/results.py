@@ -233,7 +233,7 @@ def leaderboard_markdown(table: pd.DataFrame) -> str:
     done = table.assign(pareto=pareto_flags(table))[table["status"].isin(FINISHED)]
     lines = [
         "| trial | model | px | batch | file size | params | val loss | val acc | "
-        "train time | latency | vs fastest | pareto |",
+        "train time | latency | train time vs fastest | pareto |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     if not done.empty:
