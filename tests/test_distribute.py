@@ -215,3 +215,13 @@ def test_mirrored_strategy_runs_frozen_and_fine_tuned_trials(tmp_path, demo_dir,
     assert (table.status == "completed").all() and len(table) == 2
     assert (table.unfrozen_blocks == "7a top").all() and (table.val_accuracy > 0.3).all()
     assert "strategy: mirrored" in (out / "config.yaml").read_text()
+
+
+def test_a_chief_bound_beyond_loopback_warns_that_its_port_is_unauthenticated():
+    from tuner import distribute
+
+    for private in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert distribute.exposure_warning(private) is None
+    for exposed in ("0.0.0.0", "10.0.0.5", "chief-host", "::"):
+        line = distribute.exposure_warning(exposed)
+        assert "no authentication and no encryption" in line and "SSH tunnel" in line

@@ -69,6 +69,8 @@ def test_compose_runs_one_chief_and_a_worker_per_gpu(services):
         assert "WANDB_API_KEY" in service["environment"]
         assert "./results:/results" in service["volumes"]
     chiefs = [name for name, role in roles.items() if role.kind == "chief"]
+    # The chief's unauthenticated port stays on the compose network: nothing is published.
+    assert not any("ports" in service for service in services.values())
     workers = {name: role for name, role in roles.items() if role.kind == "worker"}
     assert chiefs == ["chief"] and len(workers) >= 2
     assert all(

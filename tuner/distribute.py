@@ -88,6 +88,26 @@ def resolve_role(
     return Role(kind, env[ENV_ID], host, port)
 
 
+def exposure_warning(host: str) -> str | None:
+    """One line for a chief bound beyond this machine: Keras Tuner's gRPC port has no
+    authentication and no encryption, so anyone who reaches it can take trials or report
+    false results. None on a loopback address."""
+    import ipaddress
+
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    return (
+        f"warning: the chief's port on {host} has no authentication and no encryption: anyone "
+        f"who can reach it can take trials or report false results; bind it to a private "
+        f"address behind a firewall, or to 127.0.0.1 with the workers coming through an SSH "
+        f"tunnel (ssh -N -L PORT:127.0.0.1:PORT chief-host)"
+    )
+
+
 def default_worker_id(env: dict[str, str]) -> str:
     """``KERASTUNER_TUNER_ID``, else ``<host>-gpu<N>`` when one GPU is assigned, else
     ``<host>-<pid>`` (unique, but a restarted worker then cannot reclaim its trial)."""

@@ -586,10 +586,15 @@ def serve_chief(tuner, context, ledger, role, console, results) -> int:
     write the summary. Ctrl-C/SIGTERM stop it at once (trials stay with the oracle)."""
     import threading
 
+    from tuner import distribute
+
     console.print(
         f"chief: serving trials on {role.host}:{role.port}; start workers with "
         f"--worker {role.host}:{role.port}"
     )
+    exposed = distribute.exposure_warning(role.host)
+    if exposed:
+        console.print(exposed, markup=False, highlight=False)
     stop = threading.Event()
 
     def keep_time() -> None:  # the chief sleeps in Keras Tuner's server loop
