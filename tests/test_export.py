@@ -349,9 +349,9 @@ def test_a_mixed_precision_trial_exports_float32_keras_savedmodel_and_tflite(
     tmp_path, demo_dir, pretrained_t0, capsys, float32_after
 ):
     folder = search_and_export(tmp_path, demo_dir, "T0", pretrained_t0)
-    assert "precision: the trial ran in mixed_float16; exported in float32" in (
-        capsys.readouterr().out
-    )
+    printed = capsys.readouterr().out
+    assert "precision: the trial ran in mixed_float16; exported in float32" in printed
+    assert "of the validation images" in printed
     best = folder / "best"
     record = json.loads((best / "metrics.json").read_text())
     assert record["precision"]["trial"] == "mixed_float16"
@@ -363,7 +363,8 @@ def test_a_mixed_precision_trial_exports_float32_keras_savedmodel_and_tflite(
     config, trials = export_best.load_search(folder)
     trial, _ = export_best.trial_model(folder, trials.iloc[0], config)
     assert export_best.mixed_policies(trial) == {"mixed_float16"}
-    pixels, _, _ = export_best.test_pixels(config, 32)
+    # Checked on validation: nothing before the one test evaluation reads test.
+    pixels, _, _ = export_best.split_pixels(config, 32, "validation")
     shipped_probs = export_best.probabilities(shipped, pixels)
     trial_probs = export_best.probabilities(trial, pixels)
     assert not np.array_equal(shipped_probs, trial_probs)  # float16 was really used

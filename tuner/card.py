@@ -124,7 +124,7 @@ def model_card(
         lines += [
             "",
             f"The trial trained in {p['trial']}; every export is float32 (same weights). On "
-            f"the test images it predicts the trial's class for {p['same_predictions']:.1%} "
+            f"the validation images it predicts the trial's class for {p['same_predictions']:.1%} "
             f"of them, its probabilities {p['mean_abs_difference']:.1e} apart on average "
             f"(at most {p['max_abs_difference']:.2f}); the test metrics above are the float32 "
             "model's.",

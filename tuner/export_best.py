@@ -20,7 +20,8 @@
    ``--tflite`` (checked against Keras on the test images); ``labels.txt``; ``metrics.json``;
    ``model_card.md``. The folder is written beside and renamed into place at the end.
    A trial trained in mixed precision (the GPU default) is exported in float32: the same
-   weights, every layer float32, checked against the trial's own outputs on the test images
+   weights, every layer float32, checked against the trial's own outputs on the validation
+   images (nothing before the one test evaluation reads test)
    (``precision`` in metrics.json).
 5. ``--refit``: the chosen configuration is trained once more on train + validation, for the
    epochs its trial found best, replaying the trial's own schedule (and, for a trial continued
@@ -270,11 +271,18 @@ def two_columns(out: np.ndarray) -> np.ndarray:
 
 def test_pixels(config: dict[str, Any], size: int) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """The test split decoded at ``size``: (uint8 pixels, labels, table). Read here only."""
+    return split_pixels(config, size, "test")
+
+
+def split_pixels(
+    config: dict[str, Any], size: int, split: str
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """A split decoded at ``size``: (uint8 pixels, labels, table)."""
     from data_tools import pipeline
 
-    table, _ = split_table(config, ("test",))
+    table, _ = split_table(config, (split,))
     if table.empty:
-        raise InputError(f"the split {config['data']} has no test rows: nothing to evaluate on")
+        raise InputError(f"the split {config['data']} has no {split} rows: nothing to check on")
     batches = list(pipeline.make_dataset(table, size, 64).as_numpy_iterator())
     return (np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches]), table)
 
@@ -401,12 +409,12 @@ def tflite_probabilities(path: Path, pixels: np.ndarray) -> np.ndarray:
 
 
 def in_float32(model, pixels: np.ndarray, console):
-    """(the model to ship, its test probabilities, the precision record or None). A trial
-    trained in mixed precision (a GPU's) is rebuilt in float32, the same weights, and
-    checked against its own outputs on the test images."""
+    """(the model to ship, the precision record or None). A trial trained in mixed precision
+    (a GPU's) is rebuilt in float32, the same weights, and checked against its own outputs on
+    the validation images ``pixels``: nothing before the one test evaluation reads test."""
     mixed = mixed_policies(model)
     if not mixed:
-        return model, probabilities(model, pixels), None
+        return model, None
     trial_probs = probabilities(model, pixels)
     model = float32_model(model)
     probs = probabilities(model, pixels)
@@ -419,16 +427,16 @@ def in_float32(model, pixels: np.ndarray, console):
     }
     console.print(
         f"precision: the trial ran in {precision['trial']}; exported in float32 (same "
-        f"class as the trial for {precision['same_predictions']:.1%} of the test images, "
+        f"class as the trial for {precision['same_predictions']:.1%} of the validation images, "
         f"probabilities {precision['mean_abs_difference']:.1e} apart on average)"
     )
     if precision["same_predictions"] < MIXED_MIN_AGREEMENT:
         raise RuntimeError(
             f"the float32 model predicts another class than the {precision['trial']} "
-            f"trial for {1 - precision['same_predictions']:.1%} of the test images "
+            f"trial for {1 - precision['same_predictions']:.1%} of the validation images "
             f"(at most {1 - MIXED_MIN_AGREEMENT:.0%} allowed)"
         )
-    return model, probs, precision
+    return model, precision
 
 
 def test_line(metrics: dict[str, Any]) -> str:
@@ -468,16 +476,21 @@ def export(args: argparse.Namespace) -> Path:
     model, how = trial_model(folder, row, config)
     console.print(f"model: {how}")
     size = int(row["image_size"])
+    check = split_pixels(config, size, "validation")[0] if mixed_policies(model) else None
+    model, precision = in_float32(model, check, console)
     pixels, labels, _ = test_pixels(config, size)
     classes = list(config["classes"])
-    model, probs, precision = in_float32(model, pixels, console)
+    probs = probabilities(model, pixels)
     metrics = test_metrics(labels, probs, classes)
     trial_test = refit_facts = None
     if args.refit:
         trial_test = metrics
         console.print(f"test, the trial's model: {test_line(trial_test)}")
         model, refit_facts = refit(folder, row, trials, config, console)
-        model, probs, precision = in_float32(model, pixels, console)
+        if mixed_policies(model) and check is None:
+            check = split_pixels(config, size, "validation")[0]
+        model, precision = in_float32(model, check, console)
+        probs = probabilities(model, pixels)
         metrics = test_metrics(labels, probs, classes)
     latency_ms, images_per_s, _ = measure_latency(model, size)
     out = Path(args.out) if args.out else folder / "best"
