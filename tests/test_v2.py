@@ -157,7 +157,7 @@ def test_v2_fine_tunes_whole_blocks_end_to_end(tmp_path, demo_dir, v2_weights) -
 
 
 def test_v2_searches_on_cached_features_and_activations_and_exports(
-    tmp_path, demo_dir, v2_weights, capsys
+    tmp_path, demo_dir, v2_weights, capsys, monkeypatch
 ):
     common = ["--weights", str(v2_weights), "--set", "backbones=[V2T0]", "--set", "epochs=2"]
     cached = [
@@ -209,3 +209,29 @@ def test_v2_searches_on_cached_features_and_activations_and_exports(
         export_best.probabilities(model, pixels),
         atol=1e-5,
     )
+
+    # Without their checkpoints, the fine-tune's model is retrained from its lineage: the
+    # parent's head, then its own epochs from where the search started them. With only the
+    # parent's checkpoint kept, that is loaded and only the fine-tune trains.
+    from tuner import hypermodel
+
+    fits = []
+    real_fit = hypermodel.EffNetHyperModel.fit
+
+    def spied(self, hp, model, *args, **kwargs):
+        fits.append((hp.values.get("tuner/stage"), kwargs.get("initial_epoch", 0)))
+        return real_fit(self, hp, model, *args, **kwargs)
+
+    monkeypatch.setattr(hypermodel.EffNetHyperModel, "fit", spied)
+    saved = {
+        t: folder / "keras_tuner" / f"trial_{t}" / "checkpoint.trained.npz" for t in trials.trial_id
+    }
+    kept = saved[trials.trial_id[0]].read_bytes()
+    for path in saved.values():
+        path.unlink()
+    _, how = export_best.trial_model(folder, fine, config)
+    assert how.startswith("retrained") and fits == [("frozen", 0), ("fine-tune", 0)]
+    fits.clear()
+    saved[trials.trial_id[0]].write_bytes(kept)
+    export_best.trial_model(folder, fine, config)
+    assert fits == [("fine-tune", 0)]

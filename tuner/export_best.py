@@ -127,8 +127,10 @@ def trial_model(folder: Path, row: pd.Series, config: dict[str, Any]):
     if weights is not None:
         checkpoint.load(model, weights)
         return model, f"rebuilt it with its best-epoch weights {weights}"
-    epochs = int(row["hyperband_epochs"]) if pd.notna(row.get("hyperband_epochs")) else None
-    maker.fit(hp, model, epochs=epochs or maker.space.epochs)
+    # A continued trial (a fine-tune, a promotion) is retrained from its lineage, as the
+    # search ran it: each ancestor from its own checkpoint where it is kept, else retrained.
+    _, trials = load_search(folder)
+    model, _ = replay(maker, lineage(folder, row, trials), folder, refit=False)
     return model, "retrained it from its hyperparameters (its checkpoint was not kept)"
 
 
@@ -183,7 +185,7 @@ def lineage(folder: Path, row: pd.Series, trials: pd.DataFrame) -> list[tuple[pd
         if found.empty:
             raise InputError(
                 f"trial {current['trial_id']} continued trial {parent}, which "
-                f"{folder / 'trials.csv'} does not hold: cannot refit it"
+                f"{folder / 'trials.csv'} does not hold: cannot replay its lineage"
             )
         current = found.iloc[0]
 
@@ -197,7 +199,6 @@ def refit(folder: Path, row: pd.Series, trials: pd.DataFrame, config: dict[str, 
     linear head is fitted exactly again. The validation rows stay the hypermodel's validation
     split only because its code paths score one; nothing is chosen on them. Test rows never
     reach it (:class:`~tuner.hypermodel.SplitData` refuses them)."""
-    import tempfile
     import time
 
     from tuner.budget import format_seconds
@@ -209,28 +210,7 @@ def refit(folder: Path, row: pd.Series, trials: pd.DataFrame, config: dict[str, 
     )
     maker = search_hypermodel(folder, config, both, classes)
     started = time.monotonic()
-    steps = []
-    with tempfile.TemporaryDirectory() as tmp:
-        previous = None
-        for link, hp in chain:
-            maker.batch_override = int(link["batch_size"])
-            model = maker.build(hp)
-            if previous is not None:
-                model.load_weights(previous)
-            initial = int(hp.values.get("tuner/initial_epoch", 0))
-            epochs = hp.values.get("tuner/epochs")
-            maker.stop_after = initial + int(link["best_epoch"])
-            maker.fit(hp, model, epochs=int(epochs) if epochs else None, initial_epoch=initial)
-            steps.append(
-                {
-                    "trial_id": str(link["trial_id"]),
-                    "stage": maker.last_fit["plan"].stage or maker.last_fit["plan"].mode,
-                    "solver": maker.last_fit["plan"].solver,
-                    "epochs": int(maker.last_fit["epochs_run"]),
-                }
-            )
-            previous = Path(tmp) / f"{link['trial_id']}.weights.h5"
-            model.save_weights(previous)
+    model, steps = replay(maker, chain, folder, refit=True)
     facts = {
         "train_rows": len(maker.data.train),
         "trials": steps,
@@ -241,6 +221,46 @@ def refit(folder: Path, row: pd.Series, trials: pd.DataFrame, config: dict[str, 
         f"(train + validation) in {format_seconds(facts['seconds'])}"
     )
     return model, facts
+
+
+def replay(maker, chain: list, folder: Path, refit: bool):
+    """(the last model, its steps): a :func:`lineage` trained again link by link, each from
+    the weights the link before it ended with, with its own values, epochs, initial epoch and
+    batch. ``refit``: each link stops at the epoch its trial found best and keeps it (its
+    validation rows are training rows); else each trains as in the search, keeping its best
+    epoch, and a link whose checkpoint is kept is loaded instead of trained."""
+    import tempfile
+
+    from tuner import checkpoint
+
+    steps = []
+    with tempfile.TemporaryDirectory() as tmp:
+        previous = None
+        for link, hp in chain:
+            maker.batch_override = int(link["batch_size"])
+            model = maker.build(hp)
+            kept = checkpoint.find(folder / "keras_tuner" / f"trial_{link['trial_id']}")
+            if not refit and kept is not None:
+                checkpoint.load(model, kept)
+            else:
+                if previous is not None:
+                    model.load_weights(previous)
+                initial = int(hp.values.get("tuner/initial_epoch", 0))
+                epochs = hp.values.get("tuner/epochs")
+                maker.stop_after = initial + int(link["best_epoch"]) if refit else None
+                epochs = int(epochs) if epochs else None
+                maker.fit(hp, model, epochs=epochs, initial_epoch=initial)
+                steps.append(
+                    {
+                        "trial_id": str(link["trial_id"]),
+                        "stage": maker.last_fit["plan"].stage or maker.last_fit["plan"].mode,
+                        "solver": maker.last_fit["plan"].solver,
+                        "epochs": int(maker.last_fit["epochs_run"]),
+                    }
+                )
+            previous = Path(tmp) / f"{link['trial_id']}.weights.h5"
+            model.save_weights(previous)
+    return model, steps
 
 
 def split_table(config: dict[str, Any], types: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
