@@ -78,3 +78,52 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, demo_dir, pretrain
     assert "cache plan" in out and "features T0 32px" in out
     folder = tmp_path / "results" / "dry"
     assert not (folder / "trials.csv").exists() and not (folder / "keras_tuner").exists()
+
+
+def test_bench_quality_rewrites_its_split_for_other_ranges_and_says_when_time_was_unequal(
+    tmp_path, capsys
+):
+    import argparse
+
+    from tests.conftest import random_rgb, save_image
+    from tuner import bench_quality
+
+    for i in range(64):  # keys 0, 4, ..., 252: both classes in every range
+        save_image(tmp_path / "data" / f"c{i % 2}" / f"{4 * i:02x}.png", random_rgb(8, 8, i), "PNG")
+    args = argparse.Namespace(
+        data=str(tmp_path / "data"), images=None, test_range="0-24", validation_range="25-49"
+    )
+    split_file, _ = bench_quality.split_data(args, tmp_path / "q")
+    first = split_file.read_text()
+    args.test_range, args.validation_range = "0-127", "128-191"
+    assert bench_quality.split_data(args, tmp_path / "q")[0].read_text() != first
+    assert "split: test buckets 0-127, validation buckets 128-191" in capsys.readouterr().out
+
+    report = {
+        "difference": 0.1234,
+        "search": {"wall_seconds": 900.0},
+        "recipe": {"train_seconds": 600.0},
+        "equal_wall_clock": False,
+    }
+    line = bench_quality.quality_line(report)
+    assert line.startswith("quality: +0.123 test accuracy (the search took 15m00s against")
+    assert "at equal wall clock" not in line and "not equal wall clock" in line
+    report["equal_wall_clock"] = True
+    assert bench_quality.quality_line(report) == "quality: +0.123 test accuracy at equal wall clock"
+
+
+def test_the_recipe_feeds_its_backbone_the_range_it_takes():
+    import dataclasses
+
+    import numpy as np
+
+    from tuner import backbones, bench_quality
+
+    t0 = backbones.get("T0")
+    as_hub = dataclasses.replace(t0, input_scale=1 / 255)  # a TF-Hub module takes 0..1
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    scaled = bench_quality.recipe_model(as_hub, 32, None, 3)
+    assert scaled.get_layer("input_scale").scale == pytest.approx(1 / 255)
+    plain = bench_quality.recipe_model(t0, 32, None, 3)
+    assert "input_scale" not in [layer.name for layer in plain.layers]
+    assert scaled.predict(pixels, verbose=0).shape == (2, 3)
