@@ -13,9 +13,15 @@
 3. ``python -m tuner.search`` on the same split with ``--budget T`` (default space: the
    transfer algorithm), then ``python -m tuner.export_best`` (knee rule), which evaluates
    the chosen model once on the test split;
-4. both test accuracies, times and the difference, ending with
-   ``quality: +X.XXX test accuracy at equal wall clock``; everything is also written to
+4. both test accuracies, times, the split's bucket ranges and the difference, ending with
+   ``quality: +X.XXX test accuracy at equal wall clock`` (only when it was: with an explicit
+   ``--budget``, or a search that overran the recipe's time by more than 10%, the line gives
+   both times instead); everything is also written to
    ``results/<name>-quality/bench_quality.json``.
+
+The split is written again when a later run asks for other ranges (``split_ranges.json``
+records them), and so the recipe runs again on it. A ``hub:`` recipe backbone gets its
+input scale (0..1), as the seeds' TF-Hub recipe rescaled by 1/255.
 
 The recipe's run is kept in ``recipe.json`` and reused by a later run on the same split and
 weights (to compare search settings against one baseline); delete it to run it again.
