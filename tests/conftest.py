@@ -129,23 +129,14 @@ def _train_t0(folder: Path, demo_dir: Path) -> None:
 
 def rebuilt_val_accuracy(folder: Path, trial_id: str) -> tuple[float, str]:
     """(validation accuracy, how it was obtained) of a trial's model as export assembles it
-    from the results folder (its best-epoch checkpoint onto a freshly built model).
-
-    A frozen trial is scored as the search scored it: its head on the backbone's features
-    rounded to float16 (the feature cache's type), so the figure is its row's to the image."""
-    from tuner import export_best, features
+    from the results folder (its best-epoch checkpoint onto a freshly built model), on the
+    validation pixels: what the shipped model scores."""
+    from tuner import export_best
 
     config, table = export_best.load_search(folder)
     row = table[table.trial_id.astype(str) == str(trial_id)].iloc[0]
     model, source = export_best.trial_model(folder, row, config)
     maker, _ = export_best.trial_hypermodel(folder, row, config)
     pixels, _ = maker.data.pixels("validation", int(row["image_size"]))
-    pixels = np.asarray(pixels, dtype="float32")
-    frozen = not str(config["weights"]).startswith("none") and not row["finetune_fraction"]
-    if frozen:
-        cached = features.extractor(model).predict(pixels, verbose=0).astype("float16")
-        probs = model.get_layer("head").predict(cached.astype("float32"), verbose=0)
-    else:
-        probs = model.predict(pixels, verbose=0)
-    predicted = probs.argmax(axis=1)
-    return float((predicted == maker.data.labels("validation")).mean()), source
+    probs = model.predict(np.asarray(pixels, dtype="float32"), verbose=0)
+    return float((probs.argmax(axis=1) == maker.data.labels("validation")).mean()), source

@@ -99,7 +99,7 @@ def test_corrupt_feature_cache_is_detected_and_rebuilt(tmp_path):
 
     pixels = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
     target = tmp_path / "features" / "train.npy"
-    entry = features.Pass(target, 2, (4,), np.float16, forward, batch=4)
+    entry = features.Pass(target, 2, (4,), features.DTYPE, forward, batch=4)
 
     def cached() -> np.ndarray:
         features.run_passes({2: pixels}, 10, [entry])

@@ -139,10 +139,10 @@ class Entry:
 
 def plan_entries(sets: list[tuple[str, int, int]], rows: int) -> list[Entry]:
     """What a search's frozen stage will cache: each planned feature set's pooled features
-    (``(backbone, size, features)``: float16, train + validation). The first is required:
+    (``(backbone, size, features)``: float32, train + validation). The first is required:
     without it nothing trains."""
     return [
-        Entry(f"features {backbone} {size}px", rows * dims * 2, position == 0)
+        Entry(f"features {backbone} {size}px", rows * dims * 4, position == 0)
         for position, (backbone, size, dims) in enumerate(sets)
     ]
 

@@ -79,7 +79,7 @@ STAGES = ("frozen", "fine-tune")  # of transfer trials; other algorithms' trials
 # call (the same updates, callbacks see every 16th batch).
 CACHED_STEPS_PER_EXECUTION = 16
 # Augmented views of the activations at a fine-tune's cut are cached up to this size on disk
-# (float16, every view of the train split); beyond it the fine-tune augments end to end.
+# (float32, every view of the train split); beyond it the fine-tune augments end to end.
 VIEW_CACHE_MAX_BYTES = 8 * 1024**3
 
 
@@ -462,7 +462,7 @@ class EffNetHyperModel(kt.HyperModel):
         the train split, and validation) are cached or fit: augmented views within
         ``VIEW_CACHE_MAX_BYTES``, and what is missing within the cache budget."""
         bottom, top, cut = features.split_backbone(model, count)
-        per_image = math.prod(int(d) for d in top.input_shape[1:]) * 2
+        per_image = math.prod(int(d) for d in top.input_shape[1:]) * features.DTYPE().itemsize
         views_bytes = len(self.data.train) * plan.augment_views * per_image
         if plan.augment_views > 1 and views_bytes > VIEW_CACHE_MAX_BYTES:
             return False
@@ -590,7 +590,8 @@ class EffNetHyperModel(kt.HyperModel):
             else None
         )
         what = f"{split} {cut} outputs of {plan.backbone} {size}px"
-        if not self._room(rows * 2 * _entry_size(make_net()), what, self._pixels_of(size)):
+        nbytes = rows * features.DTYPE().itemsize * _entry_size(make_net())
+        if not self._room(nbytes, what, self._pixels_of(size)):
             raise kt.errors.FailedTrialError(
                 f"the cache budget ({disk.format_bytes(self.disk.limit)}) cannot hold the {what}"
                 f" even after evicting older entries: raise --cache-budget"
