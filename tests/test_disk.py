@@ -49,7 +49,7 @@ def test_under_a_tight_budget_a_fine_tune_evicts_then_falls_back_to_end_to_end(
         space.load(None, values), demo_data(demo_dir, tmp_path), str(pretrained_t0)
     )
     cache = Path(maker.data.cache_dir)
-    maker.disk = disk.Budget(cache, int(1.2e6))
+    maker.disk = disk.Budget(cache, int(2.3e6))
     maker.planned = [("T0", 32)]
     hp = kt.HyperParameters()
     hp.values["tuner/stage"] = "frozen"
@@ -87,7 +87,7 @@ def test_a_budget_too_small_or_an_unwritable_cache_dir_is_one_line_before_any_tr
     assert run_search(tmp_path, demo_dir, "small", *common, "--cache-budget", "100KB") == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--cache-budget 100.0 KB is too small" in err, err
-    assert "the smallest workable budget is 1.1 MB" in err
+    assert "the smallest workable budget is 2.2 MB" in err
     assert not (tmp_path / "results" / "small" / "trials.csv").exists()
 
     blocked = tmp_path / "a-file"
