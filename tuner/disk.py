@@ -71,14 +71,18 @@ class Budget:
                         total += os.stat(os.path.join(root, name)).st_size
         return total
 
-    def admit(self, nbytes: int, keep: frozenset[Path] = frozenset(), evict: bool = True):
+    def room(self) -> int:
+        """Bytes the folder may still take without evicting anything."""
+        return self.limit - self.used()
+
+    def admit(self, nbytes: int, keep: frozenset[Path] = frozenset()):
         """(whether ``nbytes`` more fit, the entries evicted to make room: (path, bytes)).
         Eviction takes the least recently read entries first (a hit touches its file), never
         those in ``keep`` nor one another process is building."""
-        room = self.limit - self.used()
+        room = self.room()
         evicted: list[tuple[Path, int]] = []
-        if nbytes <= room or not evict:
-            return nbytes <= room, evicted
+        if nbytes <= room:
+            return True, evicted
         for path in self._entries_by_last_use():
             if room >= nbytes:
                 break

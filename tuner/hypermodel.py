@@ -637,7 +637,7 @@ class EffNetHyperModel(kt.HyperModel):
         the activations at the cuts of :attr:`cut_fractions`, those not cached yet and
         fitting in the budget's free room (nothing is evicted for them)."""
         rows = len(self.data.rows(split))
-        passes, room = [], self.disk.limit - self.disk.used() if self.disk else math.inf
+        passes, room = [], self.disk.room() if self.disk else math.inf
         # The one asked for first: its features must be computed (their room is reserved).
         for backbone, size in sorted(self.planned, key=lambda pair: pair != current):
             entry = backbones.get(backbone)
