@@ -32,47 +32,39 @@ def test_bench_prints_one_line_per_measure(capsys):
     assert all(line.endswith("x") and float(line.split(": ")[1][:-1]) > 0 for line in last)
 
 
-def test_bench_quality_compares_the_recipe_and_the_search_on_one_test_split(
+def test_bench_quality_compares_every_baseline_with_the_search_on_each_fold(
     tmp_path, demo_dir, pretrained_t0, capsys
 ):
-    argv = [
-        "--data",
-        str(demo_dir / "label.csv"),
-        "--weights",
-        str(pretrained_t0),
-        "--results",
-        str(tmp_path),
-        "--name",
-        "digits",
-        "--set",
-        "backbones=[T0]",
-        "--set",
-        "head_trials=2",
-        "--set",
-        "finetune_fraction=0.0",
-        "--recipe-backbone",
-        "T0",
-        "--recipe-size",
-        "32",
-        "--recipe-epochs",
-        "2",
-        "--budget",
-        "30s",
+    argv = ["--data", str(demo_dir / "label.csv"), "--weights", str(pretrained_t0)]
+    argv += ["--results", str(tmp_path), "--name", "digits", "--set", "backbones=[T0]"]
+    argv += ["--set", "head_trials=2", "--set", "finetune_fraction=0.0", "--folds", "2"]
+    argv += ["--recipe-backbone", "T0", "--image-size", "32", "--recipe-epochs", "2"]
+    argv += ["--example-epochs", "1,1", "--budget", "30s"]
+    assert bench_quality.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[-3:]] == [
+        "quality vs seed",
+        "quality vs keras-example",
+        "quality vs hyperband",
     ]
-    assert bench_quality.main(argv) == 0
-    out = capsys.readouterr().out
-    assert out.splitlines()[-1].startswith("quality: ")
     report = json.loads((tmp_path / "digits-quality" / "bench_quality.json").read_text())
-    recipe, found = report["recipe"], report["search"]
-    assert recipe["test"]["count"] == found["test"]["count"] == 110  # one split, one test set
-    assert report["difference"] == found["test"]["accuracy"] - recipe["test"]["accuracy"]
-    # An explicit --budget is not the recipe's time: the line says so.
-    assert out.splitlines()[-1] == bench_quality.quality_line(report)
-    assert not report["equal_wall_clock"] and "not equal wall clock" in out.splitlines()[-1]
-    # A second run reuses the recipe's run (same split and weights).
-    shutil.rmtree(tmp_path / "digits-quality" / "search")
+    first, second = report["folds"]
+    assert first["split_ranges"] == {"test": "0-24", "validation": "25-49"}
+    assert second["split_ranges"] == {"test": "25-49", "validation": "50-74"}
+    for fold in report["folds"]:  # one test split a fold, for every method
+        counts = {m["test"]["count"] for m in [*fold["methods"].values(), *fold["ours"].values()]}
+        assert len(counts) == 1
+        ours = fold["ours"]["30s"]["test"]["accuracy"]
+        for name, row in fold["comparisons"].items():
+            assert row["difference"] == ours - fold["methods"][name]["test"]["accuracy"]
+    # An explicit --budget is not the recipes' time: the lines say so.
+    assert report["summary"]["seed"]["folds"] == 2
+    assert lines[-3] == bench_quality.quality_line("seed", report["summary"]["seed"])
+    assert "not equal wall clock" in lines[-3]
+    # A second run reuses every method's run (same split, weights and settings).
+    shutil.rmtree(tmp_path / "digits-quality" / "fold1" / "hyperband")
     assert bench_quality.main(argv) == 0
-    assert "reusing its run" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("reusing its run") == 8
 
 
 def test_bench_scale_measures_each_n_and_ends_with_its_scale_line(tmp_path, capsys):
