@@ -74,6 +74,7 @@ def test_export_writes_best_and_every_form_predicts_the_same(
         "model.keras",
         "model.tflite",
         "model_card.md",
+        "pareto.png",
         "saved_model",
     ]
     record = json.loads((best / "metrics.json").read_text())
@@ -118,6 +119,9 @@ def test_export_writes_best_and_every_form_predicts_the_same(
     card = (best / "model_card.md").read_text()
     assert f"trial {record['trial_id']}" in card and "## Why this trial" in card
     assert "**chosen**" in card and "serving_default" in card
+    # A frozen trial's phase-2 factor did nothing: marked, in the card and its record.
+    assert "| finetune_lr_factor | - |" in card
+    assert record["hyperparameters"]["finetune_lr_factor"] == "-"
 
     # The exported model was logged as a W&B artifact on the search's run.
     search_runs = [r for r in read_runs(folder / "wandb") if r.job_type == "search"]
@@ -418,3 +422,34 @@ def test_a_retrain_or_refit_trains_as_its_search_did_with_the_feature_cache_off(
         config = {"space": {"backbones": ["T0"]}, "weights": "none", "feature_cache": cached}
         maker = export_best.search_hypermodel(tmp_path, config, data.train, data.classes)
         assert maker.feature_cache is cached
+
+
+def test_the_card_marks_what_a_trial_did_not_use():
+    """An exact linear head takes no rate, dropout or epochs; a frozen trial no phase-2
+    factor; one view without augmentation is no choice. trials.csv keeps the epochs that
+    ran (the cost model reads them): the card marks them."""
+    from tuner import card
+    from tuner.hypermodel import TrialPlan
+
+    common = dict(backbone="B0", image_size=224, batch_size=64, head_width=0, dropout=0.2)
+    common.update(learning_rate=1e-3, class_weight="none", pretrained=True)
+    exact = TrialPlan(**common, finetune_fraction=0.0, finetune_lr_factor=0.1, solver="exact")
+    assert set(exact.unused()) == {
+        "dropout",
+        "learning_rate",
+        "epochs",
+        "finetune_lr_factor",
+        "augment_views",
+    }
+    tuned = TrialPlan(**common, finetune_fraction=0.2, finetune_lr_factor=0.1, augment="flip")
+    assert tuned.unused() == ()
+    scratch = TrialPlan(
+        **{**common, "pretrained": False}, finetune_fraction=0.2, finetune_lr_factor=0.1
+    )
+    assert {"finetune_fraction", "finetune_lr_factor"} <= set(scratch.unused())
+
+    row = pd.Series({"solver": "exact", "epochs": 1, "learning_rate": "-", "head_width": 0})
+    expected = {"head_width": 0, "learning_rate": "-", "solver": "exact", "epochs": "-"}
+    assert card.hyperparameters(row) == expected
+    row["solver"] = "adam"
+    assert card.hyperparameters(row)["epochs"] == 1

@@ -82,3 +82,37 @@ def test_prune_keeps_models_on_either_front_only(tmp_path: Path) -> None:
     assert results.prune_checkpoints() == ["b"]
     kept = sorted(p.parent.name for p in tmp_path.glob("trials/*/model.keras"))
     assert kept == ["a", "c", "d"]
+
+
+def test_pareto_png_rings_the_front_bars_the_spread_and_stars_the_export() -> None:
+    """A front of one point is still seen (ringed); each latency's spread is drawn; the
+    exported trial is starred."""
+    import matplotlib.pyplot as plt
+
+    from tuner.results import pareto_figure
+
+    done = pd.DataFrame(
+        {
+            "trial_id": ["000", "001", "002"],
+            "backbone": ["B0", "B0", "B1"],
+            "val_accuracy": [0.9, 0.8, 0.7],
+            "latency_ms": [1.0, 1.05, 2.0],
+            "latency_spread_ms": [0.2, 0.2, 0.3],
+        }
+    )
+    fig = pareto_figure(done, exported="001")
+    ax = fig.axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert sorted(labels) == sorted(
+        ["latency spread (IQR)", "B0", "B1", "Pareto front", "exported: trial 001"]
+    )
+    handles = dict(zip(labels, ax.get_legend_handles_labels()[0], strict=True))
+    ring = handles["Pareto front"]
+    assert ring.get_offsets().tolist() == [[1.0, 0.9]]  # 001 ties 000 on latency: off it
+    assert ring.get_facecolors().size == 0 or ring.get_facecolors()[0][3] == 0  # hollow
+    assert handles["exported: trial 001"].get_offsets().tolist() == [[1.05, 0.8]]
+    bars = handles["latency spread (IQR)"]
+    segments = bars.lines[2][0].get_segments()
+    ends = np.array([s[:, 0] for s in segments])
+    np.testing.assert_allclose(ends, [[0.9, 1.1], [0.95, 1.15], [1.85, 2.15]])
+    plt.close(fig)

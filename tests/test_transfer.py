@@ -88,14 +88,19 @@ def test_transfer_search_runs_its_stages_in_order_and_resumes(
     assert (frozen.solver == np.where(frozen.head_width == 0, "exact", "adam")).all()
     assert list(frozen.head_width[:2]) == [0, 0] and (frozen.head_width[2:] == 16).all()
     assert (frozen.epochs[frozen.solver == "exact"] == 1).all()
-    assert (frozen.finetune_fraction == 0).all()
+    assert (frozen.finetune_fraction.astype(float) == 0).all()
+    # What did nothing is marked: an exact head's rate and dropout, a frozen trial's factor.
+    exact = frozen[frozen.solver == "exact"]
+    assert (exact.learning_rate == "-").all() and (exact.dropout == "-").all()
+    assert (frozen.finetune_lr_factor == "-").all() and (table.augment_views == "-").all()
+    assert (frozen.learning_rate[frozen.solver == "adam"] != "-").all()
     # Fine-tunes start from a frozen trial's checkpoint; a promotion continues a fine-tune.
     assert len(fine) >= 2, out
     first_rung = fine[fine.hyperband_epochs == 1]
     assert len(first_rung) >= 1
     assert set(first_rung.resumed_from) <= set(frozen.trial_id)
-    assert set(first_rung.finetune_fraction) == {0.2}
-    assert set(first_rung.finetune_lr_factor) <= {0.1, 0.01}
+    assert set(first_rung.finetune_fraction.astype(float)) == {0.2}
+    assert set(first_rung.finetune_lr_factor.astype(float)) <= {0.1, 0.01}
     promoted = fine[fine.hyperband_epochs == 3]
     assert set(promoted.resumed_from) <= set(first_rung.trial_id)
     assert (promoted.epochs == 2).all()

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from tuner.choose import Choice
-from tuner.results import HYPERPARAMETER_COLUMNS
+from tuner.results import HYPERPARAMETER_COLUMNS, UNUSED, plain_value
 
 HYPERPARAMETERS = [*HYPERPARAMETER_COLUMNS, "epochs", "unfrozen_blocks", "augment_path"]
+
+
+def hyperparameters(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A trials.csv row's hyperparameters as the card lists them: those that did nothing
+    are marked ``-`` (trials.csv marks them, but keeps the epochs an exact linear head ran,
+    one solve, which the cost model reads)."""
+    values = {k: plain_value(row[k]) for k in HYPERPARAMETERS if k in row}
+    if row.get("solver") == "exact" and "epochs" in values:
+        values["epochs"] = UNUSED
+    return values
 
 
 def _value(value: Any) -> str:

@@ -18,7 +18,9 @@
    ``serving_default`` signature takes raw ``uint8`` RGB images of any size (resizing and
    preprocessing inside) and returns class probabilities; ``model.tflite`` with
    ``--tflite`` (checked against Keras on the test images); ``labels.txt``; ``metrics.json``;
-   ``model_card.md``. The folder is written beside and renamed into place at the end.
+   ``model_card.md``; ``pareto.png`` with the exported trial starred (the search's own
+   ``pareto.png`` is redrawn so too). The folder is written beside and renamed into place
+   at the end.
    A trial trained in mixed precision (the GPU default) is exported in float32: the same
    weights, every layer float32, checked against the trial's own outputs on the validation
    images (nothing before the one test evaluation reads test)
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,9 +48,9 @@ import pandas as pd
 import yaml
 
 from data_tools.errors import InputError, run_cli
+from tuner import results as results_mod
 from tuner.card import refit_step
 from tuner.choose import MNAS_WEIGHT, RULES, Choice, choose
-from tuner.results import plain_value
 
 FLOAT_TOLERANCE = 1e-4  # Keras vs SavedModel vs TFLite probabilities (float32 arithmetic)
 # A mixed-precision trial against its float32 export: float16 activations carry ~3 digits,
@@ -529,7 +532,7 @@ def export(args: argparse.Namespace) -> Path:
             "backbone": row["backbone"],
             "image_size": size,
             "classes": list(config["classes"]),
-            "hyperparameters": {k: plain_value(row[k]) for k in card.HYPERPARAMETERS if k in row},
+            "hyperparameters": card.hyperparameters(row),
             "validation": {"accuracy": float(row["val_accuracy"]), "loss": float(row["val_loss"])},
             "test": metrics,
             "latency_ms": latency_ms,
@@ -558,6 +561,11 @@ def export(args: argparse.Namespace) -> Path:
                 )
         (tmp / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
         (tmp / "model_card.md").write_text(card.model_card(record, config, choice, column))
+        finished = trials[trials["status"].isin(results_mod.FINISHED)]
+        results_mod.plot_pareto(finished, tmp / "pareto.png", exported=choice.trial_id)
+    # The search's own plot gets the star too: the trial this export shipped.
+    with atomic_path(folder / "pareto.png") as tmp:
+        shutil.copyfile(out / "pareto.png", tmp)
     which = "" if refit_facts is None else ", the refit model (exported)"
     console.print(
         f"test{which}: {test_line(metrics)}; {latency_ms:.2f} ms/image on {device_name()}"

@@ -115,6 +115,22 @@ class TrialPlan:
             return "whole-network"
         return "fine-tuned" if self.fine_tunes else "frozen"
 
+    def unused(self) -> tuple[str, ...]:
+        """The hyperparameters that did nothing in this trial, which trials.csv, W&B and
+        the model card mark :data:`UNUSED`: an exact linear head takes no learning rate,
+        dropout or epochs; a trial that does not fine-tune has no phase-2 rate factor (and a
+        random-init one no fraction: it trains everything); views need augmentation."""
+        names = []
+        if self.solver == "exact":
+            names += ["dropout", "learning_rate", "epochs"]
+        if not self.pretrained:
+            names.append("finetune_fraction")
+        if not self.fine_tunes:
+            names.append("finetune_lr_factor")
+        if not augment_mod.is_on(self.augment):
+            names.append("augment_views")
+        return tuple(names)
+
 
 class SplitData:
     """Train and validation rows of the normalised table, served as tf.data per size.

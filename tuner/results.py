@@ -18,6 +18,9 @@ from filelock import FileLock
 
 from data_tools.atomic import atomic_path, write_text
 
+# How trials.csv, W&B configs and model cards show a hyperparameter that did nothing in a
+# trial (hypermodel.TrialPlan.unused).
+UNUSED = "-"
 # trials.csv columns, in order (results/README.md explains each).
 # The hyperparameters of a trial, as trials.csv, W&B and the model card name them.
 HYPERPARAMETER_COLUMNS = [
@@ -118,16 +121,22 @@ class Results:
         return FileLock(str(self.trials_csv) + ".lock")
 
     def history(
-        self, backbone: str, image_size: int, finetune_fraction: float = 0.0
+        self, backbone: str, image_size: int, finetune_fraction: float | str = 0.0
     ) -> list[tuple[float, int]]:
         """(train seconds, epochs) of finished trials of this backbone, size and fine-tune
-        fraction."""
+        fraction (``"-"``: random-init trials, which train everything)."""
         table = self.rows()
+        fractions = table["finetune_fraction"].astype(str)
+        wanted = (
+            fractions == "-"
+            if finetune_fraction == "-"
+            else (pd.to_numeric(fractions, errors="coerce").fillna(0.0) == float(finetune_fraction))
+        )
         done = table[
             table["status"].isin(FINISHED)
             & (table["backbone"] == backbone)
             & (table["image_size"] == image_size)
-            & (table["finetune_fraction"].astype(float).fillna(0.0) == float(finetune_fraction))
+            & wanted
         ]
         return list(
             zip(done["train_seconds"].astype(float), done["epochs"].astype(int), strict=True)
@@ -272,30 +281,72 @@ def _duration(seconds: Any) -> str:
     return format_seconds(float(seconds))
 
 
-def plot_pareto(done: pd.DataFrame, path: Path) -> None:
-    """Val accuracy against latency, one colour per backbone, the Pareto front drawn."""
+def plot_pareto(done: pd.DataFrame, path: Path, exported: str | None = None) -> None:
+    """pareto.png: :func:`pareto_figure` of the finished trials, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(done, exported)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def pareto_figure(done: pd.DataFrame, exported: str | None = None):
+    """Val accuracy against latency, one colour per backbone; each latency's measured
+    spread (interquartile range) as a horizontal bar; the Pareto front's points ringed and
+    joined (a front of one point is still seen); the ``exported`` trial starred."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    latency = done["latency_ms"].astype(float)
+    accuracy = done["val_accuracy"].astype(float)
+    if "latency_spread_ms" in done:
+        spread = pd.to_numeric(done["latency_spread_ms"], errors="coerce").fillna(0.0)
+        if (spread > 0).any():
+            ax.errorbar(
+                latency,
+                accuracy,
+                xerr=spread / 2,
+                fmt="none",
+                ecolor="grey",
+                elinewidth=1,
+                capsize=2,
+                label="latency spread (IQR)",
+            )
     for backbone, group in done.groupby("backbone"):
         ax.scatter(group["latency_ms"], group["val_accuracy"], label=backbone, alpha=0.8)
     front = done[latency_front(done)].sort_values("latency_ms")
-    ax.step(
+    ax.step(front["latency_ms"], front["val_accuracy"], where="post", color="black", linewidth=1)
+    ax.scatter(
         front["latency_ms"],
         front["val_accuracy"],
-        where="post",
-        color="black",
-        linewidth=1,
+        s=160,
+        facecolors="none",
+        edgecolors="black",
+        linewidths=1.2,
         label="Pareto front",
     )
+    chosen = done[done["trial_id"].astype(str) == str(exported)] if exported else done.iloc[:0]
+    if not chosen.empty:
+        ax.scatter(
+            chosen["latency_ms"],
+            chosen["val_accuracy"],
+            marker="*",
+            s=320,
+            color="gold",
+            edgecolors="black",
+            zorder=5,
+            label=f"exported: trial {exported}",
+        )
     ax.set_xlabel("inference latency, ms per image (batch 1)")
     ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    return fig

@@ -38,7 +38,7 @@ from rich.console import Console
 from tuner import budget as budget_mod
 from tuner import checkpoint
 from tuner.hypermodel import TrialPlan, best_epoch
-from tuner.results import Results
+from tuner.results import UNUSED, Results
 from tuner.wandb_log import WandbLogger
 
 # Keras Tuner ships with DEBUG on, which prints every failed trial's traceback mid-search;
@@ -200,7 +200,7 @@ class TrialRunner:
             "split_counts": facts.get("split_counts"),
             "space_file": facts.get("space_file"),
             "search": facts.get("name"),
-        }
+        } | {name: UNUSED for name in plan.unused()}
 
     def _try_run_and_update_trial(self, trial, *args, **kwargs):
         super()._try_run_and_update_trial(trial, *args, **kwargs)
@@ -331,6 +331,8 @@ class TrialRunner:
             **values,
         }
         row.pop("pretrained", None)
+        # trials.csv's epochs is what ran (the cost model reads it); the card marks it.
+        row.update({k: UNUSED for k in plan.unused() if k in row and k != "epochs"})
         return row
 
     def _announce(self, trial, plan: TrialPlan, epochs: int, estimate: float | None) -> None:
@@ -423,7 +425,8 @@ def trial_estimate(
     what the other never does)."""
     if "tuner/estimate_s" in hp.values:
         return float(hp.values["tuner/estimate_s"])
-    history = ctx.results.history(plan.backbone, plan.image_size, plan.finetune_fraction)
+    fraction = plan.finetune_fraction if plan.pretrained else UNUSED  # all of it trains
+    history = ctx.results.history(plan.backbone, plan.image_size, fraction)
     return budget_mod.estimate_seconds(history, epochs)
 
 
