@@ -453,3 +453,113 @@ def test_the_card_marks_what_a_trial_did_not_use():
     assert card.hyperparameters(row) == expected
     row["solver"] = "adam"
     assert card.hyperparameters(row)["epochs"] == 1
+
+
+@ON_SEARCHED
+def test_quantize_measures_every_variant_of_the_front_and_can_ship_one(searched, tmp_path, capsys):
+    """--quantize: four LiteRT variants of each front trial in deployables.csv, measured
+    with the interpreter on validation; the fastest rule then ships a deployable, evaluated
+    once on test with the interpreter, with its float model beside it for serving."""
+    from tuner import quantize
+    from tuner.results import pareto_flags
+
+    folder = fresh_copy(searched, tmp_path)
+    argv = ["--results", str(folder), "--quantize", "--calibration-images", "40"]
+    assert run_cli(export_best.main, [*argv, "--rule", "fastest", "--wandb-mode", "offline"]) == 0
+    printed = capsys.readouterr().out
+    trials = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str})
+    front = trials.trial_id[pareto_flags(trials)]
+    table = quantize.read_table(folder / "deployables.csv")
+    assert list(table.columns) == quantize.COLUMNS
+    assert sorted(zip(table.trial_id, table.variant, strict=True)) == sorted(
+        (t, v) for t in front for v in quantize.VARIANTS
+    )
+    assert (table.status == "completed").all(), table.reason
+    assert (table.calibration_images == np.where(table.variant == "int8", 40, 0)).all()
+    assert table.val_accuracy.between(0, 1).all() and (table.latency_ms > 0).all()
+    # The float32 variant computes what the Keras model computes: the same val accuracy.
+    same = table[table.variant == "float32"]
+    assert (same.val_accuracy - same.float_val_accuracy).abs().max() < 1e-6  # float32 logs
+    for row in table.itertuples():
+        path = folder / quantize.FOLDER / f"{row.trial_id}-{row.variant}.tflite"
+        assert path.stat().st_size == row.file_bytes
+    assert "## Deployable variants" in (folder / "leaderboard.md").read_text()
+
+    record = json.loads((folder / "best" / "metrics.json").read_text())
+    trial_id, variant = quantize.split_id(record["trial_id"])
+    assert variant in quantize.VARIANTS, printed  # LiteRT's batch-1 latency beats Keras'
+    chosen = table[(table.trial_id == trial_id) & (table.variant == variant)].iloc[0]
+    assert record["deployable"]["variant"] == variant
+    assert record["latency_ms"] == pytest.approx(chosen.latency_ms)
+    assert record["validation"]["accuracy"] == pytest.approx(chosen.val_accuracy)
+    best = folder / "best"
+    lite = (best / "model.tflite").read_bytes()
+    assert lite == (folder / quantize.FOLDER / f"{trial_id}-{variant}.tflite").read_bytes()
+    assert {"model.keras", "saved_model"} <= {p.name for p in best.iterdir()}
+    # Its test numbers are the deployable's, from the interpreter.
+    from tuner.export_best import load_search, test_metrics, test_pixels
+
+    config, _ = load_search(folder)
+    pixels, labels, _ = test_pixels(config, int(record["image_size"]))
+    probs = quantize.Runner(lite).probabilities(pixels)
+    assert record["test"]["accuracy"] == pytest.approx(
+        test_metrics(labels, probs, config["classes"])["accuracy"]
+    )
+    card = (best / "model_card.md").read_text()
+    assert f"LiteRT `{variant}` variant" in card and "against the float model's" in card
+    # W&B: the variants as a table on the search's run.
+    search_runs = [r for r in read_runs(folder / "wandb") if r.job_type == "search"]
+    assert search_runs[-1].summary["deployables/_type"] == "table-file"
+
+
+@ON_SEARCHED
+def test_a_variant_the_converter_refuses_keeps_the_float_row_and_the_export_succeeds(
+    searched, tmp_path, capsys, monkeypatch
+):
+    from tuner import quantize
+
+    real = quantize.convert
+
+    def refusing(model, size, variant, calibration=None):
+        if variant == "int8":
+            raise RuntimeError("pages of MLIR\nerror: 'tfl.hard_swish' op is not supported\n...")
+        return real(model, size, variant, calibration)
+
+    monkeypatch.setattr(quantize, "convert", refusing)
+    folder = fresh_copy(searched, tmp_path)
+    argv = ["--results", str(folder), "--quantize", "--calibration-images", "20"]
+    assert run_cli(export_best.main, [*argv, "--wandb-mode", "disabled"]) == 0
+    out = capsys.readouterr().out
+    table = quantize.read_table(folder / "deployables.csv")
+    failed = table[table.status == "failed"]
+    assert (
+        set(failed.variant) == {"int8"}
+        and (table.status[table.variant != "int8"] == "completed").all()
+    )
+    assert set(failed.reason) == {"RuntimeError: error: 'tfl.hard_swish' op is not supported"}
+    assert "int8 failed (RuntimeError: error: 'tfl.hard_swish' op is not supported)" in out
+    assert (folder / "best" / "metrics.json").is_file()
+    assert run_cli(export_best.main, [*argv, "--refit"]) == 2
+    assert "error: --quantize with --refit" in capsys.readouterr().err
+
+
+@ON_SEARCHED
+def test_bench_quantize_prints_each_variant_and_ends_with_the_int8_speed_up(searched, capsys):
+    from tuner import bench_quantize
+
+    assert bench_quantize.main(["--results", str(searched), "--calibration-images", "20"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines[2:7]] == [
+        ["Keras", "float32"],
+        ["LiteRT", "float32"],
+        ["LiteRT", "float16"],
+        ["LiteRT", "dynamic"],
+        ["LiteRT", "int8"],
+    ]
+    keras_ms, int8_ms = float(lines[2].split()[3]), float(lines[6].split()[4])
+    last = lines[-1]
+    assert last.startswith("int8 latency: ") and last.endswith("x")
+    ratio = float(last.split()[-1][:-1])  # within the rounding of the two printed times
+    low = (keras_ms - 0.005) / (int8_ms + 0.005) - 0.05
+    assert low <= ratio <= (keras_ms + 0.005) / max(int8_ms - 0.005, 1e-3) + 0.05
+    assert not (searched / "deployables.csv").exists()  # nothing written to the search

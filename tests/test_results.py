@@ -116,3 +116,28 @@ def test_pareto_png_rings_the_front_bars_the_spread_and_stars_the_export() -> No
     ends = np.array([s[:, 0] for s in segments])
     np.testing.assert_allclose(ends, [[0.9, 1.1], [0.95, 1.15], [1.85, 2.15]])
     plt.close(fig)
+
+
+def test_pareto_png_marks_deployable_variants_and_puts_them_on_one_front() -> None:
+    import matplotlib.pyplot as plt
+
+    from tuner.results import pareto_figure
+
+    done = pd.DataFrame(
+        {
+            "trial_id": ["000", "000:int8", "000:float16"],
+            "variant": ["keras", "int8", "float16"],
+            "backbone": ["B0"] * 3,
+            "val_accuracy": [0.9, 0.88, 0.9],
+            "latency_ms": [5.0, 1.0, 2.0],
+            "latency_spread_ms": [0.1, 0.1, 0.1],
+        }
+    )
+    fig = pareto_figure(done, exported="000:int8")
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    found = dict(zip(labels, handles, strict=True))
+    assert {"B0", "int8 (LiteRT)", "float16 (LiteRT)", "exported: trial 000:int8"} <= set(found)
+    assert found["B0"].get_offsets().tolist() == [[5.0, 0.9]]
+    # float16 is as accurate as Keras and faster: the front is int8 and float16 only.
+    assert sorted(found["Pareto front"].get_offsets().tolist()) == [[1.0, 0.88], [2.0, 0.9]]
+    plt.close(fig)

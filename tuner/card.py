@@ -21,14 +21,40 @@ def hyperparameters(row: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
+def speed_lines(record: dict[str, Any]) -> list[str]:
+    """The Speed section: the Keras model's, or the deployable's against its float model."""
+    if "deployable" not in record:
+        return [
+            f"{record['latency_ms']:.2f} ms per image at batch 1 (median after warm-up), "
+            f"{record['images_per_s']:.0f} images/s at batch 32, on {record['device']}."
+        ]
+    d = record["deployable"]
+    calibrated = (
+        f", calibrated on {d['calibration_images']} train images" if d["calibration_images"] else ""
+    )
+    kept = d["val_accuracy"] - d["float_val_accuracy"]
+    return [
+        f"Exported as the LiteRT `{d['variant']}` variant of the trial (`model.tflite`, "
+        f"{d['file_bytes'] / 1e6:.2f} MB{calibrated}); `model.keras` and `saved_model/` are "
+        "its float model, for serving.",
+        "",
+        f"Validation accuracy {d['val_accuracy']:.4f} against the float model's "
+        f"{d['float_val_accuracy']:.4f} ({kept:+.4f}); {d['latency_ms']:.2f} ms per image at "
+        f"batch 1 in the LiteRT interpreter against the Keras model's "
+        f"{d['float_latency_ms']:.2f} ms ({d['float_latency_ms'] / d['latency_ms']:.1f}x), on "
+        f"{record['device']}. The test metrics above are the `{d['variant']}` model's.",
+    ]
+
+
 def _value(value: Any) -> str:
     if value is None or value == "":
         return "-"
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def input_section(size: int, tflite: bool) -> list[str]:
-    """What a deployer must feed each export (Markdown lines)."""
+def input_section(size: int, tflite: bool, variant: str | None = None) -> list[str]:
+    """What a deployer must feed each export (Markdown lines); ``variant``: the LiteRT
+    variant ``model.tflite`` is (an ``int8`` one takes uint8 pixels)."""
     resize = (
         f"resized to {size}x{size} the package's way: squashed (aspect ratio not kept, "
         f"no crop), bilinear, antialiased only when shrinking by more than 2x, rounded back "
@@ -48,10 +74,12 @@ def input_section(size: int, tflite: bool) -> list[str]:
         f"| `model.keras` | `float32 [N, {size}, {size}, 3]`, values 0..255 | "
         "scaling and normalisation (not the resize) |",
     ]
-    if tflite:
+    if tflite or variant:
+        kind = "uint8" if variant == "int8" else "float32"
+        out = ", gives uint8 probabilities x 1/256" if variant == "int8" else ""
         lines.append(
-            f"| `model.tflite` | `float32 [N, {size}, {size}, 3]`, values 0..255 | "
-            "scaling and normalisation (not the resize) |"
+            f"| `model.tflite`{f' ({variant})' if variant else ''} | `{kind} [N, {size}, "
+            f"{size}, 3]`, values 0..255 | scaling and normalisation (not the resize){out} |"
         )
     lines += [
         "",
@@ -97,7 +125,7 @@ def model_card(
         "| split | accuracy | loss | balanced accuracy |",
         "|---|---:|---:|---:|",
         f"| validation{' (the trial)' if 'refit' in record else ''} | "
-        f"{record['validation']['accuracy']:.4f} | {record['validation']['loss']:.4f} | |",
+        f"{record['validation']['accuracy']:.4f} | {_value(record['validation']['loss'])} | |",
         f"| test ({test['count']} images, read once, at export)"
         f"{', refit model (exported)' if 'refit' in record else ''} | {test['accuracy']:.4f} | "
         f"{test['loss']:.4f} | {test['balanced_accuracy']:.4f} |",
@@ -119,8 +147,7 @@ def model_card(
         "",
         "## Speed",
         "",
-        f"{record['latency_ms']:.2f} ms per image at batch 1 (median after warm-up), "
-        f"{record['images_per_s']:.0f} images/s at batch 32, on {record['device']}.",
+        *speed_lines(record),
     ]
     if "tflite" in record:
         lite = record["tflite"]
@@ -140,7 +167,8 @@ def model_card(
             f"(at most {p['max_abs_difference']:.2f}); the test metrics above are the float32 "
             "model's.",
         ]
-    lines += ["", *input_section(int(record["image_size"]), "tflite" in record)]
+    variant = record.get("deployable", {}).get("variant")
+    lines += ["", *input_section(int(record["image_size"]), "tflite" in record, variant)]
     lines += [
         "",
         "## Why this trial",

@@ -25,7 +25,13 @@
    weights, every layer float32, checked against the trial's own outputs on the validation
    images (nothing before the one test evaluation reads test)
    (``precision`` in metrics.json).
-5. ``--refit``: the chosen configuration is trained once more on train + validation, for the
+5. ``--quantize``: before choosing, every trial on the front is converted to LiteRT
+   ``float32``, ``float16``, ``dynamic`` and ``int8`` variants, each measured in the
+   interpreter (validation accuracy, latency, size: ``deployables.csv``,
+   :mod:`tuner.quantize`), and the rule chooses among the Keras models and these; a chosen
+   variant is evaluated on test in the interpreter and shipped as ``model.tflite``, its
+   trial's float model beside it for serving.
+6. ``--refit``: the chosen configuration is trained once more on train + validation, for the
    epochs its trial found best, replaying the trial's own schedule (and, for a trial continued
    from another, its parents' first, each to its best epoch), with nothing chosen on the
    validation rows it now trains on. Both models are evaluated on test once; the refit model
@@ -47,7 +53,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from data_tools.atomic import atomic_path
 from data_tools.errors import InputError, run_cli
+from tuner import quantize
 from tuner import results as results_mod
 from tuner.card import refit_step
 from tuner.choose import MNAS_WEIGHT, RULES, Choice, choose
@@ -474,7 +482,6 @@ def export(args: argparse.Namespace) -> Path:
     """Choose, evaluate and write ``best/``; returns the folder. The CLI's one call."""
     from rich.console import Console
 
-    from data_tools.atomic import atomic_path
     from tuner import card
     from tuner.choose import TIME_COLUMNS
     from tuner.trial import device_name, measure_latency
@@ -482,8 +489,17 @@ def export(args: argparse.Namespace) -> Path:
     console = Console(highlight=False, soft_wrap=True)
     folder = Path(args.results) if args.results else most_recent_search()
     config, trials = load_search(folder)
+    deployables = None
+    pool = trials
+    if args.quantize:
+        if args.refit:
+            raise InputError(
+                "--quantize with --refit: a refit model has no measured variants; run one of them"
+            )
+        deployables = quantize_front(folder, config, trials, args.calibration_images, console)
+        pool = quantize.candidates(trials, deployables)
     choice = choose(
-        trials,
+        pool,
         args.rule,
         args.time,
         args.max_latency_ms,
@@ -495,7 +511,8 @@ def export(args: argparse.Namespace) -> Path:
     console.print(f"Pareto front of {folder} (val accuracy up, {column} down):")
     console.print(front_table(choice, column))
     console.print(f"chosen: trial {choice.trial_id}. {choice.reason}")
-    row = trials[trials["trial_id"].astype(str) == choice.trial_id].iloc[0]
+    trial_id, variant = quantize.split_id(choice.trial_id)
+    row = trials[trials["trial_id"].astype(str) == trial_id].iloc[0]
     model, how = trial_model(folder, row, config)
     console.print(f"model: {how}")
     size = int(row["image_size"])
@@ -503,7 +520,12 @@ def export(args: argparse.Namespace) -> Path:
     model, precision = in_float32(model, check, console)
     pixels, labels, _ = test_pixels(config, size)
     classes = list(config["classes"])
-    probs = probabilities(model, pixels)
+    lite = None
+    if variant is None:
+        probs = probabilities(model, pixels)
+    else:  # the deployable is what ships: it alone is evaluated on test
+        lite = (folder / quantize.FOLDER / f"{trial_id}-{variant}.tflite").read_bytes()
+        probs = quantize.Runner(lite).probabilities(pixels)
     metrics = test_metrics(labels, probs, classes)
     trial_test = refit_facts = None
     if args.refit:
@@ -516,6 +538,13 @@ def export(args: argparse.Namespace) -> Path:
         probs = probabilities(model, pixels)
         metrics = test_metrics(labels, probs, classes)
     latency_ms, images_per_s, _ = measure_latency(model, size)
+    deployable = None
+    if variant is not None:
+        chosen = deployables[
+            (deployables["trial_id"].astype(str) == trial_id) & (deployables["variant"] == variant)
+        ].iloc[0]
+        deployable = quantize.record(chosen)
+        latency_ms, images_per_s = deployable["latency_ms"], None
     out = Path(args.out) if args.out else folder / "best"
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
@@ -533,7 +562,11 @@ def export(args: argparse.Namespace) -> Path:
             "image_size": size,
             "classes": list(config["classes"]),
             "hyperparameters": card.hyperparameters(row),
-            "validation": {"accuracy": float(row["val_accuracy"]), "loss": float(row["val_loss"])},
+            "validation": (
+                {"accuracy": float(row["val_accuracy"]), "loss": float(row["val_loss"])}
+                if deployable is None
+                else {"accuracy": deployable["val_accuracy"], "loss": None}
+            ),
             "test": metrics,
             "latency_ms": latency_ms,
             "images_per_s": images_per_s,
@@ -546,7 +579,10 @@ def export(args: argparse.Namespace) -> Path:
             record["refit"] = {**refit_facts, "trial_model_source": how}
         if precision:
             record["precision"] = precision
-        if args.tflite:
+        if deployable is not None:
+            record["deployable"] = deployable
+            (tmp / "model.tflite").write_bytes(lite)
+        elif args.tflite:
             write_tflite(model, size, tmp / "model.tflite")
             lite = tflite_probabilities(tmp / "model.tflite", pixels)
             record["tflite"] = {
@@ -561,7 +597,7 @@ def export(args: argparse.Namespace) -> Path:
                 )
         (tmp / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
         (tmp / "model_card.md").write_text(card.model_card(record, config, choice, column))
-        finished = trials[trials["status"].isin(results_mod.FINISHED)]
+        finished = pool[pool["status"].isin(results_mod.FINISHED)]
         results_mod.plot_pareto(finished, tmp / "pareto.png", exported=choice.trial_id)
     # The search's own plot gets the star too: the trial this export shipped.
     with atomic_path(folder / "pareto.png") as tmp:
@@ -571,11 +607,48 @@ def export(args: argparse.Namespace) -> Path:
         f"test{which}: {test_line(metrics)}; {latency_ms:.2f} ms/image on {device_name()}"
     )
     console.print(f"exported to {out}/")
-    _log_artifact(folder, config, out, choice, record, console, args)
+    _log_artifact(folder, config, out, choice, record, console, args, deployables)
     return out
 
 
-def _log_artifact(folder, config, out, choice, record, console, args) -> None:
+def quantize_front(
+    folder: Path, config: dict[str, Any], trials: pd.DataFrame, count: int, console
+) -> pd.DataFrame:
+    """deployables.csv: every variant of every trial on the latency front, measured
+    (:mod:`tuner.quantize`); the leaderboard gains their section."""
+    front = trials[results_mod.pareto_flags(trials)]
+    console.print(
+        f"quantizing the {len(front)} trial(s) on the front: "
+        f"{', '.join(quantize.VARIANTS)} (int8 calibrated on up to {count} train images)"
+    )
+    rows, pixels = [], {}
+    for _, row in front.iterrows():
+        size = int(row["image_size"])
+        if size not in pixels:
+            validation = split_pixels(config, size, "validation")
+            calibration = quantize.calibration_pixels(config, size, count)
+            pixels[size] = (validation[:2], calibration)
+        (validation, calibration) = pixels[size]
+        model, _ = trial_model(folder, row, config)
+        model, _ = in_float32(model, validation[0] if mixed_policies(model) else None, console)
+        rows += quantize.measure_variants(
+            model,
+            row,
+            validation,
+            calibration,
+            folder / quantize.FOLDER,
+            report=console.print,
+        )
+    table = quantize.write_table(rows, folder / "deployables.csv")
+    leaderboard = results_mod.leaderboard_markdown(trials)
+    leaderboard += "\n## Deployable variants (LiteRT, `deployables.csv`)\n\n"
+    leaderboard += quantize.markdown(table)
+    with atomic_path(folder / "leaderboard.md") as tmp:
+        tmp.write_text(leaderboard)
+    return table
+
+
+def _log_artifact(folder, config, out, choice, record, console, args, deployables=None) -> None:
     from tuner.wandb_log import WandbLogger
 
     logger = WandbLogger(
@@ -592,7 +665,10 @@ def _log_artifact(folder, config, out, choice, record, console, args) -> None:
     }
     if "trial_test" in record:
         metadata["trial_test_accuracy"] = record["trial_test"]["accuracy"]
-    logger.log_model(out, ["best", choice.rule], metadata)
+    if "deployable" in record:
+        metadata["variant"] = record["deployable"]["variant"]
+    tables = {} if deployables is None else {"deployables": deployables}
+    logger.log_model(out, ["best", choice.rule], metadata, tables)
     if logger.sync_command():
         console.print(f"W&B is offline; to upload: {logger.sync_command()}")
 
@@ -616,6 +692,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight", type=float, default=MNAS_WEIGHT, help="weighted rule's W")
     parser.add_argument("--target-ms", type=float, help="weighted rule's T (default: median)")
     parser.add_argument("--tflite", action="store_true", help="also write model.tflite")
+    parser.add_argument(
+        "--quantize",
+        action="store_true",
+        help="measure LiteRT float32/float16/dynamic/int8 variants of the front's trials "
+        "(deployables.csv) and choose among them and the Keras models",
+    )
+    parser.add_argument(
+        "--calibration-images",
+        type=int,
+        default=quantize.CALIBRATION_IMAGES,
+        help="train images int8 calibrates on (default: %(default)s)",
+    )
     parser.add_argument(
         "--refit",
         action="store_true",

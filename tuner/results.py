@@ -294,10 +294,15 @@ def plot_pareto(done: pd.DataFrame, path: Path, exported: str | None = None) -> 
     plt.close(fig)
 
 
+VARIANT_MARKERS = {"float32": "s", "float16": "D", "dynamic": "^", "int8": "v"}
+
+
 def pareto_figure(done: pd.DataFrame, exported: str | None = None):
     """Val accuracy against latency, one colour per backbone; each latency's measured
     spread (interquartile range) as a horizontal bar; the Pareto front's points ringed and
-    joined (a front of one point is still seen); the ``exported`` trial starred."""
+    joined (a front of one point is still seen); the ``exported`` trial starred. Rows with
+    a ``variant`` other than ``keras`` (export's deployables) get one marker a variant, and
+    the front is over all rows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -319,8 +324,19 @@ def pareto_figure(done: pd.DataFrame, exported: str | None = None):
                 capsize=2,
                 label="latency spread (IQR)",
             )
-    for backbone, group in done.groupby("backbone"):
+    variants = done["variant"].fillna("keras") if "variant" in done else None
+    keras_rows = done if variants is None else done[variants == "keras"]
+    for backbone, group in keras_rows.groupby("backbone"):
         ax.scatter(group["latency_ms"], group["val_accuracy"], label=backbone, alpha=0.8)
+    if variants is not None:  # deployables (tuner.quantize): one marker a variant
+        for variant, group in done[variants != "keras"].groupby("variant"):
+            ax.scatter(
+                group["latency_ms"],
+                group["val_accuracy"],
+                marker=VARIANT_MARKERS.get(variant, "x"),
+                label=f"{variant} (LiteRT)",
+                alpha=0.8,
+            )
     front = done[latency_front(done)].sort_values("latency_ms")
     ax.step(front["latency_ms"], front["val_accuracy"], where="post", color="black", linewidth=1)
     ax.scatter(

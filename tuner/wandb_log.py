@@ -210,10 +210,15 @@ class WandbLogger:
         self._finish(exit_code=0)
 
     def log_model(
-        self, path: str | os.PathLike[str], aliases: list[str], metadata: dict[str, Any]
+        self,
+        path: str | os.PathLike[str],
+        aliases: list[str],
+        metadata: dict[str, Any],
+        tables: dict[str, pd.DataFrame] | None = None,
     ) -> None:
         """Log an exported model folder as an artifact (type ``model``) on the search's summary
-        run. The hook for ``tuner.export_best``."""
+        run, with ``tables`` (e.g. the deployable variants) beside it. The hook for
+        ``tuner.export_best``."""
         run = self._init(
             run_id=self.run_id("search"),
             name=f"{self.search}-search",
@@ -233,6 +238,9 @@ class WandbLogger:
             )
             artifact.add_dir(str(path))
             run.log_artifact(artifact, aliases=aliases)
+            for name, frame in (tables or {}).items():
+                plain = frame.astype(object).where(frame.notna(), None)
+                run.log({name: wandb.Table(dataframe=plain)})
         except Exception as exc:  # noqa: BLE001
             self._degrade(exc)
         self._finish(exit_code=0)

@@ -1,0 +1,111 @@
+"""Benchmark: a trial's float Keras model against its LiteRT variants, side by side in one run.
+
+    python -m tuner.bench_quantize --results results/NAME [--trial ID] [--calibration-images 200]
+
+For the trial (default: the most accurate of the search's front), on this machine, in one
+process: the Keras model's latency (:func:`tuner.trial.measure_latency`: batch 1, 3 warm-up
+runs, the median of 10) and validation accuracy, then each variant of
+:mod:`tuner.quantize` (``float32``, ``float16``, ``dynamic``, ``int8``) converted, run in
+the LiteRT interpreter on the same validation images, and timed by the same rule on the
+same pixels. Prints one row a variant (validation accuracy, its change against Keras,
+latency, speed-up, file size) and ends with ``int8 latency: N.Nx`` (Keras latency over int8
+LiteRT latency). Nothing is written to the search's folder; test is never read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from data_tools.errors import InputError, run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tuner import quantize
+
+    parser = argparse.ArgumentParser(
+        prog="python -m tuner.bench_quantize",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--results", required=True, help="a search's results/NAME folder")
+    parser.add_argument("--trial", help="trial id (default: the front's most accurate)")
+    parser.add_argument(
+        "--calibration-images", type=int, default=quantize.CALIBRATION_IMAGES, help="int8's"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rich.console import Console
+
+    from tuner import export_best, quantize, results
+    from tuner.trial import device_name, measure_latency
+
+    console = Console(highlight=False, soft_wrap=True)
+    folder = Path(args.results)
+    config, trials = export_best.load_search(folder)
+    done = trials[trials["status"].isin(results.FINISHED)]
+    if args.trial is not None:
+        row = done[done["trial_id"].astype(str) == args.trial]
+        if row.empty:
+            raise InputError(
+                f"--trial {args.trial}: no finished trial of that id in {folder}/trials.csv"
+            )
+    else:
+        front = done[results.pareto_flags(done)]
+        row = front.sort_values("val_accuracy", ascending=False, kind="stable")
+    if row.empty:
+        raise InputError(f"{folder} has no finished trial: run or resume the search first")
+    row = row.iloc[0].copy()
+    size = int(row["image_size"])
+    model, how = export_best.trial_model(folder, row, config)
+    pixels, labels, _ = export_best.split_pixels(config, size, "validation")
+    model, _ = export_best.in_float32(
+        model, pixels if export_best.mixed_policies(model) else None, console
+    )
+    probs = export_best.probabilities(model, pixels)
+    row["val_accuracy"] = float((probs.argmax(1) == labels).mean())
+    row["latency_ms"], _, spread = measure_latency(model, size)
+    calibration = quantize.calibration_pixels(config, size, args.calibration_images)
+    with tempfile.TemporaryDirectory() as tmp:
+        measured = quantize.measure_variants(
+            model, row, (pixels, labels), calibration, Path(tmp), report=lambda _: None
+        )
+    print(
+        f"trial {row['trial_id']}: {row['backbone']} {size}px ({how}); {len(labels)} "
+        f"validation images; on {device_name()}"
+    )
+    print(f"{'model':<18}{'val acc':>9}{'vs Keras':>10}{'ms/image':>10}{'speed-up':>10}{'MB':>8}")
+    keras_mb = (
+        float(row["model_bytes"]) / 1e6 if row.get("model_bytes") == row.get("model_bytes") else 0
+    )
+    print(
+        f"{'Keras float32':<18}{row['val_accuracy']:>9.4f}{'':>10}{row['latency_ms']:>10.2f}"
+        f"{'1.0x':>10}{keras_mb:>8.2f}"
+    )
+    ratios = {}
+    for line in measured:
+        name = f"LiteRT {line['variant']}"
+        if line["status"] != "completed":
+            print(f"{name:<18}failed: {line['reason']}")
+            continue
+        ratios[line["variant"]] = row["latency_ms"] / line["latency_ms"]
+        print(
+            f"{name:<18}{line['val_accuracy']:>9.4f}"
+            f"{line['val_accuracy'] - row['val_accuracy']:>+10.4f}{line['latency_ms']:>10.2f}"
+            f"{ratios[line['variant']]:>9.1f}x{line['file_bytes'] / 1e6:>8.2f}"
+        )
+    print(f"Keras latency spread (IQR) {spread:.2f} ms")
+    if "int8" not in ratios:
+        print("int8 latency: n/a (the int8 conversion failed)")
+        return 1
+    print(f"int8 latency: {ratios['int8']:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

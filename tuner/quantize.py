@@ -1,0 +1,312 @@
+"""Deployable variants of the front's models, measured where they run (LiteRT).
+
+    python -m tuner.export_best --quantize [--calibration-images 200]
+
+For every trial on the search's front (validation accuracy against Keras latency), the
+LiteRT converter builds four files from the trial's float32 model (pixels 0..255 at its
+size in, class probabilities out):
+
+* ``float32``: no optimisation (what ``--tflite`` writes);
+* ``float16``: ``Optimize.DEFAULT`` with float16 weights;
+* ``dynamic``: ``Optimize.DEFAULT``: int8 weights, activations quantized on the fly;
+* ``int8``: full integer, int8 ops only, calibrated on ``--calibration-images`` train
+  images (a seeded draw; never validation or test); it takes uint8 pixels (the
+  calibration gives the input a scale of ~1 and a zero point of 0) and gives uint8
+  probabilities, which :class:`Runner` quantizes and dequantizes.
+
+Each is measured with the LiteRT interpreter (XNNPACK, its default): accuracy on the
+validation images, latency at batch 1 by the rule of the Keras latency (3 warm-up runs, the
+median of 10, their interquartile range as the spread) and its file size. The rows go to
+``deployables.csv`` beside trials.csv (:data:`COLUMNS`) and the files to ``deployables/``.
+A variant the converter or the interpreter refuses keeps the trial's float row and gets a
+``failed`` row with one line saying why.
+
+The export then chooses among the float Keras rows and the deployable rows together, with
+the same rules and noise-aware ties (a deployable's ``trial_id`` is ``<trial>:<variant>``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from data_tools.atomic import atomic_path
+
+VARIANTS = ("float32", "float16", "dynamic", "int8")
+CALIBRATION_IMAGES = 200
+COLUMNS = [
+    "trial_id",
+    "variant",
+    "status",
+    "reason",
+    "backbone",
+    "image_size",
+    "val_accuracy",
+    "float_val_accuracy",
+    "latency_ms",
+    "latency_spread_ms",
+    "float_latency_ms",
+    "file_bytes",
+    "calibration_images",
+    "train_seconds",
+]
+SEPARATOR = ":"
+FOLDER = "deployables"  # the .tflite files, beside deployables.csv
+
+
+def deployable_id(trial_id: str, variant: str) -> str:
+    return f"{trial_id}{SEPARATOR}{variant}"
+
+
+def split_id(candidate: str) -> tuple[str, str | None]:
+    """``'003:int8'`` -> ``('003', 'int8')``; a trial id -> ``(id, None)``."""
+    trial, _, variant = str(candidate).partition(SEPARATOR)
+    return trial, variant or None
+
+
+def convert(model, size: int, variant: str, calibration: np.ndarray | None = None) -> bytes:
+    """The ``.tflite`` bytes of ``model`` (float pixels 0..255 at ``size``) as ``variant``;
+    ``int8`` needs ``calibration`` (uint8 train pixels). The function is frozen first: left
+    as resource variables, Keras 3's weights are read uninitialised by the interpreter."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+    def infer(pixels):
+        return model(pixels, training=False)
+
+    frozen = convert_variables_to_constants_v2(infer.get_concrete_function())
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen])
+    if variant != "float32":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if variant == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    elif variant == "int8":
+        if calibration is None or not len(calibration):
+            raise ValueError("full-integer int8 needs calibration images")
+        samples = calibration.astype("float32")
+
+        def representative():
+            for i in range(len(samples)):
+                yield [samples[i : i + 1]]
+
+        converter.representative_dataset = representative
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8
+        converter.inference_output_type = tf.uint8
+    elif variant not in ("float32", "dynamic"):
+        raise ValueError(f"unknown variant {variant}: one of {', '.join(VARIANTS)}")
+    return converter.convert()
+
+
+class Runner:
+    """A ``.tflite`` model in the LiteRT interpreter: float pixels 0..255 in (quantized for
+    an integer input), class probabilities ``[N, C]`` out (dequantized)."""
+
+    def __init__(self, content: bytes, threads: int | None = None) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_content=content, num_threads=threads)
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        self.batch = None
+
+    def _feed(self, pixels: np.ndarray) -> None:
+        if self.batch != pixels.shape[0]:
+            self.interpreter.resize_tensor_input(self.input["index"], list(pixels.shape))
+            self.interpreter.allocate_tensors()
+            self.batch = pixels.shape[0]
+        dtype = self.input["dtype"]
+        values = pixels.astype("float32")
+        if np.issubdtype(dtype, np.integer):
+            scale, zero = self.input["quantization"]
+            info = np.iinfo(dtype)
+            values = np.clip(np.round(values / scale + zero), info.min, info.max)
+        self.interpreter.set_tensor(self.input["index"], values.astype(dtype))
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        self._feed(pixels)
+        self.interpreter.invoke()
+        out = self.interpreter.get_tensor(self.output["index"]).astype("float32")
+        if np.issubdtype(self.output["dtype"], np.integer):
+            scale, zero = self.output["quantization"]
+            out = (out - zero) * scale
+        return out
+
+    def probabilities(self, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
+        from tuner.export_best import two_columns
+
+        parts = [self(pixels[i : i + batch]) for i in range(0, len(pixels), batch)]
+        return two_columns(np.concatenate(parts))
+
+    def latency(self, size: int, runs: int = 10) -> tuple[float, float]:
+        """(median ms per image at batch 1, interquartile range in ms), after 3 warm-up
+        runs: :func:`tuner.trial.measure_latency`'s rule."""
+        one = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype("float32")
+        return timed(lambda: self(one), runs)
+
+
+def timed(call: Callable[[], Any], runs: int = 10) -> tuple[float, float]:
+    """(median ms, interquartile range ms) of ``runs`` calls after 3 warm-up calls."""
+    for _ in range(3):
+        call()
+    single = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        single.append(time.perf_counter() - start)
+    quartiles = np.percentile(single, [25, 75]) * 1000
+    return statistics.median(single) * 1000, float(quartiles[1] - quartiles[0])
+
+
+def calibration_pixels(config: dict[str, Any], size: int, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` train images (a seeded draw; all of them when there are fewer) at
+    ``size``, uint8: what full-integer quantization calibrates on. Never validation or test."""
+    from data_tools import pipeline
+    from tuner.export_best import split_table
+
+    table, _ = split_table(config, ("train",))
+    if len(table) > count:
+        table = table.sample(n=count, random_state=seed).reset_index(drop=True)
+    batches = pipeline.make_dataset(table, size, 64).as_numpy_iterator()
+    return np.concatenate([x for x, _ in batches]).astype("uint8")
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: the converter's messages run to pages."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = next((line for line in lines if "error" in line.lower()), lines[0] if lines else "")
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def measure_variants(
+    model,
+    row: pd.Series,
+    validation: tuple[np.ndarray, np.ndarray],
+    calibration: np.ndarray,
+    folder: Path,
+    variants: tuple[str, ...] = VARIANTS,
+    report: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Convert ``model`` (trial ``row``'s float32 model) to each variant, write the files
+    to ``folder`` and measure each: one :data:`COLUMNS` row per variant."""
+    pixels, labels = validation
+    size = int(row["image_size"])
+    rows = []
+    for variant in variants:
+        base = {
+            "trial_id": str(row["trial_id"]),
+            "variant": variant,
+            "backbone": row["backbone"],
+            "image_size": size,
+            "float_val_accuracy": float(row["val_accuracy"]),
+            "float_latency_ms": float(row["latency_ms"]),
+            "calibration_images": len(calibration) if variant == "int8" else 0,
+            "train_seconds": float(row["train_seconds"]),
+        }
+        try:
+            content = convert(model, size, variant, calibration)
+            runner = Runner(content)
+            accuracy = float((runner.probabilities(pixels).argmax(1) == labels).mean())
+            latency, spread = runner.latency(size)
+        except Exception as exc:  # noqa: BLE001 - any refusal keeps the float row
+            reason = one_line(exc)
+            report(f"trial {row['trial_id']}: {variant} failed ({reason}); its float row stays")
+            rows.append({**base, "status": "failed", "reason": reason})
+            continue
+        path = folder / f"{row['trial_id']}-{variant}.tflite"
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(content)
+        rows.append(
+            {
+                **base,
+                "status": "completed",
+                "reason": "",
+                "val_accuracy": accuracy,
+                "latency_ms": latency,
+                "latency_spread_ms": spread,
+                "file_bytes": len(content),
+            }
+        )
+        report(
+            f"trial {row['trial_id']} {variant}: val acc {accuracy:.4f} (float "
+            f"{float(row['val_accuracy']):.4f}), {latency:.2f} ms/image (Keras "
+            f"{float(row['latency_ms']):.2f}), {len(content) / 1e6:.2f} MB"
+        )
+    return rows
+
+
+def write_table(rows: list[dict[str, Any]], path: Path) -> pd.DataFrame:
+    """deployables.csv (atomically), columns :data:`COLUMNS`."""
+    frame = pd.DataFrame(rows).reindex(columns=COLUMNS)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return frame
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"trial_id": str, "reason": str}, keep_default_na=True)
+
+
+def candidates(trials: pd.DataFrame, deployables: pd.DataFrame) -> pd.DataFrame:
+    """Trials (variant ``keras``) and the completed deployables (``trial_id``
+    ``<trial>:<variant>``, the trial's other columns) as one table for :func:`choose`."""
+    keras_rows = trials.assign(variant="keras", trial_id=trials["trial_id"].astype(str))
+    done = deployables[deployables["status"] == "completed"]
+    if done.empty:
+        return keras_rows
+    parents = keras_rows.set_index("trial_id")
+    extra = []
+    for row in done.itertuples(index=False):
+        parent = parents.loc[str(row.trial_id)].to_dict()
+        parent.update(
+            trial_id=deployable_id(str(row.trial_id), row.variant),
+            variant=row.variant,
+            val_accuracy=row.val_accuracy,
+            latency_ms=row.latency_ms,
+            latency_spread_ms=row.latency_spread_ms,
+            model_bytes=row.file_bytes,
+        )
+        extra.append(parent)
+    return pd.concat([keras_rows, pd.DataFrame(extra)], ignore_index=True)
+
+
+def markdown(deployables: pd.DataFrame) -> str:
+    """The deployables as a Markdown table (the leaderboard's section and the README's)."""
+    lines = [
+        "| trial | variant | val acc (float) | latency (Keras) | file size | calibration |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row in deployables.itertuples(index=False):
+        if row.status != "completed":
+            lines.append(f"| {row.trial_id} | {row.variant} | failed: {row.reason} | | | |")
+            continue
+        lines.append(
+            f"| {row.trial_id} | {row.variant} | {row.val_accuracy:.4f} "
+            f"({row.float_val_accuracy:.4f}) | {row.latency_ms:.2f} ms "
+            f"({row.float_latency_ms:.2f} ms) | {row.file_bytes / 1e6:.2f} MB | "
+            f"{int(row.calibration_images) or '-'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def record(row) -> dict[str, Any]:
+    """What metrics.json and the card say of a chosen deployable (a deployables.csv row)."""
+    return {
+        "variant": row.variant,
+        "calibration_images": int(row.calibration_images),
+        "val_accuracy": float(row.val_accuracy),
+        "float_val_accuracy": float(row.float_val_accuracy),
+        "latency_ms": float(row.latency_ms),
+        "latency_spread_ms": float(row.latency_spread_ms),
+        "float_latency_ms": float(row.float_latency_ms),
+        "file_bytes": int(row.file_bytes),
+    }
