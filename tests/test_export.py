@@ -507,6 +507,10 @@ def test_quantize_measures_every_variant_of_the_front_and_can_ship_one(searched,
     )
     card = (best / "model_card.md").read_text()
     assert f"LiteRT `{variant}` variant" in card and "against the float model's" in card
+    # predict serves what shipped: the variant, on the package's resize.
+    serve, _ = predict.load(best)
+    served = serve(tf.constant(pixels[:3]))["probabilities"].numpy()
+    np.testing.assert_allclose(served, probs[:3], atol=1e-6)
     # W&B: the variants as a table on the search's run.
     search_runs = [r for r in read_runs(folder / "wandb") if r.job_type == "search"]
     assert search_runs[-1].summary["deployables/_type"] == "table-file"

@@ -547,6 +547,7 @@ def run_fold(args: argparse.Namespace, index: int, ranges: dict, wanted: list[st
             "difference": mine["test"]["accuracy"] - theirs["test"]["accuracy"],
             "our_seconds": mine["wall_seconds"],
             "their_seconds": their_time,
+            "our_budget_s": mine["budget_s"],
             "equal_wall_clock": equal,
         }
     return {
@@ -647,6 +648,13 @@ def print_report(report: dict) -> None:
             f"{'':<6}test images: {count['test']['count']} (test buckets {ranges['test']}, "
             f"validation buckets {ranges['validation']})"
         )
+        budgets = ", ".join(
+            f"vs {name} {format_seconds(row['our_budget_s'])}"
+            for name, row in fold["comparisons"].items()
+            if "our_budget_s" in row
+        )
+        if budgets:
+            print(f"{'':<6}our search's budget: {budgets}")
     for name, row in report["summary"].items():
         per_fold = ", ".join(f"{d:+.3f}" for d in row["per_fold"])
         print(f"ours - {name} per fold: {per_fold}")

@@ -4,7 +4,9 @@
     python -m tuner.predict --model results/NAME/best images/ > predictions.csv
 
 Images are decoded at their own size and handed to the SavedModel's ``serving_default``
-signature, which resizes them exactly as training did. One image per line
+signature, which resizes them exactly as training did. When the export shipped a LiteRT
+variant (``export_best --quantize``: ``deployable`` in metrics.json), that ``model.tflite``
+predicts instead, on the same resize: the model the test figures describe. One image per line
 (``path: label (probability)``); a folder gives a CSV (``path,label,probability`` and one
 column per class) on stdout or in ``--out``.
 """
@@ -31,11 +33,34 @@ def load(model_dir: str | Path):
             f"{model_dir} is not an exported model (no saved_model/ or "
             f"labels.txt): run python -m tuner.export_best first"
         )
+    import json
+
     import tensorflow as tf
 
-    return tf.saved_model.load(str(saved)).signatures["serving_default"], labels.read_text().split(
-        "\n"
-    )[:-1]
+    classes = labels.read_text().split("\n")[:-1]
+    metrics = model_dir / "metrics.json"
+    record = json.loads(metrics.read_text()) if metrics.is_file() else {}
+    if "deployable" in record:
+        return lite_serving(model_dir / "model.tflite", int(record["image_size"])), classes
+    return tf.saved_model.load(str(saved)).signatures["serving_default"], classes
+
+
+def lite_serving(path: Path, size: int):
+    """``serving_default``'s contract (``uint8 [N, H, W, 3]`` of any size ->
+    ``{"probabilities": [N, C]}``) for a ``.tflite`` variant: the package's resize, then
+    the LiteRT interpreter."""
+    import tensorflow as tf
+
+    from data_tools.pipeline import resize_pixels
+    from tuner.quantize import Runner
+
+    runner = Runner(path.read_bytes())
+
+    def serve(images):
+        pixels = resize_pixels(images, size).numpy()
+        return {"probabilities": tf.constant(runner.probabilities(pixels))}
+
+    return serve
 
 
 def image_files(items: Sequence[str]) -> tuple[list[Path], bool]:
