@@ -409,36 +409,6 @@ def write_saved_model(model, size: int, target: Path) -> None:
     archive.write_out(str(target), verbose=False)
 
 
-def write_tflite(model, size: int, target: Path) -> None:
-    """TFLite from a frozen ``tf.function`` of ``model(x, training=False)`` (float pixels
-    0..255 at the model's size). Freezing matters: left as resource variables, Keras 3's
-    weights are read uninitialised by the interpreter and every output is garbage."""
-    import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import (
-        convert_variables_to_constants_v2,
-    )
-
-    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
-    def infer(pixels):
-        return model(pixels, training=False)
-
-    frozen = convert_variables_to_constants_v2(infer.get_concrete_function())
-    target.write_bytes(tf.lite.TFLiteConverter.from_concrete_functions([frozen]).convert())
-
-
-def tflite_probabilities(path: Path, pixels: np.ndarray) -> np.ndarray:
-    """Run a .tflite model with the LiteRT interpreter (``[N, C]`` probabilities)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(path))
-    entry = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(entry["index"], list(pixels.shape))
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(entry["index"], pixels.astype("float32"))
-    interpreter.invoke()
-    return two_columns(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
-
-
 def in_float32(model, pixels: np.ndarray, console):
     """(the model to ship, the precision record or None). A trial trained in mixed precision
     (a GPU's) is rebuilt in float32, the same weights, and checked against its own outputs on
@@ -583,8 +553,8 @@ def export(args: argparse.Namespace) -> Path:
             record["deployable"] = deployable
             (tmp / "model.tflite").write_bytes(lite)
         elif args.tflite:
-            write_tflite(model, size, tmp / "model.tflite")
-            lite = tflite_probabilities(tmp / "model.tflite", pixels)
+            (tmp / "model.tflite").write_bytes(quantize.convert(model, size, "float32"))
+            lite = quantize.Runner((tmp / "model.tflite").read_bytes()).probabilities(pixels)
             record["tflite"] = {
                 "max_abs_difference": float(np.abs(lite - probs).max()),
                 "same_predictions": float((lite.argmax(1) == probs.argmax(1)).mean()),
