@@ -27,8 +27,6 @@ the same rules and noise-aware ties (a deployable's ``trial_id`` is ``<trial>:<v
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -150,21 +148,10 @@ class Runner:
     def latency(self, size: int, runs: int = 10) -> tuple[float, float]:
         """(median ms per image at batch 1, interquartile range in ms), after 3 warm-up
         runs: :func:`tuner.trial.measure_latency`'s rule."""
+        from tuner.trial import timed_runs
+
         one = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype("float32")
-        return timed(lambda: self(one), runs)
-
-
-def timed(call: Callable[[], Any], runs: int = 10) -> tuple[float, float]:
-    """(median ms, interquartile range ms) of ``runs`` calls after 3 warm-up calls."""
-    for _ in range(3):
-        call()
-    single = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        single.append(time.perf_counter() - start)
-    quartiles = np.percentile(single, [25, 75]) * 1000
-    return statistics.median(single) * 1000, float(quartiles[1] - quartiles[0])
+        return timed_runs(lambda: self(one), runs)
 
 
 def calibration_pixels(config: dict[str, Any], size: int, count: int, seed: int = 0) -> np.ndarray:

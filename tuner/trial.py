@@ -471,25 +471,28 @@ def measure_latency(model: keras.Model, size: int, runs: int = 10) -> tuple[floa
     one = rng.uniform(0, 255, (1, size, size, 3)).astype("float32")
     many = rng.uniform(0, 255, (32, size, size, 3)).astype("float32")
     predict: Callable = model.predict_on_batch
-    for _ in range(3):
-        predict(one)
-    single = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        predict(one)
-        single.append(time.perf_counter() - start)
+    median_ms, spread_ms = timed_runs(lambda: predict(one), runs)
     predict(many)
     batch = []
     for _ in range(3):
         start = time.perf_counter()
         predict(many)
         batch.append(time.perf_counter() - start)
+    return median_ms, 32 / statistics.median(batch), spread_ms
+
+
+def timed_runs(call: Callable[[], Any], runs: int = 10) -> tuple[float, float]:
+    """(median ms, interquartile range ms) of ``runs`` calls after 3 warm-up calls: the
+    package's latency rule (Keras models here, LiteRT files in :mod:`tuner.quantize`)."""
+    for _ in range(3):
+        call()
+    single = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        single.append(time.perf_counter() - start)
     quartiles = np.percentile(single, [25, 75]) * 1000
-    return (
-        statistics.median(single) * 1000,
-        32 / statistics.median(batch),
-        float(quartiles[1] - quartiles[0]),
-    )
+    return statistics.median(single) * 1000, float(quartiles[1] - quartiles[0])
 
 
 def model_file_bytes(model: keras.Model, folder: Path) -> int:
