@@ -507,9 +507,10 @@ def export(args: argparse.Namespace) -> Path:
         model, precision = in_float32(model, check, console)
         probs = probabilities(model, pixels)
         metrics = test_metrics(labels, probs, classes)
-    latency_ms, images_per_s, _ = measure_latency(model, size)
     deployable = None
-    if variant is not None:
+    if variant is None:
+        latency_ms, images_per_s, _ = measure_latency(model, size)
+    else:  # measured in the interpreter already, with its spread
         chosen = deployables[
             (deployables["trial_id"].astype(str) == trial_id) & (deployables["variant"] == variant)
         ].iloc[0]
