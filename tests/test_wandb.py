@@ -117,6 +117,9 @@ def test_offline_runs_equal_trials_csv_and_resume_adds_no_duplicates(
     assert sorted(row[column] for row in table["data"]) == pytest.approx(
         sorted(trials.val_accuracy)
     )
+    pareto = table["columns"].index("pareto")  # the flags themselves, not empty cells
+    assert {row[pareto] for row in table["data"]} <= {True, False}
+    assert any(row[pareto] for row in table["data"])
 
     # Resume with one more trial allowed is refused (different space); resume as is adds
     # no trial run, and brings the search run up to date under the same id.

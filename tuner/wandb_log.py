@@ -180,8 +180,7 @@ class WandbLogger:
         try:
             import wandb
 
-            table_frame = trials.assign(pareto=pareto).astype(object).where(trials.notna(), None)
-            table = wandb.Table(dataframe=table_frame)
+            table = _table(wandb, trials.assign(pareto=pareto))
             logged: dict[str, Any] = {
                 "trials": table,
                 "leaderboard": wandb.Html(f"<pre>{leaderboard}</pre>"),
@@ -239,8 +238,7 @@ class WandbLogger:
             artifact.add_dir(str(path))
             run.log_artifact(artifact, aliases=aliases)
             for name, frame in (tables or {}).items():
-                plain = frame.astype(object).where(frame.notna(), None)
-                run.log({name: wandb.Table(dataframe=plain)})
+                run.log({name: _table(wandb, frame)})
         except Exception as exc:  # noqa: BLE001
             self._degrade(exc)
         self._finish(exit_code=0)
@@ -327,3 +325,8 @@ _FALLBACK = {
         "W&B logging is off for the rest of this search; everything is still in trials.csv",
     ),
 }
+
+
+def _table(wandb, frame: pd.DataFrame):
+    """A W&B Table of ``frame``, empty cells as None (W&B refuses NaN in mixed columns)."""
+    return wandb.Table(dataframe=frame.astype(object).where(frame.notna(), None))
