@@ -308,7 +308,7 @@ def unfreeze_like_the_example(model, base, count: int = KERAS_EXAMPLE["unfrozen_
     unfrozen."""
     import keras
 
-    head = [layer for layer in model.layers[model.layers.index(base) + 1 :]]
+    head = model.layers[model.layers.index(base) + 1 :]
     tail = base.layers[-(count - len(head)) :]
     base.trainable = True
     chosen = {id(layer) for layer in tail}

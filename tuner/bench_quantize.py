@@ -19,6 +19,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
+
 from data_tools.errors import InputError, run_cli
 
 
@@ -80,9 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"validation images; on {device_name()}"
     )
     print(f"{'model':<18}{'val acc':>9}{'vs Keras':>10}{'ms/image':>10}{'speed-up':>10}{'MB':>8}")
-    keras_mb = (
-        float(row["model_bytes"]) / 1e6 if row.get("model_bytes") == row.get("model_bytes") else 0
-    )
+    keras_mb = float(row["model_bytes"]) / 1e6 if pd.notna(row.get("model_bytes")) else 0.0
     print(
         f"{'Keras float32':<18}{row['val_accuracy']:>9.4f}{'':>10}{row['latency_ms']:>10.2f}"
         f"{'1.0x':>10}{keras_mb:>8.2f}"
