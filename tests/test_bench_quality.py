@@ -16,23 +16,30 @@ from tuner import bench_quality
 
 
 def test_folds_rotate_both_ranges_by_the_test_width_and_keep_test_disjoint():
-    folds = bench_quality.fold_ranges("0-63", "64-127", 3)
+    folds = bench_quality.fold_ranges("0-63", "64-127", 4)
     assert folds == [
         {"test": "0-63", "validation": "64-127"},
         {"test": "64-127", "validation": "128-191"},
         {"test": "128-191", "validation": "192-255"},
+        {"test": "192-255", "validation": "0-63"},  # wraps: every bucket is tested once
     ]
     low_high = [[int(x) for x in fold["test"].split("-")] for fold in folds]
     tests = [set(range(low, high + 1)) for low, high in low_high]
-    assert not (tests[0] & tests[1] or tests[1] & tests[2] or tests[0] & tests[2])
+    assert set().union(*tests) == set(range(256)) and sum(map(len, tests)) == 256
+    for fold in folds:  # a fold's validation never overlaps its test
+        (a, b), (c, d) = (map(int, fold[k].split("-")) for k in ("test", "validation"))
+        assert b < c or d < a
 
 
 def test_too_many_folds_get_one_line_with_the_largest_that_fits():
     with pytest.raises(InputError) as error:
-        bench_quality.fold_ranges("0-63", "64-127", 4)
-    assert "pass --folds 3" in str(error.value) and "\n" not in str(error.value)
+        bench_quality.fold_ranges("0-63", "64-127", 5)
+    assert "pass --folds 4" in str(error.value) and "\n" not in str(error.value)
     with pytest.raises(InputError, match="pass --folds 9"):
-        bench_quality.fold_ranges("0-24", "25-49", 10)  # 0-24 ... 200-224 / 225-249
+        # fold 10 would test 225-249 and validate on 250-18, a range across the wrap
+        bench_quality.fold_ranges("0-24", "25-49", 10)
+    with pytest.raises(InputError, match="pass --folds 2"):
+        bench_quality.fold_ranges("0-79", "80-159", 3)  # validation 240-63 would straddle
     with pytest.raises(InputError, match="within the hash buckets 0-255"):
         bench_quality.fold_ranges("0-300", "25-49", 1)
 

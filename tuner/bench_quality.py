@@ -6,8 +6,9 @@
         [--space FILE] [--set KEY=VALUE]
 
 For each of ``--folds`` K disjoint rotations of the test and validation bucket ranges (fold
-i shifts both by i times the test range's width: test 0-63 / validation 64-127, then 64-127
-/ 128-191, then 128-191 / 192-255), on the package's split of ``--data`` for that fold
+i shifts both by i times the test range's width, wrapping past bucket 255 to 0: test 0-63 /
+validation 64-127, then 64-127 / 128-191, 128-191 / 192-255 and, for ``--folds 4``, 192-255 /
+0-63, so that four folds test every bucket once), on the package's split of ``--data`` for that fold
 (``results/<name>-quality/fold<i>/split_label.csv``, as ``python -m data_tools.split``):
 
 * ``seed``: the seeds' hand recipe: the frozen B0 (same weights), a Dense softmax (sigmoid
@@ -142,7 +143,9 @@ def parse_baselines(text: str) -> list[str]:
 
 def fold_ranges(test: str, validation: str, folds: int) -> list[dict[str, str]]:
     """The K folds' ``{"test": "a-b", "validation": "c-d"}``: fold i shifts both ranges by
-    i times the test range's width, so the test ranges are disjoint."""
+    i times the test range's width, wrapping past the last bucket to the first (K-fold
+    cross-validation: with 64-wide ranges, four folds test every bucket once). The test
+    ranges are disjoint, and no shifted range may straddle the wrap."""
     low, high = parse_range(test)
     vlow, vhigh = parse_range(validation)
     if not (0 <= low <= high < BUCKETS and 0 <= vlow <= vhigh < BUCKETS):
@@ -151,18 +154,28 @@ def fold_ranges(test: str, validation: str, folds: int) -> list[dict[str, str]]:
             f"within the hash buckets 0-{BUCKETS - 1}"
         )
     width = high - low + 1
-    largest = (BUCKETS - 1 - max(high, vhigh)) // width + 1
+
+    def shifted(i: int) -> dict[str, tuple[int, int]] | None:
+        out = {}
+        for key, (a, b) in (("test", (low, high)), ("validation", (vlow, vhigh))):
+            a, b = (a + i * width) % BUCKETS, (b + i * width) % BUCKETS
+            if a > b:
+                return None  # the range would straddle the wrap
+            out[key] = (a, b)
+        return out
+
+    largest = 0
+    while (largest + 1) * width <= BUCKETS and shifted(largest) is not None:
+        largest += 1
     if not 1 <= folds <= largest:
         raise InputError(
             f"--folds {folds}: test buckets {test} and validation buckets {validation}, "
-            f"shifted by {width} buckets a fold, fit {largest} fold(s) in buckets "
-            f"0-{BUCKETS - 1}; pass --folds {largest} or narrower ranges"
+            f"shifted by {width} buckets a fold (wrapping past {BUCKETS - 1}), fit "
+            f"{largest} fold(s) with disjoint test buckets; pass --folds {largest} or "
+            f"narrower ranges"
         )
     return [
-        {
-            "test": _text((low + i * width, high + i * width)),
-            "validation": _text((vlow + i * width, vhigh + i * width)),
-        }
+        {key: _text(span) for key, span in shifted(i).items()}  # type: ignore[union-attr]
         for i in range(folds)
     ]
 
