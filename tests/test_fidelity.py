@@ -12,6 +12,7 @@ import keras
 import keras_tuner as kt
 import numpy as np
 import pytest
+from keras_tuner.src.engine import tuner_utils as kt_tuner_utils
 
 from tests.test_hypermodel import demo_data
 from tuner import backbones, features, hypermodel, space
@@ -75,9 +76,12 @@ def test_fit_leaves_the_model_at_the_best_epoch_it_reports(
     model = maker.build(hp)
     maker.callbacks_factory = lambda: [RuinLastEpoch(model, 4)]
     result = maker.fit(hp, model, epochs=4)
-    history = maker.last_fit["history"]["val_accuracy"]
-    assert len(history) == 4 and history[-1] < max(history)  # the last epoch is not the best
-    assert result["val_accuracy"] == max(history)
+    history = maker.last_fit["history"]
+    losses = history["val_loss"]
+    assert len(losses) == 4 and losses[-1] > min(losses)  # the last epoch is not the best
+    best = losses.index(min(losses))  # the lowest validation loss, not the best accuracy
+    assert result["val_accuracy"] == history["val_accuracy"][best]
+    assert result["val_loss"] == min(losses)
     # The model in memory (what the trial saves and export ships) scores the reported number.
     assert validation_accuracy(maker, model) == pytest.approx(result["val_accuracy"], abs=1e-6)
 
@@ -186,3 +190,42 @@ def test_official_notop_file_in_a_folder_computes_what_imagenet_computes(tmp_pat
     from_folder.save_weights(tmp_path / "saved" / "B0.weights.h5")
     again = backbones.build(entry, 48, str(tmp_path / "saved"))
     np.testing.assert_allclose(again.predict(pixels, verbose=0), expected, atol=tolerance)
+
+
+def test_the_best_epoch_is_the_lowest_validation_loss_everywhere_it_is_chosen():
+    """A head's luckiest epoch by accuracy is not the one kept: the epoch with the lowest
+    validation loss is, by the hypermodel, the trial's record and its checkpoint alike."""
+    from tuner import checkpoint
+
+    history = {
+        "val_accuracy": [0.40, 0.61, 0.50, 0.52],  # epoch 2's accuracy is a lucky spike
+        "val_loss": [1.90, 1.60, 1.20, float("nan")],
+        "accuracy": [0.5, 0.6, 0.7, 0.8],
+        "loss": [1.5, 1.2, 1.0, 0.9],
+    }
+    assert hypermodel.best_epoch(history) == 2
+    assert hypermodel.best_metrics({**history, "val_loss": history["val_loss"][:3]}) == {
+        "val_accuracy": 0.50,
+        "val_loss": 1.20,
+        "accuracy": 0.7,
+        "loss": 1.0,
+    }
+    assert checkpoint.EPOCH_OBJECTIVE.name == hypermodel.BEST_EPOCH_METRIC
+    assert checkpoint.EPOCH_OBJECTIVE.direction == "min"
+    keeper = hypermodel.BestEpoch()
+    variable = keras.Variable(0.0)
+    keeper.track([variable])
+    pairs = list(zip(history["val_accuracy"], history["val_loss"], strict=True))
+    for epoch, (accuracy, loss) in enumerate(pairs):
+        variable.assign(float(epoch))
+        keeper.on_epoch_end(epoch, {"val_accuracy": accuracy, "val_loss": loss})
+    keeper.restore()
+    assert float(variable.numpy()) == 2.0
+    saver = checkpoint.SaveTrained.replacing(
+        kt_tuner_utils.SaveBestEpoch(kt.Objective("val_accuracy", "max"), "unused"), whole=False
+    )
+    saved = []
+    saver._save_model = lambda: saved.append(len(saved))
+    for accuracy, loss in pairs[:3]:
+        saver.on_epoch_end(0, {"val_accuracy": accuracy, "val_loss": loss})
+    assert saver.best_value == 1.20 and len(saved) == 3  # every epoch lowered the loss
