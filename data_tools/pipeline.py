@@ -390,7 +390,7 @@ def array_dataset(
 
     ``views``: ``values`` holds several views of the same rows (a tensor ``[views, rows,
     ...]`` or a list of arrays); each row comes from one view drawn at random, again every
-    epoch (an augmented feature cache: :mod:`tuner.augment`).
+    epoch (an augmented feature cache: :mod:`tuner.model.augment`).
     """
     count = len(labels)
     order = tf.data.Dataset.range(count)

@@ -105,7 +105,7 @@ def _train_t0(folder: Path, demo_dir: Path) -> None:
     import keras_tuner as kt
 
     from data_tools import ingest, split
-    from tuner import hypermodel, space
+    from tuner.model import hypermodel, space
 
     folder.mkdir(parents=True, exist_ok=True)
     labels = ingest.read_label_csv(demo_dir / "label.csv")

@@ -14,7 +14,9 @@ import tensorflow as tf
 from data_tools import ingest, pipeline, split
 from data_tools.errors import InputError, run_cli
 from tests.conftest import run_search
-from tuner import export_best, hypermodel, oracle, space, strategy
+from tuner import export_best
+from tuner.engine import oracle, strategy
+from tuner.model import hypermodel, space
 
 
 def test_policies_are_written_out_and_bad_ones_say_what_is_valid():

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from data_tools.errors import InputError
-from tuner import backbones
+from tuner.model import backbones
 
 
 def test_table_holds_native_sizes_and_batches() -> None:

@@ -119,7 +119,7 @@ def _row(difference: float, equal: bool = False) -> dict:
 def test_the_recipe_feeds_its_backbone_the_range_it_takes():
     import dataclasses
 
-    from tuner import backbones
+    from tuner.model import backbones
 
     t0 = backbones.get("T0")
     as_hub = dataclasses.replace(t0, input_scale=1 / 255)  # a TF-Hub module takes 0..1
@@ -136,7 +136,7 @@ def test_the_keras_example_unfreezes_what_its_flat_model_would():
     BatchNormalization; the nested model here must unfreeze the same layers."""
     import keras
 
-    from tuner import backbones
+    from tuner.model import backbones
 
     model, base = bench_quality.keras_example_model(backbones.get("T0"), 32, None, 4)
     assert [layer.name for layer in model.layers[-3:]] == [

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from data_tools.errors import InputError
-from tuner import budget
+from tuner.engine import budget
 
 
 @pytest.mark.parametrize(
@@ -63,7 +63,7 @@ def test_ledger_counts_time_across_resumes(tmp_path: Path) -> None:
 
 
 def test_batch_scales_with_free_gpu_memory() -> None:
-    from tuner.accelerate import resolve, scaled_batch
+    from tuner.model.accelerate import resolve, scaled_batch
 
     assert scaled_batch(512, None) == 512  # CPU: the table's value
     assert scaled_batch(512, 8192) == 512
@@ -89,7 +89,7 @@ SMI = "0, GPU-aaaa1111-2222, 1200\n1, GPU-bbbb3333-4444, 23000\n"
     ],
 )
 def test_free_memory_is_read_for_the_gpu_this_process_uses(visible, free) -> None:
-    from tuner.accelerate import visible_free_mib
+    from tuner.model.accelerate import visible_free_mib
 
     assert visible_free_mib(SMI, visible) == free
     assert visible_free_mib("", visible) is None  # nvidia-smi printed nothing

@@ -10,7 +10,7 @@ import pytest
 
 from data_tools.errors import InputError
 from tests.test_hypermodel import demo_data
-from tuner import backbones, checkpoint, hypermodel, space
+from tuner.model import backbones, checkpoint, hypermodel, space
 
 
 def test_a_fine_tune_checkpoint_holds_its_top_blocks_and_head_and_rebuilds_the_model(

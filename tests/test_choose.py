@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from data_tools.errors import InputError
-from tuner.choose import choose
+from tuner.report.choose import choose
 
 
 def table(*rows: tuple[str, float, float], status: str = "completed") -> pd.DataFrame:

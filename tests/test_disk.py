@@ -14,7 +14,7 @@ from data_tools import pipeline
 from data_tools.errors import InputError
 from tests.conftest import frozen, random_rgb, run_search, save_image
 from tests.test_hypermodel import demo_data
-from tuner import disk, hypermodel, space
+from tuner.model import disk, hypermodel, space
 
 
 def test_one_decode_of_each_file_gives_every_size_exactly(tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ import pytest
 
 from data_tools.errors import InputError
 from tests.conftest import frozen, search_argv
-from tuner import budget, distribute
-from tuner.results import Results
+from tuner.engine import budget, distribute
+from tuner.report.results import Results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -218,7 +218,7 @@ def test_mirrored_strategy_runs_frozen_and_fine_tuned_trials(tmp_path, demo_dir,
 
 
 def test_a_chief_bound_beyond_loopback_warns_that_its_port_is_unauthenticated():
-    from tuner import distribute
+    from tuner.engine import distribute
 
     for private in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
         assert distribute.exposure_warning(private) is None

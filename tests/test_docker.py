@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from tests.test_repo import ROOT, readme_commands
-from tuner import distribute, search
+from tuner import search
+from tuner.engine import distribute
 
 DOCKERFILE = ROOT / "Dockerfile"
 

@@ -137,7 +137,7 @@ def test_a_pruned_model_is_rebuilt_or_retrained_and_a_refit_trains_on_train_and_
     """A trial's model comes from its checkpoint when pruned; with neither it is retrained.
     ``--refit`` then trains the configuration again on train + validation for the trial's
     best epochs, never sees a test row, and each model is evaluated on test once."""
-    from tuner import hypermodel
+    from tuner.model import hypermodel
 
     folder = fresh_copy(searched, tmp_path)
 
@@ -428,8 +428,8 @@ def test_the_card_marks_what_a_trial_did_not_use():
     """An exact linear head takes no rate, dropout or epochs; a frozen trial no phase-2
     factor; one view without augmentation is no choice. trials.csv keeps the epochs that
     ran (the cost model reads them): the card marks them."""
-    from tuner import card
-    from tuner.hypermodel import TrialPlan
+    from tuner.model.hypermodel import TrialPlan
+    from tuner.report import card
 
     common = dict(backbone="B0", image_size=224, batch_size=64, head_width=0, dropout=0.2)
     common.update(learning_rate=1e-3, class_weight="none", pretrained=True)
@@ -460,8 +460,8 @@ def test_quantize_measures_every_variant_of_the_front_and_can_ship_one(searched,
     """--quantize: four LiteRT variants of each front trial in deployables.csv, measured
     with the interpreter on validation; the fastest rule then ships a deployable, evaluated
     once on test with the interpreter, with its float model beside it for serving."""
-    from tuner import quantize
-    from tuner.results import pareto_flags
+    from tuner.model import quantize
+    from tuner.report.results import pareto_flags
 
     folder = fresh_copy(searched, tmp_path)
     argv = ["--results", str(folder), "--quantize", "--calibration-images", "40"]
@@ -520,7 +520,7 @@ def test_quantize_measures_every_variant_of_the_front_and_can_ship_one(searched,
 def test_a_variant_the_converter_refuses_keeps_the_float_row_and_the_export_succeeds(
     searched, tmp_path, capsys, monkeypatch
 ):
-    from tuner import quantize
+    from tuner.model import quantize
 
     real = quantize.convert
 

@@ -15,7 +15,7 @@ import pandas as pd
 
 from tests.conftest import frozen, run_search, search_argv
 from tests.test_distribute import ROOT, clean_env
-from tuner import features
+from tuner.model import features
 
 COMMON = ["--algorithm", "random", "--set", "epochs=2", "--set", "max_trials=2", "--budget", "10m"]
 

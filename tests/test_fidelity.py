@@ -15,7 +15,7 @@ import pytest
 from keras_tuner.src.engine import tuner_utils as kt_tuner_utils
 
 from tests.test_hypermodel import demo_data
-from tuner import backbones, features, hypermodel, space
+from tuner.model import backbones, features, hypermodel, space
 
 
 def maker_for(demo_dir: Path, tmp_path: Path, weights, **values) -> hypermodel.EffNetHyperModel:
@@ -195,7 +195,7 @@ def test_official_notop_file_in_a_folder_computes_what_imagenet_computes(tmp_pat
 def test_the_best_epoch_is_the_lowest_validation_loss_everywhere_it_is_chosen():
     """A head's luckiest epoch by accuracy is not the one kept: the epoch with the lowest
     validation loss is, by the hypermodel, the trial's record and its checkpoint alike."""
-    from tuner import checkpoint
+    from tuner.model import checkpoint
 
     history = {
         "val_accuracy": [0.40, 0.61, 0.50, 0.52],  # epoch 2's accuracy is a lucky spike

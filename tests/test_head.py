@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from tuner import head as head_mod
-from tuner.hypermodel import auto_train_batch, compile_model
+from tuner.model import head as head_mod
+from tuner.model.hypermodel import auto_train_batch, compile_model
 
 
 def blobs(classes: int, n: int = 120, d: int = 12, seed: int = 0):

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from data_tools import ingest, split
-from tuner import backbones, hypermodel, space
+from tuner.model import backbones, hypermodel, space
 
 
 def demo_data(demo_dir: Path, tmp_path: Path) -> hypermodel.SplitData:
@@ -164,7 +164,7 @@ def test_feature_cache_off_trains_end_to_end(demo_dir, tmp_path, pretrained_t0):
 def test_finetune_trains_the_top_on_cached_activations_and_matches_end_to_end(
     demo_dir, tmp_path, pretrained_t0
 ):
-    from tuner import features
+    from tuner.model import features
 
     maker = frozen_maker(demo_dir, tmp_path, pretrained_t0)
     frozen = maker.build(kt.HyperParameters()).get_layer("backbone")  # shared by frozen trials

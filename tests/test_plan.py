@@ -8,7 +8,8 @@ import pytest
 
 from data_tools.errors import InputError
 from tests.conftest import run_search
-from tuner import plan, space, strategy
+from tuner.engine import plan, strategy
+from tuner.model import space
 
 TABLE = """
 decode: 1.0e-3

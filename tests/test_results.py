@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tuner.results import COLUMNS, Results, leaderboard_markdown, pareto_front
+from tuner.report.results import COLUMNS, Results, leaderboard_markdown, pareto_front
 
 
 def test_pareto_front_keeps_only_undominated_trials() -> None:
@@ -89,7 +89,7 @@ def test_pareto_png_rings_the_front_bars_the_spread_and_stars_the_export() -> No
     exported trial is starred."""
     import matplotlib.pyplot as plt
 
-    from tuner.results import pareto_figure
+    from tuner.report.results import pareto_figure
 
     done = pd.DataFrame(
         {
@@ -121,7 +121,7 @@ def test_pareto_png_rings_the_front_bars_the_spread_and_stars_the_export() -> No
 def test_pareto_png_marks_deployable_variants_and_puts_them_on_one_front() -> None:
     import matplotlib.pyplot as plt
 
-    from tuner.results import pareto_figure
+    from tuner.report.results import pareto_figure
 
     done = pd.DataFrame(
         {

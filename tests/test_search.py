@@ -20,7 +20,8 @@ import yaml
 
 from data_tools.errors import run_cli
 from tests.conftest import frozen, rebuilt_val_accuracy, run_search
-from tuner import hypermodel, search
+from tuner import search
+from tuner.model import hypermodel
 
 run = run_search
 # One quick trial: random search, one epoch.

@@ -8,7 +8,7 @@ import keras_tuner as kt
 import pytest
 
 from data_tools.errors import InputError
-from tuner import space
+from tuner.model import space
 from tuner.search import SPACES
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tuner import strategy
-from tuner.strategy import FINE_TUNE, FROZEN, FeatureSet, Setting, TrialFacts
+from tuner.engine import strategy
+from tuner.engine.strategy import FINE_TUNE, FROZEN, FeatureSet, Setting, TrialFacts
 
 B0 = FeatureSet("B0", "native", 224)
 B1 = FeatureSet("B1", "native", 240)

@@ -18,7 +18,8 @@ from rich.console import Console
 
 from data_tools.errors import run_cli
 from tests.conftest import run_search
-from tuner import backbones, export_best, features
+from tuner import export_best
+from tuner.model import backbones, features
 
 V2_ROWS = ["V2B0", "V2B1", "V2B2", "V2B3", "V2S", "V2M", "V2L"]
 
@@ -129,7 +130,7 @@ def test_v2_fine_tunes_whole_blocks_end_to_end(tmp_path, demo_dir, v2_weights) -
     import keras_tuner as kt
 
     from tests.test_hypermodel import demo_data
-    from tuner import hypermodel, space
+    from tuner.model import hypermodel, space
 
     values = {"backbones": ["V2T0"], "finetune_fraction": 0.3, "head_width": 16, "epochs": 2}
     maker = hypermodel.EffNetHyperModel(
@@ -213,7 +214,7 @@ def test_v2_searches_on_cached_features_and_activations_and_exports(
     # Without their checkpoints, the fine-tune's model is retrained from its lineage: the
     # parent's head, then its own epochs from where the search started them. With only the
     # parent's checkpoint kept, that is loaded and only the fine-tune trains.
-    from tuner import hypermodel
+    from tuner.model import hypermodel
 
     fits = []
     real_fit = hypermodel.EffNetHyperModel.fit

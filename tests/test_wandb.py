@@ -132,7 +132,8 @@ def test_offline_runs_equal_trials_csv_and_resume_adds_no_duplicates(
 
 
 def test_interrupted_trial_reuses_its_run_id(tmp_path, demo_dir, pretrained_t0, monkeypatch):
-    from tuner import hypermodel, trial
+    from tuner.engine import trial
+    from tuner.model import hypermodel
 
     real_fit = hypermodel.EffNetHyperModel.fit
     calls = []
@@ -229,7 +230,7 @@ def test_full_disk_under_wandb_turns_logging_off_and_the_search_goes_on(
 def test_model_artifact_hook_logs_to_the_search_run(tmp_path):
     from rich.console import Console
 
-    from tuner.wandb_log import WandbLogger
+    from tuner.report.wandb_log import WandbLogger
 
     exported = tmp_path / "best"
     exported.mkdir()

@@ -253,7 +253,7 @@ def run_recipe(split_file: Path, images: Path, weights: str | None, recipe: dict
     test metrics, training seconds and what it ran."""
     import keras
 
-    from tuner import backbones
+    from tuner.model import backbones
 
     config, table, classes = _recipe_data(split_file, images)
     size, batch = recipe["image_size"], recipe["batch_size"]
@@ -278,7 +278,7 @@ def recipe_model(entry, size: int, weights: str | None, classes: int):
     softmax (sigmoid for two classes)."""
     import keras
 
-    from tuner import backbones
+    from tuner.model import backbones
 
     base = backbones.build(entry, size, weights)
     base.trainable = False
@@ -302,7 +302,7 @@ def keras_example_model(entry, size: int, weights: str | None, classes: int):
     stochastic depth runs during ``fit``."""
     import keras
 
-    from tuner import backbones
+    from tuner.model import backbones
 
     base = backbones.build(entry, size, weights)
     base.trainable = False
@@ -351,7 +351,7 @@ def run_keras_example(split_file: Path, images: Path, weights: str | None, recip
     """keras-io's EfficientNet fine-tuning recipe on the split (see the module docstring)."""
     import keras
 
-    from tuner import backbones
+    from tuner.model import backbones
 
     config, table, classes = _recipe_data(split_file, images)
     size, batch = recipe["image_size"], recipe["batch_size"]
@@ -381,7 +381,8 @@ def check_weights(args: argparse.Namespace, recipe_backbone: str) -> None:
     """The recipes' and the searches' backbones have weights (one line naming the fix)."""
     from rich.console import Console
 
-    from tuner import backbones, search, space
+    from tuner import search
+    from tuner.model import backbones, space
 
     overrides = space.parse_overrides(args.set)
     searched = space.load(args.space or search.SPACES / "default.yaml", overrides)
@@ -394,7 +395,7 @@ def check_weights(args: argparse.Namespace, recipe_backbone: str) -> None:
 
 def skipped(baseline: str, args: argparse.Namespace) -> str | None:
     """Why ``baseline`` cannot run with these arguments (None: it can)."""
-    from tuner import backbones
+    from tuner.model import backbones
 
     if baseline == "keras-example" and not backbones.get(args.recipe_backbone).finetunable:
         return (
@@ -460,7 +461,7 @@ def run_search(
 
 def run_fold(args: argparse.Namespace, index: int, ranges: dict, wanted: list[str]) -> dict:
     """Every method on fold ``index``: each method's result and the comparisons."""
-    from tuner import budget
+    from tuner.engine import budget
 
     folder = Path(args.results) / f"{_name(args)}-quality" / f"fold{index + 1}"
     split_file, images = split_data(args, folder, ranges)
@@ -580,7 +581,7 @@ def _name(args: argparse.Namespace) -> str:
 
 
 def _native(backbone: str) -> int:
-    from tuner import backbones
+    from tuner.model import backbones
 
     return backbones.get(backbone).size
 
@@ -637,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def print_report(report: dict) -> None:
-    from tuner.budget import format_seconds
+    from tuner.engine.budget import format_seconds
 
     print(f"{'fold':<6}{'method':<16}{'test acc':>9}{'balanced':>10}{'time':>10}  model")
     for fold in report["folds"]:
@@ -679,7 +680,7 @@ def print_report(report: dict) -> None:
 def quality_line(name: str, row: dict) -> str:
     """``quality vs <baseline>: +X.XXX (95% CI +L..+H) over K folds at equal wall clock``;
     for ``longer``, the regret; "at equal wall clock" only when it was."""
-    from tuner.budget import format_seconds
+    from tuner.engine.budget import format_seconds
 
     low, high = row["ci95"]
     interval = "95% CI n/a: one fold" if math.isnan(low) else f"95% CI {low:+.3f}..{high:+.3f}"

@@ -3,9 +3,9 @@
     python -m tuner.bench_quantize --results results/NAME [--trial ID] [--calibration-images 200]
 
 For the trial (default: the most accurate of the search's front), on this machine, in one
-process: the Keras model's latency (:func:`tuner.trial.measure_latency`: batch 1, 3 warm-up
+process: the Keras model's latency (:func:`tuner.engine.trial.measure_latency`: batch 1, 3 warm-up
 runs, the median of 10) and validation accuracy, then each variant of
-:mod:`tuner.quantize` (``float32``, ``float16``, ``dynamic``, ``int8``) converted, run in
+:mod:`tuner.model.quantize` (``float32``, ``float16``, ``dynamic``, ``int8``) converted, run in
 the LiteRT interpreter on the same validation images, and timed by the same rule on the
 same pixels. Prints one row a variant (validation accuracy, its change against Keras,
 latency, speed-up, file size) and ends with ``int8 latency: N.Nx`` (Keras latency over int8
@@ -25,7 +25,7 @@ from data_tools.errors import InputError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tuner import quantize
+    from tuner.model import quantize
 
     parser = argparse.ArgumentParser(
         prog="python -m tuner.bench_quantize",
@@ -44,8 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rich.console import Console
 
-    from tuner import export_best, quantize, results
-    from tuner.trial import device_name, measure_latency
+    from tuner import export_best
+    from tuner.engine.trial import device_name, measure_latency
+    from tuner.model import quantize
+    from tuner.report import results
 
     console = Console(highlight=False, soft_wrap=True)
     folder = Path(args.results)

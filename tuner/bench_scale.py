@@ -85,7 +85,7 @@ def write_photos(folder: Path, count: int, seed: int = 0) -> pd.DataFrame:
 
 def folder_bytes(folder: Path) -> int:
     """Bytes of the files under ``folder`` (lock files aside)."""
-    from tuner import disk
+    from tuner.model import disk
 
     return disk.Budget(folder, 0).used()
 
@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.images_dir = args.images_dir or Path(tempfile.gettempdir()) / "effnet-bench-photos"
 
-    from tuner import backbones
+    from tuner.model import backbones
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -241,7 +241,7 @@ def summary(table: pd.DataFrame, budget: str | None) -> str:
     decodes = last["decodes_per_image"]
     within = ""
     if budget:
-        from tuner import disk
+        from tuner.model import disk
 
         within = f" within budget {disk.parse_size(budget) / 1e9:.2f} GB"
     return (

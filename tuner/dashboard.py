@@ -22,7 +22,7 @@ from typing import Any
 
 from data_tools.atomic import write_text
 from data_tools.errors import InputError, run_cli
-from tuner.wandb_log import DEFAULT_PROJECT, resolve_mode
+from tuner.report.wandb_log import DEFAULT_PROJECT, resolve_mode
 
 # Hyperparameters on the parallel-coordinates axes, left to right, before val accuracy.
 HYPERPARAMETERS = [

@@ -6,9 +6,9 @@
 
 1. The Pareto front of the finished trials (val accuracy up, time down; ``--time training``
    uses training time instead of latency) is printed with the chosen trial marked and the
-   reason (rules: :mod:`tuner.choose`).
+   reason (rules: :mod:`tuner.report.choose`).
 2. The chosen trial's model is rebuilt with its best-epoch checkpoint (what the trial
-   trained, on the same frozen weights: :mod:`tuner.checkpoint`), or loaded whole from
+   trained, on the same frozen weights: :mod:`tuner.model.checkpoint`), or loaded whole from
    ``trials/<id>/model.keras`` for a search from before that format, or, when neither is
    there, retrained from its hyperparameters; the output says which.
 3. It is evaluated once on the test split, which nothing read before: accuracy, loss,
@@ -28,7 +28,7 @@
 5. ``--quantize``: before choosing, every trial on the front is converted to LiteRT
    ``float32``, ``float16``, ``dynamic`` and ``int8`` variants, each measured in the
    interpreter (validation accuracy, latency, size: ``deployables.csv``,
-   :mod:`tuner.quantize`), and the rule chooses among the Keras models and these; a chosen
+   :mod:`tuner.model.quantize`), and the rule chooses among the Keras models and these; a chosen
    variant is evaluated on test in the interpreter and shipped as ``model.tflite``, its
    trial's float model beside it for serving.
 6. ``--refit``: the chosen configuration is trained once more on train + validation, for the
@@ -55,10 +55,10 @@ import yaml
 
 from data_tools.atomic import atomic_path
 from data_tools.errors import InputError, run_cli
-from tuner import quantize
-from tuner import results as results_mod
-from tuner.card import refit_step
-from tuner.choose import MNAS_WEIGHT, RULES, Choice, choose
+from tuner.model import quantize
+from tuner.report import results as results_mod
+from tuner.report.card import refit_step
+from tuner.report.choose import MNAS_WEIGHT, RULES, Choice, choose
 
 FLOAT_TOLERANCE = 1e-4  # Keras vs SavedModel vs TFLite probabilities (float32 arithmetic)
 # A mixed-precision trial against its float32 export: float16 activations carry ~3 digits,
@@ -83,7 +83,7 @@ def load_search(folder: Path) -> tuple[dict[str, Any], pd.DataFrame]:
             f"{folder} is not a search's results folder (no trials.csv or "
             f"config.yaml): pass --results results/NAME"
         )
-    from tuner.results import Results
+    from tuner.report.results import Results
 
     return yaml.safe_load((folder / "config.yaml").read_text()), Results(folder).rows()
 
@@ -108,11 +108,11 @@ def weights_argument(label: str) -> str | None:
 def trial_model(folder: Path, row: pd.Series, config: dict[str, Any]):
     """(model, how it was obtained): its architecture rebuilt with its best-epoch checkpoint
     (kept for every trial: what it trained, on the frozen weights the rebuild loads:
-    :mod:`tuner.checkpoint`); a whole model a search from before that format kept; else a
+    :mod:`tuner.model.checkpoint`); a whole model a search from before that format kept; else a
     retrain from its hyperparameters."""
     import keras
 
-    from tuner import checkpoint
+    from tuner.model import checkpoint
 
     saved = folder / "trials" / str(row["trial_id"]) / "model.keras"
     if saved.is_file():
@@ -169,7 +169,7 @@ def trial_hypermodel(folder: Path, row: pd.Series, config: dict[str, Any]):
 def search_hypermodel(folder: Path, config: dict[str, Any], table: pd.DataFrame, classes):
     """The search's hypermodel (its space, weights, cache folder and ``--feature-cache``
     setting: a retrain or refit trains as the search did) over ``table``'s rows."""
-    from tuner import hypermodel, space
+    from tuner.model import hypermodel, space
 
     cache_dir = config.get("cache_dir") or str(folder / "cache")  # --cache-dir, if given
     data = hypermodel.SplitData(table, classes, cache_dir=cache_dir)
@@ -209,10 +209,10 @@ def refit(folder: Path, row: pd.Series, trials: pd.DataFrame, config: dict[str, 
     next continues from those weights, as it continued from that best-epoch checkpoint. A
     linear head is fitted exactly again. The validation rows stay the hypermodel's validation
     split only because its code paths score one; nothing is chosen on them. Test rows never
-    reach it (:class:`~tuner.hypermodel.SplitData` refuses them)."""
+    reach it (:class:`~tuner.model.hypermodel.SplitData` refuses them)."""
     import time
 
-    from tuner.budget import format_seconds
+    from tuner.engine.budget import format_seconds
 
     chain = lineage(folder, row, trials)
     table, classes = split_table(config, ("train", "validation"))
@@ -242,7 +242,7 @@ def replay(maker, chain: list, folder: Path, refit: bool):
     epoch, and a link whose checkpoint is kept is loaded instead of trained."""
     import tempfile
 
-    from tuner import checkpoint
+    from tuner.model import checkpoint
 
     steps = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -452,9 +452,9 @@ def export(args: argparse.Namespace) -> Path:
     """Choose, evaluate and write ``best/``; returns the folder. The CLI's one call."""
     from rich.console import Console
 
-    from tuner import card
-    from tuner.choose import TIME_COLUMNS
-    from tuner.trial import device_name, measure_latency
+    from tuner.engine.trial import device_name, measure_latency
+    from tuner.report import card
+    from tuner.report.choose import TIME_COLUMNS
 
     console = Console(highlight=False, soft_wrap=True)
     folder = Path(args.results) if args.results else most_recent_search()
@@ -586,7 +586,7 @@ def quantize_front(
     folder: Path, config: dict[str, Any], trials: pd.DataFrame, count: int, console
 ) -> pd.DataFrame:
     """deployables.csv: every variant of every trial on the latency front, measured
-    (:mod:`tuner.quantize`); the leaderboard gains their section."""
+    (:mod:`tuner.model.quantize`); the leaderboard gains their section."""
     front = trials[results_mod.pareto_flags(trials)]
     console.print(
         f"quantizing the {len(front)} trial(s) on the front: "
@@ -620,7 +620,7 @@ def quantize_front(
 
 
 def _log_artifact(folder, config, out, choice, record, console, args, deployables=None) -> None:
-    from tuner.wandb_log import WandbLogger
+    from tuner.report.wandb_log import WandbLogger
 
     logger = WandbLogger(
         args.wandb_mode, args.wandb_project, args.wandb_entity, config["name"], folder, console

@@ -12,7 +12,7 @@ Re-running with the same ``--name`` resumes: finished trials are kept and never 
 and the budget counts the time already spent. ``--overwrite`` starts again.
 
 ``--gpus 0,1`` runs a chief and one worker per GPU; ``--chief HOST:PORT`` and ``--worker
-HOST:PORT`` run them by hand, on several machines (see :mod:`tuner.distribute`).
+HOST:PORT`` run them by hand, on several machines (see :mod:`tuner.engine.distribute`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from data_tools import ingest
 from data_tools import split as split_mod
 from data_tools.atomic import write_text
 from data_tools.errors import InputError, run_cli
-from tuner.distribute import Role
+from tuner.engine.distribute import Role
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACES = ROOT / "search_spaces"
@@ -67,9 +67,9 @@ class SearchRequest:
     strategy: str = "none"
     gpu_free_mib: float | None = None  # read before TensorFlow was loaded
     cache_dir: str | None = None  # default: results/<name>/cache
-    cache_budget: str | None = None  # default: a share of the free space (tuner/disk.py)
+    cache_budget: str | None = None  # default: a share of the free space (tuner/model/disk.py)
     dry_run: bool = False  # print the plan, train nothing
-    costs: str | None = None  # a cost table for the dry run (tuner/plan.py)
+    costs: str | None = None  # a cost table for the dry run (tuner/engine/plan.py)
     test_range: tuple[int, int] = split_mod.DEFAULT_TEST_RANGE  # when it splits a label.csv
     validation_range: tuple[int, int] = split_mod.DEFAULT_VALIDATION_RANGE
 
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--costs",
         metavar="FILE",
         help="with --dry-run: plan from this cost table (seconds an image per backbone) "
-        "instead of a timed batch here; see tuner/plan.py",
+        "instead of a timed batch here; see tuner/engine/plan.py",
     )
     scale = parser.add_argument_group("scaling out (see README, 'Scaling out')")
     scale.add_argument(
@@ -201,13 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_request(args: argparse.Namespace) -> SearchRequest:
-    from tuner import accelerate
+    from tuner.model import accelerate
 
     # First, before anything loads TensorFlow: once TF has touched the GPU, most of its memory
     # is reserved, and the batch sizes scaled to the free memory would drop to the floor.
     free_mib = accelerate.gpu_free_mib()
 
-    from tuner import budget, disk, distribute, space
+    from tuner.engine import budget, distribute
+    from tuner.model import disk, space
 
     if args.cache_budget is not None:
         disk.parse_size(args.cache_budget)  # a malformed size fails before any work
@@ -266,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def launch_gpus(args: argparse.Namespace, argv: list[str]) -> int:
     """``--gpus 0,1``: a chief and one worker per GPU on this machine, on loopback."""
-    from tuner import distribute
+    from tuner.engine import distribute
 
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
     if not gpus or not all(g.isdigit() for g in gpus) or len(set(gpus)) != len(gpus):
@@ -285,10 +286,11 @@ def run_search(request: SearchRequest) -> int:
     from filelock import FileLock
     from rich.console import Console
 
-    from tuner import accelerate, budget, disk, distribute, hypermodel, plan, trial
-    from tuner import space as space_mod
-    from tuner.results import FINISHED, Results
-    from tuner.wandb_log import WandbLogger
+    from tuner.engine import budget, distribute, plan, trial
+    from tuner.model import accelerate, disk, hypermodel
+    from tuner.model import space as space_mod
+    from tuner.report.results import FINISHED, Results
+    from tuner.report.wandb_log import WandbLogger
 
     console = Console(highlight=False, soft_wrap=True)
     out = Path(request.results) / request.name
@@ -394,7 +396,9 @@ def run_search(request: SearchRequest) -> int:
     if role.kind != "worker":
         sets = plan.first_set(space)
         if space.algorithm == "transfer":
-            sets = prepare_transfer(tuner.oracle, space, data, ledger, request.budget_s, console)
+            sets = prepare_transfer(
+                tuner.oracle, space, data, ledger, request.budget_s, console
+            )
         if request.feature_cache and weights is not None:
             plan.plan_cache(model, cache_budget, sets, space, data, console)
     if role.kind == "chief":
@@ -416,7 +420,10 @@ def run_search(request: SearchRequest) -> int:
     with _stop_on_signals(context):
         try:
             tuner.search(verbose=0)
-            why = getattr(tuner.oracle, "reason", "") or "the algorithm has no more trials to run"
+            why = (
+                getattr(tuner.oracle, "reason", "")
+                or "the algorithm has no more trials to run"
+            )
             console.print(f"search finished: {why}")
         except trial.BudgetExhausted as exc:
             console.print(f"budget reached: {exc}")
@@ -470,8 +477,8 @@ def prepare_lock(out: Path) -> str:
 
 def finish_search(results, logger, config, ledger, console, code: int) -> int:
     """leaderboard.md, pareto.png, the W&B search run, the closing lines; returns ``code``."""
-    from tuner import budget
-    from tuner.results import FINISHED, pareto_flags
+    from tuner.engine import budget
+    from tuner.report.results import FINISHED, pareto_flags
 
     out = results.dir
     rows, leaderboard = results.write_summary()
@@ -536,7 +543,7 @@ def load_data(request: SearchRequest, out: Path):
 
 def resolve_weights(choice: str, space, demo: bool, console) -> tuple[str | None, str]:
     """(what the backbone constructors get, a label for the records)."""
-    from tuner import backbones
+    from tuner.model import backbones
 
     if choice.lower() == "none":
         return None, "none"
@@ -586,7 +593,7 @@ def serve_chief(tuner, context, ledger, role, console, results) -> int:
     write the summary. Ctrl-C/SIGTERM stop it at once (trials stay with the oracle)."""
     import threading
 
-    from tuner import distribute
+    from tuner.engine import distribute
 
     console.print(
         f"chief: serving trials on {role.host}:{role.port}; start workers with "
@@ -629,7 +636,7 @@ def prepare_transfer(oracle, space, data, ledger, budget_s: float, console) -> l
     """Give the transfer oracle the budget, the data's size and this device's speed (one
     timed batch of the cheapest backbone), and print its plan; returns the (backbone, size)
     pairs its frozen stage plans to run."""
-    from tuner import plan, strategy
+    from tuner.engine import plan, strategy
 
     oracle.setting = plan.setting_for(space, len(data.train), len(data.validation), budget_s)
     oracle.remaining = ledger.remaining
@@ -654,7 +661,7 @@ def make_tuner(cls: type, model, space, out: Path, distribution_strategy=None):
         max_consecutive_failed_trials=space.max_consecutive_failures,
     )
     if space.algorithm == "transfer":
-        from tuner.oracle import TransferOracle
+        from tuner.engine.oracle import TransferOracle
 
         oracle = TransferOracle(
             common.pop("objective"),

@@ -25,8 +25,8 @@ import keras_tuner as kt
 import yaml
 
 from data_tools.errors import InputError
-from tuner import augment as augment_mod
-from tuner import backbones
+from tuner.model import augment as augment_mod
+from tuner.model import backbones
 
 ALGORITHMS = ("transfer", "hyperband", "bayesian", "random")
 CLASS_WEIGHTS = ("none", "balanced")
@@ -63,7 +63,7 @@ class SearchSpace:
     finetune_lr_factor: Any = 0.1  # phase-2 learning rate = learning_rate * this
     finetune_epochs: int = 0  # epochs of phase 2 (0: half of epochs) when fine-tuning
     class_weight: Any = ("none", "balanced")
-    # Augmentation of the train split (tuner/augment.py): "none", or policies such as
+    # Augmentation of the train split (tuner/model/augment.py): "none", or policies such as
     # "flip+zoom:0.1"; a list is searched like any choice. A frozen trial trains on cached
     # features of `augment_views` views of each image (view 0 un-augmented), one drawn per
     # image and epoch.

@@ -16,7 +16,7 @@ A policy is ``none`` or transforms joined by ``+``, each ``name`` or ``name:stre
 Flips and rotations can change a class (text, flags, arrows): the search decides on
 validation, which is never augmented. The layers work on float pixels in 0..255 and run only
 while features are computed or a model trains: the model a trial keeps and export ships has
-no augmentation inside (:mod:`tuner.hypermodel`).
+no augmentation inside (:mod:`tuner.model.hypermodel`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The hypermodel: ``build(hp)`` is the model, ``fit(hp, model, ...)`` is its training.
 
 The model is ``pixels (float, 0..255) -> [rescale] -> backbone -> head``, with the backbone
-and the head (:mod:`tuner.head`) as two named sub-models (``backbone``, ``head``) so the head
+and the head (:mod:`tuner.model.head`) as two named sub-models (``backbone``, ``head``) so the head
 can be trained on cached backbone features without changing either.
 
-Trials of the ``transfer`` algorithm (:mod:`tuner.oracle`) have a stage:
+Trials of the ``transfer`` algorithm (:mod:`tuner.engine.oracle`) have a stage:
 
 * ``frozen``: the head alone, on the cached features, to convergence: a linear head is
   fitted exactly (:func:`head.fit_linear`); a wider one by Adam (cosine decay, at most
@@ -27,7 +27,7 @@ goes on in the phase its parent ended in.
 With random weights (``--weights none``) frozen features carry no information, so every
 trial trains the whole network, BatchNorm and stochastic depth included, in one phase.
 
-Augmentation (``augment``: :mod:`tuner.augment`) transforms train images only, outside the
+Augmentation (``augment``: :mod:`tuner.model.augment`) transforms train images only, outside the
 model: a cached trial trains on cached features (or activations at a fine-tune's cut) of
 ``augment_views`` views of each train image, one drawn per image and epoch (a linear head is
 fitted to all of them); an end-to-end trial transforms its train batches afresh every epoch.
@@ -65,10 +65,10 @@ import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
 from data_tools import pipeline
-from tuner import accelerate, backbones, disk, features
-from tuner import augment as augment_mod
-from tuner import head as head_mod
-from tuner import space as space_mod
+from tuner.model import accelerate, backbones, disk, features
+from tuner.model import augment as augment_mod
+from tuner.model import head as head_mod
+from tuner.model import space as space_mod
 
 # Cached features or activations up to this size (as float32) are trained on in memory
 # (under the 2 GB limit of a tensor in a tf.data graph).
@@ -108,7 +108,9 @@ class TrialPlan:
     class_weight: str
     pretrained: bool
     l2: float = 0.0
-    augment: str = augment_mod.NONE  # the train split's augmentation policy (tuner/augment.py)
+    augment: str = (
+        augment_mod.NONE
+    )  # the train split's augmentation policy (tuner/model/augment.py)
     augment_views: int = 1  # views of each train image in a cached trial (1: not augmented)
     pass_batch: int = CPU_PASS_BATCH  # the backbone's forward passes (features, activations)
     stage: str = ""  # "frozen" / "fine-tune" for transfer trials
@@ -597,7 +599,7 @@ class EffNetHyperModel(kt.HyperModel):
     ) -> np.ndarray:
         """A split's cached backbone outputs (features, or activations at ``cut``) of the
         part of the backbone whose weights' fingerprint is ``weights_key``; ``view`` > 0:
-        of that augmented view of the images (:mod:`tuner.augment`).
+        of that augmented view of the images (:mod:`tuner.model.augment`).
 
         When it must be computed, the pass reads the split's cached pixels at this size if
         there are any, else decodes the image files; a plain pass over the files also

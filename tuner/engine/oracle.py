@@ -1,4 +1,4 @@
-"""The ``transfer`` algorithm on Keras Tuner: an Oracle that asks :mod:`tuner.strategy` what
+"""The ``transfer`` algorithm on Keras Tuner: an Oracle that asks :mod:`tuner.engine.strategy` what
 to run next, and a Tuner that continues a trial from its parent's checkpoint.
 
 The oracle gathers plain data (each trial's values, validation accuracy and measured costs,
@@ -28,8 +28,9 @@ import keras_tuner as kt
 import numpy as np
 from keras_tuner.src.engine import trial as trial_module
 
-from tuner import augment, backbones, strategy
-from tuner.space import SearchSpace, _as_list
+from tuner.engine import strategy
+from tuner.model import augment, backbones
+from tuner.model.space import SearchSpace, _as_list
 
 HEAD_KEYS = ("head_width", "dropout", "learning_rate", "l2", "class_weight", "train_batch_size")
 # A linear head fitted by Newton-CG has no learning rate; its fine-tunes scale Adam's default.
@@ -70,7 +71,7 @@ def feature_sets(space: SearchSpace) -> list[strategy.FeatureSet]:
 
 class TransferOracle(kt.Oracle):
     """Frozen heads on cached features first, then successive halving of fine-tunes; see
-    :mod:`tuner.strategy`. ``setting``, ``remaining`` and ``say`` are set by the search."""
+    :mod:`tuner.engine.strategy`. ``setting``, ``remaining`` and ``say`` are set by the search."""
 
     def __init__(self, objective, space: SearchSpace, **kwargs) -> None:
         super().__init__(objective=objective, **kwargs)
@@ -179,7 +180,7 @@ def _allows_zero(hp) -> bool:
 
 
 def trial_facts(trial, space: SearchSpace) -> strategy.TrialFacts:
-    """A Keras Tuner trial as plain data for :mod:`tuner.strategy`."""
+    """A Keras Tuner trial as plain data for :mod:`tuner.engine.strategy`."""
     values = dict(trial.hyperparameters.values)
     entry = backbones.get(str(values.get("backbone", space.backbones[0])))
     choice = str(values.get("image_size", _as_list(space.image_size)[0]))
@@ -267,7 +268,7 @@ class TransferTuner(kt.Tuner):
     """Runs the oracle's trials; a continued trial (``tuner/trial_id``) trains from
     ``tuner/initial_epoch`` to ``tuner/epochs`` (Keras Tuner's Hyperband does the same),
     from its parent's best-epoch checkpoint (loaded by the trial runner:
-    :meth:`tuner.trial.TrialRunner._build_hypermodel`)."""
+    :meth:`tuner.engine.trial.TrialRunner._build_hypermodel`)."""
 
     def run_trial(self, trial, *fit_args, **fit_kwargs):
         hp = trial.hyperparameters

@@ -9,7 +9,7 @@ load, rebuilt when the check fails). The head then trains on them; because the h
 same layer object inside the full model, the full model is trained too.
 
 Augmentation keeps the cache: view 0 of a train image is the image itself (the plain entry),
-views 1..K-1 are seeded transforms of it (:mod:`tuner.augment`), each cached once per policy,
+views 1..K-1 are seeded transforms of it (:mod:`tuner.model.augment`), each cached once per policy,
 seed and index, and the head sees one view per image and epoch, drawn at random.
 """
 
@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from data_tools import pipeline
 from data_tools.atomic import atomic_path
-from tuner import backbones
+from tuner.model import backbones
 
 BATCH = 64
 
@@ -244,7 +244,7 @@ def feature_pass(
     more: Sequence[Path] = (),
 ) -> Pass:
     """The :class:`Pass` of ``net`` (a frozen extractor, see :func:`extractor`) at ``size``,
-    its outputs float32 (:data:`DTYPE`); ``augment`` (a seeded :func:`tuner.augment.layer`)
+    its outputs float32 (:data:`DTYPE`); ``augment`` (a seeded :func:`tuner.model.augment.layer`)
     transforms the pixels first, in training mode: an augmented view. ``more``: where
     ``net``'s further outputs go (:func:`backbone_extractor` with cuts)."""
     shape = (size, size, 3)

@@ -1,7 +1,7 @@
 """What a budget buys, before spending it: ``python -m tuner.search ... --dry-run``.
 
-The ``transfer`` strategy (:mod:`tuner.strategy`) decides each next trial from what the search
-measured. A dry run plays it forward without training: each trial "finishes" in the time the
+The ``transfer`` strategy (:mod:`tuner.engine.strategy`) decides each next trial from what the
+search measured. A dry run plays it forward without training: each trial "finishes" in the time the
 strategy estimated for it, and the next decision sees it as measured. The costs come from this
 machine (one timed batch of the cheapest backbone, as a search's own plan) or from a cost table
 of another machine (``--costs FILE``):
@@ -32,8 +32,9 @@ from pathlib import Path
 import yaml
 
 from data_tools.errors import InputError
-from tuner import backbones, strategy
-from tuner.budget import format_seconds
+from tuner.engine import strategy
+from tuner.engine.budget import format_seconds
+from tuner.model import backbones
 
 MOST_TRIALS = 20_000  # a play longer than this is cut short (it says so)
 
@@ -213,7 +214,7 @@ def setting_for(
 ) -> strategy.Setting:
     """The strategy's view of a search: this machine's speed from one timed batch of the
     cheapest backbone, or ``table``'s costs."""
-    from tuner import oracle
+    from tuner.engine import oracle
 
     sets = oracle.feature_sets(space)
     rows = train_rows + validation_rows
@@ -233,7 +234,7 @@ def dry_run(
 ) -> int:
     """Print the plan for ``remaining_s`` of budget (the strategy's, played forward; the
     caches'); train nothing. Returns the exit code."""
-    from tuner import disk
+    from tuner.model import disk
 
     if space.algorithm != "transfer":
         raise InputError(
@@ -261,7 +262,7 @@ def dry_run(
 def first_set(space) -> list[tuple[str, int]]:
     """The space's first backbone at its first image size: what a search of another
     algorithm than ``transfer`` plans its cache for."""
-    from tuner.space import _as_list
+    from tuner.model.space import _as_list
 
     choice = _as_list(space.image_size)[0]
     name = str(space.backbones[0])
@@ -273,7 +274,8 @@ def plan_cache(model, cache_budget, sets, space, data, console) -> None:
     the first feature set's features fit); tell the hypermodel which passes the first sweep
     over the files computes ahead (the features that fit, and the activations at the cuts of
     the space's fine-tune fractions)."""
-    from tuner import disk, oracle
+    from tuner.engine import oracle
+    from tuner.model import disk
 
     entries = disk.plan_entries(
         [(b, size, backbones.get(b).features) for b, size in sets],

@@ -29,8 +29,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tuner import backbones
-from tuner.budget import format_seconds
+from tuner.engine.budget import format_seconds
+from tuner.model import backbones
 
 FROZEN, FINE_TUNE = "frozen", "fine-tune"
 DONE = "COMPLETED"
@@ -121,7 +121,7 @@ class Setting:
     images: int  # train + validation: what a pass runs over
     seconds_per_gflop: float  # calibration: pass seconds per GFLOP of one image, x images
     train_share: float = 0.9  # of those images, the train split's (augmented views: train only)
-    # A cost table (:class:`tuner.plan.CostTable`): per-image costs of another machine, what
+    # A cost table (:class:`tuner.engine.plan.CostTable`): per-image costs of another machine, what
     # a dry run plans from instead of this machine's calibration.
     table: object | None = None
 

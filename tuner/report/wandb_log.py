@@ -30,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from tuner.results import plain_value
+from tuner.report.results import plain_value
 
 DEFAULT_PROJECT = "effnet-tuner"
 MODES = ("online", "offline", "disabled")

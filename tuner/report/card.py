@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from tuner.choose import Choice
-from tuner.results import HYPERPARAMETER_COLUMNS, UNUSED, plain_value
+from tuner.report.choose import Choice
+from tuner.report.results import HYPERPARAMETER_COLUMNS, UNUSED, plain_value
 
 HYPERPARAMETERS = [*HYPERPARAMETER_COLUMNS, "epochs", "unfrozen_blocks", "augment_path"]
 

@@ -147,8 +147,8 @@ class Runner:
 
     def latency(self, size: int, runs: int = 10) -> tuple[float, float]:
         """(median ms per image at batch 1, interquartile range in ms), after 3 warm-up
-        runs: :func:`tuner.trial.measure_latency`'s rule."""
-        from tuner.trial import timed_runs
+        runs: :func:`tuner.engine.trial.measure_latency`'s rule."""
+        from tuner.engine.trial import timed_runs
 
         one = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype("float32")
         return timed_runs(lambda: self(one), runs)

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from data_tools.errors import InputError, preview
-from tuner.results import FINISHED, pareto_front
+from tuner.report.results import FINISHED, pareto_front
 
 RULES = ("knee", "max-accuracy", "fastest", "weighted")
 TIME_COLUMNS = {"latency": "latency_ms", "training": "train_seconds"}

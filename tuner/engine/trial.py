@@ -35,11 +35,11 @@ from keras_tuner.src.engine import tuner as kt_tuner
 from keras_tuner.src.engine import tuner_utils as kt_tuner_utils
 from rich.console import Console
 
-from tuner import budget as budget_mod
-from tuner import checkpoint
-from tuner.hypermodel import TrialPlan, best_epoch
-from tuner.results import UNUSED, Results
-from tuner.wandb_log import WandbLogger
+from tuner.engine import budget as budget_mod
+from tuner.model import checkpoint
+from tuner.model.hypermodel import TrialPlan, best_epoch
+from tuner.report.results import UNUSED, Results
+from tuner.report.wandb_log import WandbLogger
 
 # Keras Tuner ships with DEBUG on, which prints every failed trial's traceback mid-search;
 # our runner reports each failure as one line and records it in trials.csv instead.
@@ -213,7 +213,7 @@ class TrialRunner:
     def _build_hypermodel(self, hp: kt.HyperParameters) -> keras.Model:
         """The trial's model; a continued trial (``tuner/trial_id``: a Hyperband or transfer
         continuation) starts from its parent's best-epoch checkpoint, assembled onto the
-        freshly built model (:mod:`tuner.checkpoint`)."""
+        freshly built model (:mod:`tuner.model.checkpoint`)."""
         model = kt.Tuner._build_hypermodel(self, hp)  # not the parents': they load whole models
         parent = hp.values.get("tuner/trial_id")
         if parent:
@@ -436,7 +436,7 @@ def _tags(plan: TrialPlan) -> list[str]:
 
 def tuner_class(algorithm: str) -> type:
     """The Keras Tuner class for ``algorithm`` with :class:`TrialRunner` mixed in."""
-    from tuner.oracle import TransferTuner
+    from tuner.engine.oracle import TransferTuner
 
     base = {
         "transfer": TransferTuner,
@@ -483,7 +483,7 @@ def measure_latency(model: keras.Model, size: int, runs: int = 10) -> tuple[floa
 
 def timed_runs(call: Callable[[], Any], runs: int = 10) -> tuple[float, float]:
     """(median ms, interquartile range ms) of ``runs`` calls after 3 warm-up calls: the
-    package's latency rule (Keras models here, LiteRT files in :mod:`tuner.quantize`)."""
+    package's latency rule (Keras models here, LiteRT files in :mod:`tuner.model.quantize`)."""
     for _ in range(3):
         call()
     single = []
