@@ -131,12 +131,12 @@ def rebuilt_val_accuracy(folder: Path, trial_id: str) -> tuple[float, str]:
     """(validation accuracy, how it was obtained) of a trial's model as export assembles it
     from the results folder (its best-epoch checkpoint onto a freshly built model), on the
     validation pixels: what the shipped model scores."""
-    from tuner import export_best
+    from tuner.report import rebuild
 
-    config, table = export_best.load_search(folder)
+    config, table = rebuild.load_search(folder)
     row = table[table.trial_id.astype(str) == str(trial_id)].iloc[0]
-    model, source = export_best.trial_model(folder, row, config)
-    maker, _ = export_best.trial_hypermodel(folder, row, config)
+    model, source = rebuild.trial_model(folder, row, config)
+    maker, _ = rebuild.trial_hypermodel(folder, row, config)
     pixels, _ = maker.data.pixels("validation", int(row["image_size"]))
     probs = model.predict(np.asarray(pixels, dtype="float32"), verbose=0)
     return float((probs.argmax(axis=1) == maker.data.labels("validation")).mean()), source

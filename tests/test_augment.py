@@ -17,6 +17,7 @@ from tests.conftest import run_search
 from tuner import export_best
 from tuner.engine import oracle, strategy
 from tuner.model import hypermodel, space
+from tuner.report import evaluate, export, rebuild
 
 
 def test_policies_are_written_out_and_bad_ones_say_what_is_valid():
@@ -163,19 +164,19 @@ def test_an_augmented_search_caches_its_views_once_and_exports_no_augmentation(
         if type(layer).__name__.startswith("Random") or layer.name == "augment"
     ]
     # The shipped model computes what was validated: the chosen trial's val accuracy, exactly.
-    config, trials = export_best.load_search(folder)
+    config, trials = rebuild.load_search(folder)
     row = trials[trials.trial_id.astype(str) == record["trial_id"]].iloc[0]
-    val, _ = export_best.split_table(config, ("validation",))
+    val, _ = evaluate.split_table(config, ("validation",))
     batches = list(pipeline.make_dataset(val, 32, 64).as_numpy_iterator())
     pixels = np.concatenate([x for x, _ in batches])
     labels = np.concatenate([y for _, y in batches])
-    probs = export_best.probabilities(shipped, pixels)
+    probs = evaluate.probabilities(shipped, pixels)
     assert float((probs.argmax(1) == labels).mean()) == pytest.approx(row.val_accuracy)
     served = tf.saved_model.load(str(best / "saved_model")).signatures["serving_default"]
     np.testing.assert_allclose(
         served(tf.constant(pixels))["probabilities"].numpy(), probs, atol=1e-5
     )
-    assert record["tflite"]["max_abs_difference"] < export_best.FLOAT_TOLERANCE
+    assert record["tflite"]["max_abs_difference"] < export.FLOAT_TOLERANCE
     card = (best / "model_card.md").read_text()
     assert f"Augmentation `{policy}` transformed the training images only" in card
     assert "contains no augmentation layer" in card

@@ -10,6 +10,7 @@ import pytest
 
 from data_tools.errors import InputError
 from tuner.engine import budget
+from tuner.report.text import format_seconds
 
 
 @pytest.mark.parametrize(
@@ -35,10 +36,10 @@ def test_bad_budget_is_one_line(text: str) -> None:
 
 
 def test_format_seconds() -> None:
-    assert budget.format_seconds(5025) == "1h23m45s"
-    assert budget.format_seconds(42.3) == "42s"
-    assert budget.format_seconds(61) == "1m01s"
-    assert budget.format_seconds(-5) == "0s"
+    assert format_seconds(5025) == "1h23m45s"
+    assert format_seconds(42.3) == "42s"
+    assert format_seconds(61) == "1m01s"
+    assert format_seconds(-5) == "0s"
 
 
 def test_estimate_and_start_decision() -> None:

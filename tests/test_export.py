@@ -17,6 +17,7 @@ from data_tools.errors import run_cli
 from tests.conftest import frozen, rebuilt_val_accuracy
 from tests.wandb_files import read_runs
 from tuner import export_best, predict, search
+from tuner.report import evaluate, export, rebuild
 
 # The tests that export from the ``searched`` fixture run in one test process (pytest's
 # --dist loadgroup), so the fixture's search runs once, not once per process.
@@ -87,14 +88,14 @@ def test_export_writes_best_and_every_form_predicts_the_same(
     assert len(saved) == 3
     backbone_bytes = (pretrained_t0 / "T0.weights.h5").stat().st_size
     assert all(f.stat().st_size < backbone_bytes / 4 for f in saved)
-    config, trials = export_best.load_search(folder)
+    config, trials = rebuild.load_search(folder)
     row = trials[trials.trial_id.astype(str) == record["trial_id"]].iloc[0]
-    in_memory, _ = export_best.trial_model(folder, row, config)
-    pixels, labels, table = export_best.test_pixels(config, 32)
+    in_memory, _ = rebuild.trial_model(folder, row, config)
+    pixels, labels, table = evaluate.test_pixels(config, 32)
     assert len(labels) == record["test"]["count"] == 110
 
-    expected = export_best.probabilities(in_memory, pixels)
-    from_file = export_best.probabilities(keras.models.load_model(best / "model.keras"), pixels)
+    expected = evaluate.probabilities(in_memory, pixels)
+    from_file = evaluate.probabilities(keras.models.load_model(best / "model.keras"), pixels)
     serve = tf.saved_model.load(str(best / "saved_model")).signatures["serving_default"]
     raw = np.stack(
         [tf.io.decode_image(tf.io.read_file(p), channels=3).numpy() for p in table["path"]]
@@ -150,7 +151,7 @@ def test_a_pruned_model_is_rebuilt_or_retrained_and_a_refit_trains_on_train_and_
     assert "model: rebuilt it with its best-epoch weights" in capsys.readouterr().out
     assert record["model_source"].startswith("rebuilt") and record["rule"] == "max-accuracy"
     # The checkpoint on the rebuilt backbone is the trial's best epoch: its row's accuracy.
-    config, trials = export_best.load_search(folder)
+    config, trials = rebuild.load_search(folder)
     recorded = trials.set_index(trials.trial_id.astype(str)).val_accuracy
     for trial_id in recorded.index:
         accuracy, _ = rebuilt_val_accuracy(folder, trial_id)
@@ -166,9 +167,9 @@ def test_a_pruned_model_is_rebuilt_or_retrained_and_a_refit_trains_on_train_and_
         "__init__",
         lambda self, table, *a, **k: tables.append(table) or split_data_init(self, table, *a, **k),
     )
-    metrics = export_best.test_metrics
+    metrics = evaluate.test_metrics
     monkeypatch.setattr(
-        export_best,
+        evaluate,
         "test_metrics",
         lambda labels, probs, classes: evaluated.append(probs) or metrics(labels, probs, classes),
     )
@@ -185,12 +186,12 @@ def test_a_pruned_model_is_rebuilt_or_retrained_and_a_refit_trains_on_train_and_
     assert "model: retrained it from its hyperparameters (its checkpoint was not kept)" in printed
     assert record["refit"]["trial_model_source"].startswith("retrained")
     assert record["model_source"] == "refit on train + validation"
-    config, trials = export_best.load_search(folder)
+    config, trials = rebuild.load_search(folder)
     row = trials[trials.trial_id.astype(str) == record["trial_id"]].iloc[0]
 
     # The retrain saw train and validation; the refit trained on both: no test row in either.
-    test_paths = set(export_best.split_table(config, ("test",))[0]["path"])
-    seen = set(export_best.split_table(config, ("train", "validation"))[0]["path"])
+    test_paths = set(evaluate.split_table(config, ("test",))[0]["path"])
+    seen = set(evaluate.split_table(config, ("train", "validation"))[0]["path"])
     assert len(tables) == 2 and all(set(t["path"]) == seen for t in tables)
     assert not test_paths & seen
     rows = config["split_counts"]["train"] + config["split_counts"]["validation"]
@@ -204,15 +205,13 @@ def test_a_pruned_model_is_rebuilt_or_retrained_and_a_refit_trains_on_train_and_
     assert record["refit"]["train_rows"] == rows
     # Each model evaluated on test once: the trial's, then the refit that is exported.
     assert len(evaluated) == 2 and record["exported"] == "refit"
-    pixels, labels, _ = export_best.test_pixels(config, 32)
-    shipped = export_best.probabilities(
+    pixels, labels, _ = evaluate.test_pixels(config, 32)
+    shipped = evaluate.probabilities(
         keras.models.load_model(tmp_path / "p" / "model.keras"), pixels
     )
     np.testing.assert_allclose(shipped, evaluated[1], atol=1e-6)
-    np.testing.assert_allclose(shipped, export_best.probabilities(fits[1][2], pixels), atol=1e-6)
-    np.testing.assert_allclose(
-        evaluated[0], export_best.probabilities(fits[0][2], pixels), atol=1e-6
-    )
+    np.testing.assert_allclose(shipped, evaluate.probabilities(fits[1][2], pixels), atol=1e-6)
+    np.testing.assert_allclose(evaluated[0], evaluate.probabilities(fits[0][2], pixels), atol=1e-6)
     assert not np.allclose(evaluated[0], evaluated[1], atol=1e-3)
     assert record["test"]["accuracy"] == pytest.approx((shipped.argmax(1) == labels).mean())
     assert record["trial_test"]["accuracy"] == pytest.approx(
@@ -314,9 +313,9 @@ def test_binary_labels_search_and_export(tmp_path, demo_dir, pretrained_t0):
     assert len(record["test"]["confusion_matrix"]) == 2
     model = keras.models.load_model(folder / "best" / "model.keras")
     assert model.output_shape == (None, 1)  # sigmoid head
-    config, _ = export_best.load_search(folder)
-    pixels, labels, _ = export_best.test_pixels(config, 32)
-    probs = export_best.probabilities(model, pixels)
+    config, _ = rebuild.load_search(folder)
+    pixels, labels, _ = evaluate.test_pixels(config, 32)
+    probs = evaluate.probabilities(model, pixels)
     assert probs.shape == (len(pixels), 2)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
     # Column 1 is "yes" (sigmoid output), column 0 its complement: the record's accuracy is the
@@ -342,7 +341,7 @@ def search_and_export(tmp_path, demo_dir, backbone: str, weights: Path, *extra: 
         weights,
         *("--cache", str(demo_dir.parent), "--mixed-precision", "on", *extra),
     )
-    config, trials = export_best.load_search(folder)
+    config, trials = rebuild.load_search(folder)
     assert config["mixed_precision"] is True and (trials.status == "completed").all()
     keras.mixed_precision.set_global_policy("float32")  # a fresh export process's default
     assert run_cli(export_best.main, ["--results", str(folder), "--tflite"]) == 0
@@ -359,18 +358,18 @@ def test_a_mixed_precision_trial_exports_float32_keras_savedmodel_and_tflite(
     best = folder / "best"
     record = json.loads((best / "metrics.json").read_text())
     assert record["precision"]["trial"] == "mixed_float16"
-    assert record["precision"]["same_predictions"] >= export_best.MIXED_MIN_AGREEMENT
-    assert record["tflite"]["max_abs_difference"] < export_best.FLOAT_TOLERANCE
+    assert record["precision"]["same_predictions"] >= export.MIXED_MIN_AGREEMENT
+    assert record["tflite"]["max_abs_difference"] < export.FLOAT_TOLERANCE
     shipped = keras.models.load_model(best / "model.keras")
-    assert export_best.mixed_policies(shipped) == set()
+    assert export.mixed_policies(shipped) == set()
     # The trial's own model was mixed, and the export computes what it computed.
-    config, trials = export_best.load_search(folder)
-    trial, _ = export_best.trial_model(folder, trials.iloc[0], config)
-    assert export_best.mixed_policies(trial) == {"mixed_float16"}
+    config, trials = rebuild.load_search(folder)
+    trial, _ = rebuild.trial_model(folder, trials.iloc[0], config)
+    assert export.mixed_policies(trial) == {"mixed_float16"}
     # Checked on validation: nothing before the one test evaluation reads test.
-    pixels, _, _ = export_best.split_pixels(config, 32, "validation")
-    shipped_probs = export_best.probabilities(shipped, pixels)
-    trial_probs = export_best.probabilities(trial, pixels)
+    pixels, _, _ = evaluate.split_pixels(config, 32, "validation")
+    shipped_probs = evaluate.probabilities(shipped, pixels)
+    trial_probs = evaluate.probabilities(trial, pixels)
     assert not np.array_equal(shipped_probs, trial_probs)  # float16 was really used
     assert np.abs(shipped_probs - trial_probs).mean() == pytest.approx(
         record["precision"]["mean_abs_difference"], rel=1e-4
@@ -404,9 +403,9 @@ def test_a_hub_backbone_searches_in_mixed_precision_with_a_weights_folder_and_ex
     assert record["backbone"] == backbone and record["test"]["count"] == 110
     shipped = keras.models.load_model(best / "model.keras")
     assert shipped.get_layer("backbone").get_layer("hub_features").trainable is False
-    config, _ = export_best.load_search(folder)
-    pixels, labels, _ = export_best.test_pixels(config, 32)
-    probs = export_best.probabilities(shipped, pixels)
+    config, _ = rebuild.load_search(folder)
+    pixels, labels, _ = evaluate.test_pixels(config, 32)
+    probs = evaluate.probabilities(shipped, pixels)
     assert record["test"]["accuracy"] == pytest.approx(float((probs.argmax(1) == labels).mean()))
     served = tf.saved_model.load(str(best / "saved_model")).signatures["serving_default"]
     np.testing.assert_allclose(
@@ -420,7 +419,7 @@ def test_a_retrain_or_refit_trains_as_its_search_did_with_the_feature_cache_off(
     data = demo_data(demo_dir, tmp_path)
     for cached in (False, True):
         config = {"space": {"backbones": ["T0"]}, "weights": "none", "feature_cache": cached}
-        maker = export_best.search_hypermodel(tmp_path, config, data.train, data.classes)
+        maker = rebuild.search_hypermodel(tmp_path, config, data.train, data.classes)
         assert maker.feature_cache is cached
 
 
@@ -460,7 +459,7 @@ def test_quantize_measures_every_variant_of_the_front_and_can_ship_one(searched,
     """--quantize: four LiteRT variants of each front trial in deployables.csv, measured
     with the interpreter on validation; the fastest rule then ships a deployable, evaluated
     once on test with the interpreter, with its float model beside it for serving."""
-    from tuner.model import quantize
+    from tuner.report import quantize
     from tuner.report.results import pareto_flags
 
     folder = fresh_copy(searched, tmp_path)
@@ -497,7 +496,8 @@ def test_quantize_measures_every_variant_of_the_front_and_can_ship_one(searched,
     assert lite == (folder / quantize.FOLDER / f"{trial_id}-{variant}.tflite").read_bytes()
     assert {"model.keras", "saved_model"} <= {p.name for p in best.iterdir()}
     # Its test numbers are the deployable's, from the interpreter.
-    from tuner.export_best import load_search, test_metrics, test_pixels
+    from tuner.report.evaluate import test_metrics, test_pixels
+    from tuner.report.rebuild import load_search
 
     config, _ = load_search(folder)
     pixels, labels, _ = test_pixels(config, int(record["image_size"]))
@@ -520,7 +520,7 @@ def test_quantize_measures_every_variant_of_the_front_and_can_ship_one(searched,
 def test_a_variant_the_converter_refuses_keeps_the_float_row_and_the_export_succeeds(
     searched, tmp_path, capsys, monkeypatch
 ):
-    from tuner.model import quantize
+    from tuner.report import quantize
 
     real = quantize.convert
 

@@ -20,6 +20,7 @@ from data_tools.errors import run_cli
 from tests.conftest import run_search
 from tuner import export_best
 from tuner.model import backbones, features
+from tuner.report import evaluate, rebuild
 
 V2_ROWS = ["V2B0", "V2B1", "V2B2", "V2B3", "V2S", "V2M", "V2L"]
 
@@ -185,9 +186,9 @@ def test_v2_searches_on_cached_features_and_activations_and_exports(
     assert record["backbone"] == "V2T0" and record["test"]["count"] == 110
     # A fine-tune refits its lineage: the linear head it started from, fitted exactly again,
     # then its own epochs up to its best.
-    config, trials = export_best.load_search(folder)
+    config, trials = rebuild.load_search(folder)
     fine = trials.iloc[-1]
-    _, facts = export_best.refit(folder, fine, trials, config, Console(quiet=True))
+    _, facts = rebuild.refit(folder, fine, trials, config, Console(quiet=True))
     assert fine.resumed_from == trials.trial_id[0]
     assert facts["trials"][0] == {
         "trial_id": trials.trial_id[0],
@@ -203,11 +204,11 @@ def test_v2_searches_on_cached_features_and_activations_and_exports(
     }
     model = keras.models.load_model(best / "model.keras")
     assert any(lyr.name.startswith("block6c_") for lyr in model.get_layer("backbone").layers)
-    pixels, _, _ = export_best.test_pixels(config, 32)
+    pixels, _, _ = evaluate.test_pixels(config, 32)
     serve = tf.saved_model.load(str(best / "saved_model")).signatures["serving_default"]
     np.testing.assert_allclose(
         serve(tf.constant(pixels))["probabilities"].numpy(),
-        export_best.probabilities(model, pixels),
+        evaluate.probabilities(model, pixels),
         atol=1e-5,
     )
 
@@ -230,9 +231,9 @@ def test_v2_searches_on_cached_features_and_activations_and_exports(
     kept = saved[trials.trial_id[0]].read_bytes()
     for path in saved.values():
         path.unlink()
-    _, how = export_best.trial_model(folder, fine, config)
+    _, how = rebuild.trial_model(folder, fine, config)
     assert how.startswith("retrained") and fits == [("frozen", 0), ("fine-tune", 0)]
     fits.clear()
     saved[trials.trial_id[0]].write_bytes(kept)
-    export_best.trial_model(folder, fine, config)
+    rebuild.trial_model(folder, fine, config)
     assert fits == [("fine-tune", 0)]

@@ -95,8 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import tensorflow as tf
 
     from data_tools import pipeline
-    from tuner.engine.trial import device_name
     from tuner.model import augment, backbones, hypermodel, space
+    from tuner.model.measure import device_name
 
     tf.get_logger().setLevel("ERROR")  # retracing notices for every fresh model: expected here
 

@@ -209,12 +209,12 @@ def split_data(args: argparse.Namespace, folder: Path, ranges: dict[str, str]) -
 
 def _recipe_data(split_file: Path, images: Path) -> tuple[dict, Any, list[str]]:
     from data_tools import ingest
-    from tuner import export_best
+    from tuner.report import evaluate
 
     config = {"data": str(split_file), "images": str(images)}
     frame = ingest.read_split_csv(split_file)
     config["classes"] = ingest.class_names(frame["value"])
-    table, _ = export_best.split_table(config, ("train", "validation"))
+    table, _ = evaluate.split_table(config, ("train", "validation"))
     return config, table, config["classes"]
 
 
@@ -233,11 +233,11 @@ def _dataset(table, split: str, size: int, batch: int, shuffle: bool, augment=No
 
 def _evaluate(model, config: dict, size: int, seconds: float, history: dict, facts: dict) -> dict:
     """The one test evaluation of a hand recipe's last epoch, and what it ran."""
-    from tuner import export_best
+    from tuner.report import evaluate
 
-    pixels, labels, _ = export_best.test_pixels(config, size)
-    probs = export_best.probabilities(model, pixels)
-    metrics = export_best.test_metrics(labels, probs, config["classes"])
+    pixels, labels, _ = evaluate.test_pixels(config, size)
+    probs = evaluate.probabilities(model, pixels)
+    metrics = evaluate.test_metrics(labels, probs, config["classes"])
     return {
         "train_seconds": seconds,
         "val_accuracy_last_epoch": float(history["val_accuracy"][-1]),
@@ -462,6 +462,7 @@ def run_search(
 def run_fold(args: argparse.Namespace, index: int, ranges: dict, wanted: list[str]) -> dict:
     """Every method on fold ``index``: each method's result and the comparisons."""
     from tuner.engine import budget
+    from tuner.report.text import format_seconds
 
     folder = Path(args.results) / f"{_name(args)}-quality" / f"fold{index + 1}"
     split_file, images = split_data(args, folder, ranges)
@@ -505,7 +506,7 @@ def run_fold(args: argparse.Namespace, index: int, ranges: dict, wanted: list[st
         )
         print(
             f"{label}: {name}: test accuracy {methods[name]['test']['accuracy']:.4f} after "
-            f"{budget.format_seconds(methods[name]['train_seconds'])} of training",
+            f"{format_seconds(methods[name]['train_seconds'])} of training",
             flush=True,
         )
     times = {name: methods[name]["train_seconds"] for name in methods}
@@ -638,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def print_report(report: dict) -> None:
-    from tuner.engine.budget import format_seconds
+    from tuner.report.text import format_seconds
 
     print(f"{'fold':<6}{'method':<16}{'test acc':>9}{'balanced':>10}{'time':>10}  model")
     for fold in report["folds"]:
@@ -680,7 +681,7 @@ def print_report(report: dict) -> None:
 def quality_line(name: str, row: dict) -> str:
     """``quality vs <baseline>: +X.XXX (95% CI +L..+H) over K folds at equal wall clock``;
     for ``longer``, the regret; "at equal wall clock" only when it was."""
-    from tuner.engine.budget import format_seconds
+    from tuner.report.text import format_seconds
 
     low, high = row["ci95"]
     interval = "95% CI n/a: one fold" if math.isnan(low) else f"95% CI {low:+.3f}..{high:+.3f}"

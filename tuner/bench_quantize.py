@@ -3,9 +3,9 @@
     python -m tuner.bench_quantize --results results/NAME [--trial ID] [--calibration-images 200]
 
 For the trial (default: the most accurate of the search's front), on this machine, in one
-process: the Keras model's latency (:func:`tuner.engine.trial.measure_latency`: batch 1, 3 warm-up
+process: the Keras model's latency (:func:`tuner.model.measure.measure_latency`: batch 1, 3 warm-up
 runs, the median of 10) and validation accuracy, then each variant of
-:mod:`tuner.model.quantize` (``float32``, ``float16``, ``dynamic``, ``int8``) converted, run in
+:mod:`tuner.report.quantize` (``float32``, ``float16``, ``dynamic``, ``int8``) converted, run in
 the LiteRT interpreter on the same validation images, and timed by the same rule on the
 same pixels. Prints one row a variant (validation accuracy, its change against Keras,
 latency, speed-up, file size) and ends with ``int8 latency: N.Nx`` (Keras latency over int8
@@ -25,7 +25,7 @@ from data_tools.errors import InputError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tuner.model import quantize
+    from tuner.report import quantize
 
     parser = argparse.ArgumentParser(
         prog="python -m tuner.bench_quantize",
@@ -44,14 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rich.console import Console
 
-    from tuner import export_best
-    from tuner.engine.trial import device_name, measure_latency
-    from tuner.model import quantize
-    from tuner.report import results
+    from tuner.model.measure import device_name, measure_latency
+    from tuner.report import evaluate, export, quantize, rebuild, results
 
     console = Console(highlight=False, soft_wrap=True)
     folder = Path(args.results)
-    config, trials = export_best.load_search(folder)
+    config, trials = rebuild.load_search(folder)
     done = trials[trials["status"].isin(results.FINISHED)]
     if args.trial is not None:
         row = done[done["trial_id"].astype(str) == args.trial]
@@ -66,12 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise InputError(f"{folder} has no finished trial: run or resume the search first")
     row = row.iloc[0].copy()
     size = int(row["image_size"])
-    model, how = export_best.trial_model(folder, row, config)
-    pixels, labels, _ = export_best.split_pixels(config, size, "validation")
-    model, _ = export_best.in_float32(
-        model, pixels if export_best.mixed_policies(model) else None, console
-    )
-    probs = export_best.probabilities(model, pixels)
+    model, how = rebuild.trial_model(folder, row, config)
+    pixels, labels, _ = evaluate.split_pixels(config, size, "validation")
+    model, _ = export.in_float32(model, pixels if export.mixed_policies(model) else None, console)
+    probs = evaluate.probabilities(model, pixels)
     row["val_accuracy"] = float((probs.argmax(1) == labels).mean())
     row["latency_ms"], _, spread = measure_latency(model, size)
     calibration = quantize.calibration_pixels(config, size, args.calibration_images)

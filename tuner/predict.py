@@ -52,7 +52,7 @@ def lite_serving(path: Path, size: int):
     import tensorflow as tf
 
     from data_tools.pipeline import resize_pixels
-    from tuner.model.quantize import Runner
+    from tuner.report.quantize import Runner
 
     runner = Runner(path.read_bytes())
 

@@ -35,6 +35,7 @@ from data_tools import split as split_mod
 from data_tools.atomic import write_text
 from data_tools.errors import InputError, run_cli
 from tuner.engine.distribute import Role
+from tuner.report.text import format_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACES = ROOT / "search_spaces"
@@ -396,9 +397,7 @@ def run_search(request: SearchRequest) -> int:
     if role.kind != "worker":
         sets = plan.first_set(space)
         if space.algorithm == "transfer":
-            sets = prepare_transfer(
-                tuner.oracle, space, data, ledger, request.budget_s, console
-            )
+            sets = prepare_transfer(tuner.oracle, space, data, ledger, request.budget_s, console)
         if request.feature_cache and weights is not None:
             plan.plan_cache(model, cache_budget, sets, space, data, console)
     if role.kind == "chief":
@@ -413,17 +412,14 @@ def run_search(request: SearchRequest) -> int:
         f"search [bold]{request.name}[/bold]: {len(data.train)} train / "
         f"{len(data.validation)} validation images, {len(classes)} classes; "
         f"{space.algorithm}; weights {weights_label}; budget "
-        f"{budget.format_seconds(request.budget_s)}, "
-        f"{budget.format_seconds(max(ledger.remaining(), 0))} left"
+        f"{format_seconds(request.budget_s)}, "
+        f"{format_seconds(max(ledger.remaining(), 0))} left"
     )
     code = 0
     with _stop_on_signals(context):
         try:
             tuner.search(verbose=0)
-            why = (
-                getattr(tuner.oracle, "reason", "")
-                or "the algorithm has no more trials to run"
-            )
+            why = getattr(tuner.oracle, "reason", "") or "the algorithm has no more trials to run"
             console.print(f"search finished: {why}")
         except trial.BudgetExhausted as exc:
             console.print(f"budget reached: {exc}")
@@ -477,7 +473,6 @@ def prepare_lock(out: Path) -> str:
 
 def finish_search(results, logger, config, ledger, console, code: int) -> int:
     """leaderboard.md, pareto.png, the W&B search run, the closing lines; returns ``code``."""
-    from tuner.engine import budget
     from tuner.report.results import FINISHED, pareto_flags
 
     out = results.dir
@@ -488,8 +483,8 @@ def finish_search(results, logger, config, ledger, console, code: int) -> int:
     if logger.sync_command():
         console.print(f"W&B runs are offline; to upload them: {logger.sync_command()}")
     console.print(
-        f"{finished} finished trial(s) in {budget.format_seconds(ledger.spent())} of "
-        f"{budget.format_seconds(config['budget_s'])}; results in {out}/; resume with "
+        f"{finished} finished trial(s) in {format_seconds(ledger.spent())} of "
+        f"{format_seconds(config['budget_s'])}; results in {out}/; resume with "
         f"the same command (--name {config['name']})"
     )
     return code

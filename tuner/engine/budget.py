@@ -36,16 +36,6 @@ def parse_budget(text: str) -> float:
     return seconds
 
 
-def format_seconds(seconds: float) -> str:
-    """5025 -> '1h23m45s'; 42.3 -> '42s'."""
-    seconds = max(0, int(round(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m{secs:02d}s"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
 def estimate_seconds(
     history: Iterable[tuple[float, int]], epochs: int, margin: float = 1.1
 ) -> float | None:

@@ -33,8 +33,8 @@ import yaml
 
 from data_tools.errors import InputError
 from tuner.engine import strategy
-from tuner.engine.budget import format_seconds
 from tuner.model import backbones
+from tuner.report.text import format_seconds
 
 MOST_TRIALS = 20_000  # a play longer than this is cut short (it says so)
 

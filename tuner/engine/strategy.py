@@ -29,8 +29,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tuner.engine.budget import format_seconds
 from tuner.model import backbones
+from tuner.report.text import format_seconds
 
 FROZEN, FINE_TUNE = "frozen", "fine-tune"
 DONE = "COMPLETED"

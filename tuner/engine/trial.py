@@ -16,19 +16,14 @@ next; the runner does the effects around each trial:
 from __future__ import annotations
 
 import errno
-import functools
 import os
-import platform
-import statistics
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import keras
 import keras_tuner as kt
-import numpy as np
 import tensorflow as tf
 from keras_tuner.src import config as kt_config
 from keras_tuner.src.engine import tuner as kt_tuner
@@ -38,7 +33,9 @@ from rich.console import Console
 from tuner.engine import budget as budget_mod
 from tuner.model import checkpoint
 from tuner.model.hypermodel import TrialPlan, best_epoch
+from tuner.model.measure import device_name, measure_latency, model_file_bytes
 from tuner.report.results import UNUSED, Results
+from tuner.report.text import format_seconds
 from tuner.report.wandb_log import WandbLogger
 
 # Keras Tuner ships with DEBUG on, which prints every failed trial's traceback mid-search;
@@ -128,7 +125,7 @@ class EpochProgress(keras.callbacks.Callback):
             f"val_loss {logs.get('val_loss', float('nan')):.4f}  "
             f"[bold]val_acc {logs.get('val_accuracy', float('nan')):.4f}[/bold]  "
             f"{time.monotonic() - self.started:.1f}s  "
-            f"budget left {budget_mod.format_seconds(self.context.ledger.remaining())}",
+            f"budget left {format_seconds(self.context.ledger.remaining())}",
             highlight=False,
         )
 
@@ -310,7 +307,7 @@ class TrialRunner:
         augmented += f"; cache: {row['cache_notes']}" if row["cache_notes"] else ""
         self.context.console.print(
             f"  done: val_acc {metrics['val_accuracy']:.4f} in "
-            f"{budget_mod.format_seconds(train_seconds)}, {latency_ms:.2f} ms/image, "
+            f"{format_seconds(train_seconds)}, {latency_ms:.2f} ms/image, "
             f"{status}{augmented}",
             highlight=False,
         )
@@ -341,7 +338,7 @@ class TrialRunner:
             if plan.fine_tunes
             else plan.mode.replace("-", " ")
         )
-        guess = f", about {budget_mod.format_seconds(estimate)}" if estimate else ""
+        guess = f", about {format_seconds(estimate)}" if estimate else ""
         stage = f"{plan.stage}: " if plan.stage else ""
         self.context.console.rule(
             f"trial {self.context.trials_run} (id {trial.trial_id}): {stage}{plan.backbone} "
@@ -369,7 +366,7 @@ class TrialRunner:
             tune += f", augment {plan.augment}{views}"
         self.context.console.print(
             f"  {head}, {tune}, class weight {plan.class_weight}; {length}{guess}; budget "
-            f"left {budget_mod.format_seconds(self.context.ledger.remaining())}",
+            f"left {format_seconds(self.context.ledger.remaining())}",
             highlight=False,
         )
 
@@ -403,9 +400,9 @@ def start_refusal(
     remaining = ledger.remaining()
     if budget_mod.can_start(estimate, remaining):
         return None
-    needs = f"needs about {budget_mod.format_seconds(estimate)}" if estimate else "cannot start"
+    needs = f"needs about {format_seconds(estimate)}" if estimate else "cannot start"
     return (
-        f"budget left {budget_mod.format_seconds(remaining)}; the next trial "
+        f"budget left {format_seconds(remaining)}; the next trial "
         f"({plan.backbone} at {plan.image_size}px, {epochs} epochs) {needs}"
     )
 
@@ -462,64 +459,3 @@ def failure_reason(exc: BaseException) -> str:
     """One line: the exception's type and the first line of its message."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
-
-
-def measure_latency(model: keras.Model, size: int, runs: int = 10) -> tuple[float, float, float]:
-    """(median ms per image at batch 1, images/s at batch 32, interquartile range of the
-    batch-1 runs in ms), after warm-up, on this device."""
-    rng = np.random.default_rng(0)
-    one = rng.uniform(0, 255, (1, size, size, 3)).astype("float32")
-    many = rng.uniform(0, 255, (32, size, size, 3)).astype("float32")
-    predict: Callable = model.predict_on_batch
-    median_ms, spread_ms = timed_runs(lambda: predict(one), runs)
-    predict(many)
-    batch = []
-    for _ in range(3):
-        start = time.perf_counter()
-        predict(many)
-        batch.append(time.perf_counter() - start)
-    return median_ms, 32 / statistics.median(batch), spread_ms
-
-
-def timed_runs(call: Callable[[], Any], runs: int = 10) -> tuple[float, float]:
-    """(median ms, interquartile range ms) of ``runs`` calls after 3 warm-up calls: the
-    package's latency rule (Keras models here, LiteRT files in :mod:`tuner.model.quantize`)."""
-    for _ in range(3):
-        call()
-    single = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        single.append(time.perf_counter() - start)
-    quartiles = np.percentile(single, [25, 75]) * 1000
-    return statistics.median(single) * 1000, float(quartiles[1] - quartiles[0])
-
-
-def model_file_bytes(model: keras.Model, folder: Path) -> int:
-    """The size in bytes of ``model`` saved as a .keras file (written in ``folder``, then
-    deleted: the file a user exports is this size)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "measured.keras"
-    try:
-        model.save(path)
-        return path.stat().st_size
-    finally:
-        path.unlink(missing_ok=True)
-
-
-@functools.cache  # asked for every trial row; the device does not change under a process
-def device_name() -> str:
-    """The accelerator's name, or the CPU's with its core count."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        return details.get("device_name", "GPU")
-    name = platform.processor() or "CPU"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            name = next(
-                line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
-        pass
-    return f"{name} ({os.cpu_count()} cores)"

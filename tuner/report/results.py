@@ -276,7 +276,7 @@ def _size(num_bytes: Any) -> str:
 
 
 def _duration(seconds: Any) -> str:
-    from tuner.engine.budget import format_seconds
+    from tuner.report.text import format_seconds
 
     return format_seconds(float(seconds))
 
@@ -328,7 +328,7 @@ def pareto_figure(done: pd.DataFrame, exported: str | None = None):
     keras_rows = done if variants is None else done[variants == "keras"]
     for backbone, group in keras_rows.groupby("backbone"):
         ax.scatter(group["latency_ms"], group["val_accuracy"], label=backbone, alpha=0.8)
-    if variants is not None:  # deployables (tuner.model.quantize): one marker a variant
+    if variants is not None:  # deployables (tuner.report.quantize): one marker a variant
         for variant, group in done[variants != "keras"].groupby("variant"):
             ax.scatter(
                 group["latency_ms"],

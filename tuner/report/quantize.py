@@ -140,15 +140,15 @@ class Runner:
         return out
 
     def probabilities(self, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
-        from tuner.export_best import two_columns
+        from tuner.report.evaluate import two_columns
 
         parts = [self(pixels[i : i + batch]) for i in range(0, len(pixels), batch)]
         return two_columns(np.concatenate(parts))
 
     def latency(self, size: int, runs: int = 10) -> tuple[float, float]:
         """(median ms per image at batch 1, interquartile range in ms), after 3 warm-up
-        runs: :func:`tuner.engine.trial.measure_latency`'s rule."""
-        from tuner.engine.trial import timed_runs
+        runs: :func:`tuner.model.measure.measure_latency`'s rule."""
+        from tuner.model.measure import timed_runs
 
         one = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype("float32")
         return timed_runs(lambda: self(one), runs)
@@ -158,7 +158,7 @@ def calibration_pixels(config: dict[str, Any], size: int, count: int, seed: int 
     """``count`` train images (a seeded draw; all of them when there are fewer) at
     ``size``, uint8: what full-integer quantization calibrates on. Never validation or test."""
     from data_tools import pipeline
-    from tuner.export_best import split_table
+    from tuner.report.evaluate import split_table
 
     table, _ = split_table(config, ("train",))
     if len(table) > count:
