@@ -15,7 +15,7 @@ import pytest
 from keras_tuner.src.engine import tuner_utils as kt_tuner_utils
 
 from tests.test_hypermodel import demo_data
-from tuner.model import backbones, features, hypermodel, space
+from tuner.model import backbones, features, hypermodel, space, training
 
 
 def maker_for(demo_dir: Path, tmp_path: Path, weights, **values) -> hypermodel.EffNetHyperModel:
@@ -203,16 +203,16 @@ def test_the_best_epoch_is_the_lowest_validation_loss_everywhere_it_is_chosen():
         "accuracy": [0.5, 0.6, 0.7, 0.8],
         "loss": [1.5, 1.2, 1.0, 0.9],
     }
-    assert hypermodel.best_epoch(history) == 2
-    assert hypermodel.best_metrics({**history, "val_loss": history["val_loss"][:3]}) == {
+    assert training.best_epoch(history) == 2
+    assert training.best_metrics({**history, "val_loss": history["val_loss"][:3]}) == {
         "val_accuracy": 0.50,
         "val_loss": 1.20,
         "accuracy": 0.7,
         "loss": 1.0,
     }
-    assert checkpoint.EPOCH_OBJECTIVE.name == hypermodel.BEST_EPOCH_METRIC
+    assert checkpoint.EPOCH_OBJECTIVE.name == training.BEST_EPOCH_METRIC
     assert checkpoint.EPOCH_OBJECTIVE.direction == "min"
-    keeper = hypermodel.BestEpoch()
+    keeper = training.BestEpoch()
     variable = keras.Variable(0.0)
     keeper.track([variable])
     pairs = list(zip(history["val_accuracy"], history["val_loss"], strict=True))

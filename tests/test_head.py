@@ -7,7 +7,8 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from tuner.model import head as head_mod
-from tuner.model.hypermodel import auto_train_batch, compile_model
+from tuner.model.hypermodel import auto_train_batch
+from tuner.model.training import compile_model
 
 
 def blobs(classes: int, n: int = 120, d: int = 12, seed: int = 0):

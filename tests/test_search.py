@@ -21,7 +21,7 @@ import yaml
 from data_tools.errors import run_cli
 from tests.conftest import frozen, rebuilt_val_accuracy, run_search
 from tuner import search
-from tuner.model import hypermodel
+from tuner.model import hypermodel, training
 
 run = run_search
 # One quick trial: random search, one epoch.
@@ -122,7 +122,7 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(
     def nan_first(self, hp, model, *args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
-            return hypermodel.best_metrics(
+            return training.best_metrics(
                 {
                     "loss": [float("nan")],
                     "val_accuracy": [0.1],

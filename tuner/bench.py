@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import tensorflow as tf
 
     from data_tools import pipeline
-    from tuner.model import augment, backbones, hypermodel, space
+    from tuner.model import augment, backbones, hypermodel, space, training
     from tuner.model.measure import device_name
 
     tf.get_logger().setLevel("ERROR")  # retracing notices for every fresh model: expected here
@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if finetune:
                 base = model.get_layer("backbone")
                 backbones.unfreeze_top(base, backbones.blocks_for_fraction(base, finetune))
-                hypermodel.compile_model(model, 1e-4, 10, jit_compile=False)
+                training.compile_model(model, 1e-4, 10, jit_compile=False)
                 model.fit(
                     train,
                     validation_data=val,

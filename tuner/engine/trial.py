@@ -32,8 +32,9 @@ from rich.console import Console
 
 from tuner.engine import budget as budget_mod
 from tuner.model import checkpoint
-from tuner.model.hypermodel import TrialPlan, best_epoch
+from tuner.model.hypermodel import TrialPlan
 from tuner.model.measure import device_name, measure_latency, model_file_bytes
+from tuner.model.training import best_epoch
 from tuner.report.results import UNUSED, Results
 from tuner.report.text import format_seconds
 from tuner.report.wandb_log import WandbLogger

@@ -33,7 +33,7 @@ from keras_tuner.src.engine import tuner_utils
 from data_tools.atomic import atomic_path
 from data_tools.errors import InputError
 
-# The epoch a trial keeps: the lowest validation loss (tuner.model.hypermodel.BEST_EPOCH_METRIC).
+# The epoch a trial keeps: the lowest validation loss (tuner.model.training.BEST_EPOCH_METRIC).
 EPOCH_OBJECTIVE = kt.Objective("val_loss", "min")
 FILE = "checkpoint.trained.npz"
 LEGACY_FILE = "checkpoint.weights.h5"  # Keras Tuner's own: the whole model
