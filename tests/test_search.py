@@ -21,6 +21,7 @@ import yaml
 from data_tools.errors import run_cli
 from tests.conftest import frozen, rebuilt_val_accuracy, run_search
 from tuner import search
+from tuner.engine import session
 from tuner.model import hypermodel, training
 
 run = run_search
@@ -103,7 +104,7 @@ def test_interrupted_trial_is_rerun_on_resume(tmp_path, demo_dir, pretrained_t0,
 
     thread = threading.Thread(target=interrupt_during_second_trial, daemon=True)
     thread.start()
-    assert run(tmp_path, demo_dir, "i", *common) == search.EXIT_INTERRUPTED
+    assert run(tmp_path, demo_dir, "i", *common) == session.EXIT_INTERRUPTED
     thread.join()
     output = capsys.readouterr().out
     assert "interrupted" in output

@@ -254,12 +254,13 @@ def test_search_takes_the_split_ranges_and_warns_when_they_leave_too_few(
     tmp_path, demo_dir, capsys
 ) -> None:
     from tuner import search
+    from tuner.engine import session
 
     def load(*ranges: str):
         argv = ["--data", str(demo_dir / "label.csv"), "--results", str(tmp_path), *ranges]
         request = search.resolve_request(search.build_parser().parse_args(argv))
         out = tmp_path / ("-".join(ranges) or "default")
-        return search.load_data(request, out), out
+        return session.load_data(request, out), out
 
     (table, _, facts, warning), _ = load()
     assert warning.startswith("warning: balanced to the rarest class, validation keeps 14 ")

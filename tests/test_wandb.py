@@ -16,7 +16,7 @@ import pytest
 from data_tools.errors import run_cli
 from tests.conftest import frozen, run_search, search_argv
 from tests.wandb_files import read_runs
-from tuner import search
+from tuner.engine import session
 
 
 @pytest.fixture(autouse=True)
@@ -146,7 +146,7 @@ def test_interrupted_trial_reuses_its_run_id(tmp_path, demo_dir, pretrained_t0, 
 
     monkeypatch.setattr(hypermodel.EffNetHyperModel, "fit", interrupt_second)
     common = ["--set", "max_trials=2", "--budget", "10m"]
-    assert run(tmp_path, demo_dir, pretrained_t0, "i", *common) == search.EXIT_INTERRUPTED
+    assert run(tmp_path, demo_dir, pretrained_t0, "i", *common) == session.EXIT_INTERRUPTED
     assert run(tmp_path, demo_dir, pretrained_t0, "i", *common) == 0
     runs = read_runs(tmp_path / "results" / "i" / "wandb")
     trial_ids = [r.run_id for r in runs if r.job_type == "trial"]

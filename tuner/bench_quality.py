@@ -382,12 +382,13 @@ def check_weights(args: argparse.Namespace, recipe_backbone: str) -> None:
     from rich.console import Console
 
     from tuner import search
+    from tuner.engine import session
     from tuner.model import backbones, space
 
     overrides = space.parse_overrides(args.set)
     searched = space.load(args.space or search.SPACES / "default.yaml", overrides)
     wanted = space.load(None, {"backbones": [recipe_backbone, *searched.backbones]})
-    search.resolve_weights(args.weights, wanted, demo=False, console=Console())
+    session.resolve_weights(args.weights, wanted, demo=False, console=Console())
     if args.weights not in ("imagenet", "none"):
         for name in wanted.backbones:
             backbones.weights_file_in(Path(args.weights), backbones.get(str(name)))
