@@ -12,6 +12,7 @@ import shutil
 import pytest
 
 from tuner import bench, bench_quality
+from tuner.report import quality
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +60,7 @@ def test_bench_quality_compares_every_baseline_with_the_search_on_each_fold(
             assert row["difference"] == ours - fold["methods"][name]["test"]["accuracy"]
     # An explicit --budget is not the recipes' time: the lines say so.
     assert report["summary"]["seed"]["folds"] == 2
-    assert lines[-3] == bench_quality.quality_line("seed", report["summary"]["seed"])
+    assert lines[-3] == quality.quality_line("seed", report["summary"]["seed"])
     assert "not equal wall clock" in lines[-3]
     # A second run reuses every method's run (same split, weights and settings).
     shutil.rmtree(tmp_path / "digits-quality" / "fold1" / "hyperband")

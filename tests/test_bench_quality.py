@@ -13,10 +13,11 @@ import pytest
 
 from data_tools.errors import InputError
 from tuner import bench_quality
+from tuner.report import baselines, quality
 
 
 def test_folds_rotate_both_ranges_by_the_test_width_and_keep_test_disjoint():
-    folds = bench_quality.fold_ranges("0-63", "64-127", 4)
+    folds = quality.fold_ranges("0-63", "64-127", 4)
     assert folds == [
         {"test": "0-63", "validation": "64-127"},
         {"test": "64-127", "validation": "128-191"},
@@ -33,20 +34,20 @@ def test_folds_rotate_both_ranges_by_the_test_width_and_keep_test_disjoint():
 
 def test_too_many_folds_get_one_line_with_the_largest_that_fits():
     with pytest.raises(InputError) as error:
-        bench_quality.fold_ranges("0-63", "64-127", 5)
+        quality.fold_ranges("0-63", "64-127", 5)
     assert "pass --folds 4" in str(error.value) and "\n" not in str(error.value)
     with pytest.raises(InputError, match="pass --folds 9"):
         # fold 10 would test 225-249 and validate on 250-18, a range across the wrap
-        bench_quality.fold_ranges("0-24", "25-49", 10)
+        quality.fold_ranges("0-24", "25-49", 10)
     with pytest.raises(InputError, match="pass --folds 2"):
-        bench_quality.fold_ranges("0-79", "80-159", 3)  # validation 240-63 would straddle
+        quality.fold_ranges("0-79", "80-159", 3)  # validation 240-63 would straddle
     with pytest.raises(InputError, match="within the hash buckets 0-255"):
-        bench_quality.fold_ranges("0-300", "25-49", 1)
+        quality.fold_ranges("0-300", "25-49", 1)
 
 
 def test_baselines_parse_all_and_refuse_unknown_ones_in_one_line():
     assert bench_quality.parse_baselines("all") == ["seed", "keras-example", "hyperband"]
-    assert bench_quality.parse_baselines("longer,all") == [*bench_quality.ALL, "longer"]
+    assert bench_quality.parse_baselines("longer,all") == [*quality.ALL, "longer"]
     assert bench_quality.parse_baselines("hyperband, seed") == ["seed", "hyperband"]
     with pytest.raises(InputError, match="keras is not a baseline; choose from seed,"):
         bench_quality.parse_baselines("keras")
@@ -62,7 +63,7 @@ def test_a_baseline_that_cannot_run_is_skipped_with_one_line_and_the_others_run(
 
 def test_the_seed_recipe_trains_at_the_seeds_batch():
     args = bench_quality.build_parser().parse_args(["--data", "x"])
-    assert args.recipe_batch == 512 == bench_quality.SEED["batch_size"]
+    assert args.recipe_batch == 512 == baselines.SEED["batch_size"]
     assert args.example_epochs == "25,4" and args.folds == 3 and args.baseline == "all"
 
 
@@ -84,27 +85,27 @@ def test_the_paired_interval_is_students_t_and_lines_say_when_time_was_unequal()
     from scipy import stats
 
     differences = [0.12, 0.05, 0.2]
-    low, high = bench_quality.paired_interval(differences)
+    low, high = quality.paired_interval(differences)
     expected = stats.t.interval(0.95, 2, loc=np.mean(differences), scale=stats.sem(differences))
     assert (low, high) == pytest.approx(expected)
-    assert all(math.isnan(x) for x in bench_quality.paired_interval([0.1]))
+    assert all(math.isnan(x) for x in quality.paired_interval([0.1]))
 
     folds = [{"comparisons": {"keras-example": _row(d, equal=True)}} for d in differences]
-    row = bench_quality.summarise(folds)["keras-example"]
-    line = bench_quality.quality_line("keras-example", row)
+    row = quality.summarise(folds)["keras-example"]
+    line = quality.quality_line("keras-example", row)
     assert line == (
         f"quality vs keras-example: +0.123 (95% CI {low:+.3f}..{high:+.3f}) over 3 folds "
         "at equal wall clock"
     )
     folds[1]["comparisons"]["keras-example"]["equal_wall_clock"] = False
-    row = bench_quality.summarise(folds)["keras-example"]
-    line = bench_quality.quality_line("keras-example", row)
+    row = quality.summarise(folds)["keras-example"]
+    line = quality.quality_line("keras-example", row)
     assert "at equal wall clock" not in line and line.endswith(": not equal wall clock)")
-    one = bench_quality.summarise(folds[:1])["keras-example"]
-    assert "(95% CI n/a: one fold) over 1 fold at" in bench_quality.quality_line("x", one)
+    one = quality.summarise(folds[:1])["keras-example"]
+    assert "(95% CI n/a: one fold) over 1 fold at" in quality.quality_line("x", one)
 
-    longer = bench_quality.summarise([{"comparisons": {"longer": _row(-0.02)}}] * 2)["longer"]
-    assert bench_quality.quality_line("longer", longer).startswith("regret vs longer: +0.020")
+    longer = quality.summarise([{"comparisons": {"longer": _row(-0.02)}}] * 2)["longer"]
+    assert quality.quality_line("longer", longer).startswith("regret vs longer: +0.020")
 
 
 def _row(difference: float, equal: bool = False) -> dict:
@@ -124,9 +125,9 @@ def test_the_recipe_feeds_its_backbone_the_range_it_takes():
     t0 = backbones.get("T0")
     as_hub = dataclasses.replace(t0, input_scale=1 / 255)  # a TF-Hub module takes 0..1
     pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
-    scaled = bench_quality.recipe_model(as_hub, 32, None, 3)
+    scaled = baselines.recipe_model(as_hub, 32, None, 3)
     assert scaled.get_layer("input_scale").scale == pytest.approx(1 / 255)
-    plain = bench_quality.recipe_model(t0, 32, None, 3)
+    plain = baselines.recipe_model(t0, 32, None, 3)
     assert "input_scale" not in [layer.name for layer in plain.layers]
     assert scaled.predict(pixels, verbose=0).shape == (2, 3)
 
@@ -138,7 +139,7 @@ def test_the_keras_example_unfreezes_what_its_flat_model_would():
 
     from tuner.model import backbones
 
-    model, base = bench_quality.keras_example_model(backbones.get("T0"), 32, None, 4)
+    model, base = baselines.keras_example_model(backbones.get("T0"), 32, None, 4)
     assert [layer.name for layer in model.layers[-3:]] == [
         "batch_normalization",
         "top_dropout",
@@ -146,7 +147,7 @@ def test_the_keras_example_unfreezes_what_its_flat_model_would():
     ]
     assert not any(layer.trainable for layer in base.layers)
     assert model.get_layer("top_dropout").rate == 0.2
-    unfrozen = bench_quality.unfreeze_like_the_example(model, base)
+    unfrozen = baselines.unfreeze_like_the_example(model, base)
 
     flat_base = backbones.build(backbones.get("T0"), 32, None)
     x = keras.layers.BatchNormalization()(flat_base.output)

@@ -57,35 +57,25 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from data_tools.atomic import write_text
 from data_tools.errors import InputError, run_cli
 from data_tools.split import DEFAULT_TEST_RANGE, DEFAULT_VALIDATION_RANGE, parse_range
-
-SEED = {"backbone": "B0", "epochs": 10, "batch_size": 512}
-KERAS_EXAMPLE = {
-    "backbone": "B0",
-    "epochs": 25,
-    "batch_size": 64,
-    "learning_rate": 1e-2,
-    "dropout": 0.2,
-    "unfrozen_layers": 20,
-    "finetune_epochs": 4,
-    "finetune_learning_rate": 1e-5,
-}
-BASELINES = ("seed", "keras-example", "hyperband", "longer")
-ALL = ("seed", "keras-example", "hyperband")
-HAND = ("seed", "keras-example")
-LONGER = 4  # the longer search's budget, in budgets
-BUCKETS = 256  # hash buckets 0..255 (data_tools.split)
-# A search whose wall clock (start-up, split and records included) passes its baseline's
-# time by more than this is not "at equal wall clock".
-OVER_TIME = 1.1
+from tuner.report.baselines import KERAS_EXAMPLE, SEED, run_keras_example, run_recipe
+from tuner.report.quality import (
+    ALL,
+    BASELINES,
+    HAND,
+    LONGER,
+    OVER_TIME,
+    _text,
+    fold_ranges,
+    print_report,
+    summarise,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,10 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _text(pair: tuple[int, int]) -> str:
-    return f"{pair[0]}-{pair[1]}"
-
-
 def parse_baselines(text: str) -> list[str]:
     """``'all'`` or a comma-separated list -> the baselines, in :data:`BASELINES` order."""
     wanted = {item.strip() for item in text.split(",") if item.strip()}
@@ -139,45 +125,6 @@ def parse_baselines(text: str) -> list[str]:
             f"choose from {', '.join(BASELINES)} or all"
         )
     return [name for name in BASELINES if name in wanted]
-
-
-def fold_ranges(test: str, validation: str, folds: int) -> list[dict[str, str]]:
-    """The K folds' ``{"test": "a-b", "validation": "c-d"}``: fold i shifts both ranges by
-    i times the test range's width, wrapping past the last bucket to the first (K-fold
-    cross-validation: with 64-wide ranges, four folds test every bucket once). The test
-    ranges are disjoint, and no shifted range may straddle the wrap."""
-    low, high = parse_range(test)
-    vlow, vhigh = parse_range(validation)
-    if not (0 <= low <= high < BUCKETS and 0 <= vlow <= vhigh < BUCKETS):
-        raise InputError(
-            f"--test-range {test} / --validation-range {validation}: ranges are LOW-HIGH "
-            f"within the hash buckets 0-{BUCKETS - 1}"
-        )
-    width = high - low + 1
-
-    def shifted(i: int) -> dict[str, tuple[int, int]] | None:
-        out = {}
-        for key, (a, b) in (("test", (low, high)), ("validation", (vlow, vhigh))):
-            a, b = (a + i * width) % BUCKETS, (b + i * width) % BUCKETS
-            if a > b:
-                return None  # the range would straddle the wrap
-            out[key] = (a, b)
-        return out
-
-    largest = 0
-    while (largest + 1) * width <= BUCKETS and shifted(largest) is not None:
-        largest += 1
-    if not 1 <= folds <= largest:
-        raise InputError(
-            f"--folds {folds}: test buckets {test} and validation buckets {validation}, "
-            f"shifted by {width} buckets a fold (wrapping past {BUCKETS - 1}), fit "
-            f"{largest} fold(s) with disjoint test buckets; pass --folds {largest} or "
-            f"narrower ranges"
-        )
-    return [
-        {key: _text(span) for key, span in shifted(i).items()}  # type: ignore[union-attr]
-        for i in range(folds)
-    ]
 
 
 def split_data(args: argparse.Namespace, folder: Path, ranges: dict[str, str]) -> tuple[Path, Path]:
@@ -205,176 +152,6 @@ def split_data(args: argparse.Namespace, folder: Path, ranges: dict[str, str]) -
         write_text(record, json.dumps(ranges) + "\n")
     print(f"split: test buckets {ranges['test']}, validation buckets {ranges['validation']}")
     return target, images
-
-
-def _recipe_data(split_file: Path, images: Path) -> tuple[dict, Any, list[str]]:
-    from data_tools import ingest
-    from tuner.report import evaluate
-
-    config = {"data": str(split_file), "images": str(images)}
-    frame = ingest.read_split_csv(split_file)
-    config["classes"] = ingest.class_names(frame["value"])
-    table, _ = evaluate.split_table(config, ("train", "validation"))
-    return config, table, config["classes"]
-
-
-def _dataset(table, split: str, size: int, batch: int, shuffle: bool, augment=None):
-    import tensorflow as tf
-
-    from data_tools import pipeline
-
-    rows = table[table["type"] == split]
-    data = pipeline.make_dataset(rows, size, batch, shuffle=shuffle)
-    data = data.map(lambda x, y: (tf.cast(x, tf.float32), y))
-    if augment is not None:  # as the example maps its augmentation over the train batches
-        data = data.map(lambda x, y: (augment(x, training=True), y))
-    return data
-
-
-def _evaluate(model, config: dict, size: int, seconds: float, history: dict, facts: dict) -> dict:
-    """The one test evaluation of a hand recipe's last epoch, and what it ran."""
-    from tuner.report import evaluate
-
-    pixels, labels, _ = evaluate.test_pixels(config, size)
-    probs = evaluate.probabilities(model, pixels)
-    metrics = evaluate.test_metrics(labels, probs, config["classes"])
-    return {
-        "train_seconds": seconds,
-        "val_accuracy_last_epoch": float(history["val_accuracy"][-1]),
-        "test": {k: metrics[k] for k in ("count", "accuracy", "balanced_accuracy", "loss")},
-        "classes": config["classes"],
-        "image_size": size,
-        **facts,
-    }
-
-
-def run_recipe(split_file: Path, images: Path, weights: str | None, recipe: dict) -> dict:
-    """The seeds' recipe (``recipe``: backbone, image size, epochs, batch) on the split: its
-    test metrics, training seconds and what it ran."""
-    import keras
-
-    from tuner.model import backbones
-
-    config, table, classes = _recipe_data(split_file, images)
-    size, batch = recipe["image_size"], recipe["batch_size"]
-    model = recipe_model(backbones.get(recipe["backbone"]), size, weights, len(classes))
-    binary = len(classes) == 2
-    model.compile(
-        optimizer=keras.optimizers.Adam(),
-        loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    train = _dataset(table, "train", size, batch, True)
-    val = _dataset(table, "validation", size, batch, False)
-    started = time.monotonic()
-    history = model.fit(train, validation_data=val, epochs=recipe["epochs"], verbose=2)
-    seconds = time.monotonic() - started
-    return _evaluate(model, config, size, seconds, history.history, recipe)
-
-
-def recipe_model(entry, size: int, weights: str | None, classes: int):
-    """The recipe's model: uint8-valued pixels -> the backbone's input scale (0..1 for a
-    TF-Hub module, as the seeds rescaled by 1/255) -> the frozen backbone -> a Dense
-    softmax (sigmoid for two classes)."""
-    import keras
-
-    from tuner.model import backbones
-
-    base = backbones.build(entry, size, weights)
-    base.trainable = False
-    backbones.inference_mode(base)  # a frozen feature extractor, as the TF-Hub layer was
-    inputs = keras.Input((size, size, 3))
-    x = inputs
-    if entry.input_scale != 1.0:
-        x = keras.layers.Rescaling(entry.input_scale, name="input_scale")(x)
-    features = base(x, training=False)
-    binary = classes == 2
-    outputs = keras.layers.Dense(
-        1 if binary else classes, activation="sigmoid" if binary else "softmax"
-    )(features)
-    return keras.Model(inputs, outputs)
-
-
-def keras_example_model(entry, size: int, weights: str | None, classes: int):
-    """keras-io's EfficientNet fine-tuning example's model, with ``(model, backbone)``:
-    the frozen backbone (pooled: its GlobalAveragePooling), BatchNormalization, Dropout 0.2
-    and a Dense softmax. As in the example (one flat functional graph), the backbone's
-    stochastic depth runs during ``fit``."""
-    import keras
-
-    from tuner.model import backbones
-
-    base = backbones.build(entry, size, weights)
-    base.trainable = False
-    inputs = keras.Input((size, size, 3))
-    x = base(inputs)
-    x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.Dropout(KERAS_EXAMPLE["dropout"], name="top_dropout")(x)
-    outputs = keras.layers.Dense(classes, activation="softmax", name="pred")(x)
-    return keras.Model(inputs, outputs, name="EfficientNet"), base
-
-
-def unfreeze_like_the_example(model, base, count: int = KERAS_EXAMPLE["unfrozen_layers"]):
-    """The example's ``unfreeze_model``: of the flat model's last ``count`` layers (its 3
-    head layers after the pooling, then the backbone's last layers, the pooling included),
-    every one but BatchNormalization becomes trainable. Returns the backbone layers
-    unfrozen."""
-    import keras
-
-    head = model.layers[model.layers.index(base) + 1 :]
-    tail = base.layers[-(count - len(head)) :]
-    base.trainable = True
-    chosen = {id(layer) for layer in tail}
-    for layer in base.layers:
-        batch_norm = isinstance(layer, keras.layers.BatchNormalization)
-        layer.trainable = id(layer) in chosen and not batch_norm
-    return [layer.name for layer in tail if layer.trainable]
-
-
-def example_augmentation():
-    """The example's ``img_augmentation`` layers (Keras defaults otherwise: RandomFlip flips
-    both ways, RandomContrast takes 0..255)."""
-    import keras
-
-    return keras.Sequential(
-        [
-            keras.layers.RandomRotation(factor=0.15),
-            keras.layers.RandomTranslation(height_factor=0.1, width_factor=0.1),
-            keras.layers.RandomFlip(),
-            keras.layers.RandomContrast(factor=0.1),
-        ],
-        name="img_augmentation",
-    )
-
-
-def run_keras_example(split_file: Path, images: Path, weights: str | None, recipe: dict) -> dict:
-    """keras-io's EfficientNet fine-tuning recipe on the split (see the module docstring)."""
-    import keras
-
-    from tuner.model import backbones
-
-    config, table, classes = _recipe_data(split_file, images)
-    size, batch = recipe["image_size"], recipe["batch_size"]
-    model, base = keras_example_model(
-        backbones.get(recipe["backbone"]), size, weights, len(classes)
-    )
-    train = _dataset(table, "train", size, batch, True, example_augmentation())
-    val = _dataset(table, "validation", size, batch, False)
-
-    def fit(rate: float, epochs: int):
-        model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate=rate),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-        )
-        return model.fit(train, validation_data=val, epochs=epochs, verbose=2).history
-
-    started = time.monotonic()
-    history = fit(recipe["learning_rate"], recipe["epochs"])
-    unfrozen = unfreeze_like_the_example(model, base, recipe["unfrozen_layers"])
-    history = fit(recipe["finetune_learning_rate"], recipe["finetune_epochs"])
-    seconds = time.monotonic() - started
-    return _evaluate(model, config, size, seconds, history, {**recipe, "unfrozen": len(unfrozen)})
 
 
 def check_weights(args: argparse.Namespace, recipe_backbone: str) -> None:
@@ -588,40 +365,6 @@ def _native(backbone: str) -> int:
     return backbones.get(backbone).size
 
 
-def paired_interval(differences: Sequence[float], level: float = 0.95) -> tuple[float, float]:
-    """Student's t interval of the mean of paired differences (NaN for one pair)."""
-    from scipy import stats
-
-    n = len(differences)
-    mean = sum(differences) / n
-    if n < 2:
-        return math.nan, math.nan
-    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1))
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
-    return mean - half, mean + half
-
-
-def summarise(folds: list[dict]) -> dict:
-    """Per baseline: the per-fold differences, their mean and 95% paired interval."""
-    summary = {}
-    for name in BASELINES:
-        rows = [fold["comparisons"][name] for fold in folds if name in fold["comparisons"]]
-        if not rows:
-            continue
-        differences = [row["difference"] for row in rows]
-        low, high = paired_interval(differences)
-        summary[name] = {
-            "mean": sum(differences) / len(differences),
-            "ci95": [low, high],
-            "per_fold": differences,
-            "folds": len(rows),
-            "equal_wall_clock": all(row["equal_wall_clock"] for row in rows),
-            "our_seconds": [row["our_seconds"] for row in rows],
-            "their_seconds": [row["their_seconds"] for row in rows],
-        }
-    return summary
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     wanted = parse_baselines(args.baseline)
@@ -637,69 +380,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_text(folder / "bench_quality.json", json.dumps(report, indent=1) + "\n")
     print_report(report)
     return 0
-
-
-def print_report(report: dict) -> None:
-    from tuner.report.text import format_seconds
-
-    print(f"{'fold':<6}{'method':<16}{'test acc':>9}{'balanced':>10}{'time':>10}  model")
-    for fold in report["folds"]:
-        rows = [(n, m, m.get("train_seconds")) for n, m in fold["methods"].items()]
-        rows += [(f"ours {s}", m, None) for s, m in fold["ours"].items()]
-        for name, method, trained in rows:
-            seconds = trained if trained is not None else method["wall_seconds"]
-            if trained is not None:
-                model = f"{method['backbone']} {method['image_size']}px, {method['epochs']} epochs"
-            else:
-                tuned = method.get("finetune_fraction") or 0
-                model = f"trial {method['trial_id']}: {method['backbone']} {method['image_size']}px"
-                model += f", top {tuned:.0%} fine-tuned" if tuned else ", frozen"
-            print(
-                f"{fold['fold']:<6}{name:<16}{method['test']['accuracy']:>9.4f}"
-                f"{method['test']['balanced_accuracy']:>10.4f}{format_seconds(seconds):>10}  "
-                f"{model}"
-            )
-        ranges = fold["split_ranges"]
-        count = next(iter(fold["methods"].values()), next(iter(fold["ours"].values())))
-        print(
-            f"{'':<6}test images: {count['test']['count']} (test buckets {ranges['test']}, "
-            f"validation buckets {ranges['validation']})"
-        )
-        budgets = ", ".join(
-            f"vs {name} {format_seconds(row['our_budget_s'])}"
-            for name, row in fold["comparisons"].items()
-            if "our_budget_s" in row
-        )
-        if budgets:
-            print(f"{'':<6}our search's budget: {budgets}")
-    for name, row in report["summary"].items():
-        per_fold = ", ".join(f"{d:+.3f}" for d in row["per_fold"])
-        print(f"ours - {name} per fold: {per_fold}")
-    for name, row in report["summary"].items():
-        print(quality_line(name, row))
-
-
-def quality_line(name: str, row: dict) -> str:
-    """``quality vs <baseline>: +X.XXX (95% CI +L..+H) over K folds at equal wall clock``;
-    for ``longer``, the regret; "at equal wall clock" only when it was."""
-    from tuner.report.text import format_seconds
-
-    low, high = row["ci95"]
-    interval = "95% CI n/a: one fold" if math.isnan(low) else f"95% CI {low:+.3f}..{high:+.3f}"
-    folds = f"over {row['folds']} fold{'s' if row['folds'] != 1 else ''}"
-    if name == "longer":
-        low, high = -high, -low
-        interval = interval if math.isnan(low) else f"95% CI {low:+.3f}..{high:+.3f}"
-        return (
-            f"regret vs longer: {-row['mean']:+.3f} ({interval}) {folds}: test accuracy a "
-            f"search at {LONGER}x the budget gained"
-        )
-    line = f"quality vs {name}: {row['mean']:+.3f} ({interval}) {folds}"
-    if row["equal_wall_clock"]:
-        return f"{line} at equal wall clock"
-    ours = "/".join(format_seconds(s) for s in row["our_seconds"])
-    theirs = "/".join(format_seconds(s) for s in row["their_seconds"])
-    return f"{line} (ours took {ours} against {theirs}: not equal wall clock)"
 
 
 if __name__ == "__main__":

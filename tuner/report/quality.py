@@ -1,0 +1,161 @@
+"""The quality benchmark's design and arithmetic: folds (rotations of the test and validation
+bucket ranges), the paired confidence interval over them, the summary per baseline and the
+report's lines (``quality vs <baseline>: ...``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from data_tools.errors import InputError
+from data_tools.split import parse_range
+
+BASELINES = ("seed", "keras-example", "hyperband", "longer")
+ALL = ("seed", "keras-example", "hyperband")
+HAND = ("seed", "keras-example")
+LONGER = 4  # the longer search's budget, in budgets
+# A search whose wall clock (start-up, split and records included) passes its baseline's
+# time by more than this is not "at equal wall clock".
+OVER_TIME = 1.1
+
+BUCKETS = 256  # hash buckets 0..255 (data_tools.split)
+
+
+def _text(pair: tuple[int, int]) -> str:
+    return f"{pair[0]}-{pair[1]}"
+
+
+def fold_ranges(test: str, validation: str, folds: int) -> list[dict[str, str]]:
+    """The K folds' ``{"test": "a-b", "validation": "c-d"}``: fold i shifts both ranges by
+    i times the test range's width, wrapping past the last bucket to the first (K-fold
+    cross-validation: with 64-wide ranges, four folds test every bucket once). The test
+    ranges are disjoint, and no shifted range may straddle the wrap."""
+    low, high = parse_range(test)
+    vlow, vhigh = parse_range(validation)
+    if not (0 <= low <= high < BUCKETS and 0 <= vlow <= vhigh < BUCKETS):
+        raise InputError(
+            f"--test-range {test} / --validation-range {validation}: ranges are LOW-HIGH "
+            f"within the hash buckets 0-{BUCKETS - 1}"
+        )
+    width = high - low + 1
+
+    def shifted(i: int) -> dict[str, tuple[int, int]] | None:
+        out = {}
+        for key, (a, b) in (("test", (low, high)), ("validation", (vlow, vhigh))):
+            a, b = (a + i * width) % BUCKETS, (b + i * width) % BUCKETS
+            if a > b:
+                return None  # the range would straddle the wrap
+            out[key] = (a, b)
+        return out
+
+    largest = 0
+    while (largest + 1) * width <= BUCKETS and shifted(largest) is not None:
+        largest += 1
+    if not 1 <= folds <= largest:
+        raise InputError(
+            f"--folds {folds}: test buckets {test} and validation buckets {validation}, "
+            f"shifted by {width} buckets a fold (wrapping past {BUCKETS - 1}), fit "
+            f"{largest} fold(s) with disjoint test buckets; pass --folds {largest} or "
+            f"narrower ranges"
+        )
+    return [
+        {key: _text(span) for key, span in shifted(i).items()}  # type: ignore[union-attr]
+        for i in range(folds)
+    ]
+
+
+def paired_interval(differences: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Student's t interval of the mean of paired differences (NaN for one pair)."""
+    from scipy import stats
+
+    n = len(differences)
+    mean = sum(differences) / n
+    if n < 2:
+        return math.nan, math.nan
+    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1))
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def summarise(folds: list[dict]) -> dict:
+    """Per baseline: the per-fold differences, their mean and 95% paired interval."""
+    summary = {}
+    for name in BASELINES:
+        rows = [fold["comparisons"][name] for fold in folds if name in fold["comparisons"]]
+        if not rows:
+            continue
+        differences = [row["difference"] for row in rows]
+        low, high = paired_interval(differences)
+        summary[name] = {
+            "mean": sum(differences) / len(differences),
+            "ci95": [low, high],
+            "per_fold": differences,
+            "folds": len(rows),
+            "equal_wall_clock": all(row["equal_wall_clock"] for row in rows),
+            "our_seconds": [row["our_seconds"] for row in rows],
+            "their_seconds": [row["their_seconds"] for row in rows],
+        }
+    return summary
+
+
+def print_report(report: dict) -> None:
+    from tuner.report.text import format_seconds
+
+    print(f"{'fold':<6}{'method':<16}{'test acc':>9}{'balanced':>10}{'time':>10}  model")
+    for fold in report["folds"]:
+        rows = [(n, m, m.get("train_seconds")) for n, m in fold["methods"].items()]
+        rows += [(f"ours {s}", m, None) for s, m in fold["ours"].items()]
+        for name, method, trained in rows:
+            seconds = trained if trained is not None else method["wall_seconds"]
+            if trained is not None:
+                model = f"{method['backbone']} {method['image_size']}px, {method['epochs']} epochs"
+            else:
+                tuned = method.get("finetune_fraction") or 0
+                model = f"trial {method['trial_id']}: {method['backbone']} {method['image_size']}px"
+                model += f", top {tuned:.0%} fine-tuned" if tuned else ", frozen"
+            print(
+                f"{fold['fold']:<6}{name:<16}{method['test']['accuracy']:>9.4f}"
+                f"{method['test']['balanced_accuracy']:>10.4f}{format_seconds(seconds):>10}  "
+                f"{model}"
+            )
+        ranges = fold["split_ranges"]
+        count = next(iter(fold["methods"].values()), next(iter(fold["ours"].values())))
+        print(
+            f"{'':<6}test images: {count['test']['count']} (test buckets {ranges['test']}, "
+            f"validation buckets {ranges['validation']})"
+        )
+        budgets = ", ".join(
+            f"vs {name} {format_seconds(row['our_budget_s'])}"
+            for name, row in fold["comparisons"].items()
+            if "our_budget_s" in row
+        )
+        if budgets:
+            print(f"{'':<6}our search's budget: {budgets}")
+    for name, row in report["summary"].items():
+        per_fold = ", ".join(f"{d:+.3f}" for d in row["per_fold"])
+        print(f"ours - {name} per fold: {per_fold}")
+    for name, row in report["summary"].items():
+        print(quality_line(name, row))
+
+
+def quality_line(name: str, row: dict) -> str:
+    """``quality vs <baseline>: +X.XXX (95% CI +L..+H) over K folds at equal wall clock``;
+    for ``longer``, the regret; "at equal wall clock" only when it was."""
+    from tuner.report.text import format_seconds
+
+    low, high = row["ci95"]
+    interval = "95% CI n/a: one fold" if math.isnan(low) else f"95% CI {low:+.3f}..{high:+.3f}"
+    folds = f"over {row['folds']} fold{'s' if row['folds'] != 1 else ''}"
+    if name == "longer":
+        low, high = -high, -low
+        interval = interval if math.isnan(low) else f"95% CI {low:+.3f}..{high:+.3f}"
+        return (
+            f"regret vs longer: {-row['mean']:+.3f} ({interval}) {folds}: test accuracy a "
+            f"search at {LONGER}x the budget gained"
+        )
+    line = f"quality vs {name}: {row['mean']:+.3f} ({interval}) {folds}"
+    if row["equal_wall_clock"]:
+        return f"{line} at equal wall clock"
+    ours = "/".join(format_seconds(s) for s in row["our_seconds"])
+    theirs = "/".join(format_seconds(s) for s in row["their_seconds"])
+    return f"{line} (ours took {ours} against {theirs}: not equal wall clock)"
