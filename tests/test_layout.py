@@ -1,0 +1,121 @@
+"""The layout's rules, read from the source: imports run one way (entry points -> engine ->
+report -> model -> data_tools: model and report never import engine, model imports no report,
+data_tools nothing from tuner), and no module or class grows past the size a reader can
+hold."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENTRY_POINTS = {
+    "search",
+    "export_best",
+    "predict",
+    "dashboard",
+    "bench",
+    "bench_quality",
+    "bench_quantize",
+    "bench_scale",
+}
+MAX_MODULE_LINES, MAX_CLASS_LINES = 600, 300
+
+
+def imported(path: Path) -> set[str]:
+    """Every module ``path`` imports, at the top or inside a function, as dotted names
+    (``from tuner.model import head`` gives ``tuner.model`` and ``tuner.model.head``)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def stage(name: str) -> str | None:
+    """``tuner.model.head`` -> ``model``; an entry point -> ``entry``; else None."""
+    parts = name.split(".")
+    if parts[0] == "data_tools":
+        return "data_tools"
+    if parts[0] != "tuner" or len(parts) < 2:
+        return None
+    if parts[1] in ("engine", "model", "report"):
+        return parts[1]
+    return "entry" if parts[1] in ENTRY_POINTS else None
+
+
+# Which stages each stage may import (its own always).
+ALLOWED = {
+    "entry": {"entry", "engine", "model", "report", "data_tools"},
+    "engine": {"engine", "model", "report", "data_tools"},
+    "model": {"model", "data_tools"},
+    "report": {"report", "model", "data_tools"},
+    "data_tools": {"data_tools"},
+}
+
+
+def wrong_way_imports(root: Path) -> list[str]:
+    problems = []
+    for path in sorted([*root.glob("tuner/**/*.py"), *root.glob("data_tools/**/*.py")]):
+        relative = path.relative_to(root).with_suffix("")
+        own = stage(".".join(relative.parts).removesuffix(".__init__"))
+        if own is None:
+            continue
+        for name in sorted(imported(path)):
+            other = stage(name)
+            if other is not None and other not in ALLOWED[own]:
+                problems.append(f"{relative}.py ({own}) imports {name} ({other})")
+    return problems
+
+
+def test_imports_run_one_way():
+    assert wrong_way_imports(ROOT) == []
+
+
+def test_a_wrong_way_import_is_caught(tmp_path):
+    for folder in ("tuner/model", "tuner/engine", "data_tools"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "tuner/engine/strategy.py").write_text("from tuner.model import backbones\n")
+    (tmp_path / "tuner/model/head.py").write_text(
+        "def f():\n    from tuner.engine import budget\n"  # inside a function counts too
+    )
+    (tmp_path / "tuner/model/features.py").write_text("from tuner.report.results import X\n")
+    (tmp_path / "data_tools/split.py").write_text("import tuner.search\n")
+    assert wrong_way_imports(tmp_path) == [
+        "data_tools/split.py (data_tools) imports tuner.search (entry)",
+        "tuner/model/features.py (model) imports tuner.report.results (report)",
+        "tuner/model/features.py (model) imports tuner.report.results.X (report)",
+        "tuner/model/head.py (model) imports tuner.engine (engine)",
+        "tuner/model/head.py (model) imports tuner.engine.budget (engine)",
+    ]
+
+
+def test_every_module_of_tuner_sits_in_a_stage_or_is_an_entry_point():
+    loose = [
+        path.name
+        for path in (ROOT / "tuner").glob("*.py")
+        if path.stem not in ENTRY_POINTS | {"__init__"}
+    ]
+    assert loose == []
+    for name in ENTRY_POINTS:  # the commands stay where users call them
+        assert (ROOT / "tuner" / f"{name}.py").is_file()
+
+
+@pytest.mark.parametrize("package", ["tuner", "data_tools"])
+def test_no_module_or_class_is_too_long(package):
+    long = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            long.append(f"{path.relative_to(ROOT)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef):
+                size = node.end_lineno - node.lineno + 1
+                if size > MAX_CLASS_LINES:
+                    long.append(f"{path.relative_to(ROOT)}: class {node.name}, {size} lines")
+    assert long == []
