@@ -76,12 +76,9 @@ def test_fit_leaves_the_model_at_the_best_epoch_it_reports(
     model = maker.build(hp)
     maker.callbacks_factory = lambda: [RuinLastEpoch(model, 4)]
     result = maker.fit(hp, model, epochs=4)
-    history = maker.last_fit["history"]
-    losses = history["val_loss"]
-    assert len(losses) == 4 and losses[-1] > min(losses)  # the last epoch is not the best
-    best = losses.index(min(losses))  # the lowest validation loss, not the best accuracy
-    assert result["val_accuracy"] == history["val_accuracy"][best]
-    assert result["val_loss"] == min(losses)
+    history = maker.last_fit["history"]["val_accuracy"]
+    assert len(history) == 4 and history[-1] < max(history)  # the last epoch is not the best
+    assert result["val_accuracy"] == max(history)
     # The model in memory (what the trial saves and export ships) scores the reported number.
     assert validation_accuracy(maker, model) == pytest.approx(result["val_accuracy"], abs=1e-6)
 
@@ -192,26 +189,24 @@ def test_official_notop_file_in_a_folder_computes_what_imagenet_computes(tmp_pat
     np.testing.assert_allclose(again.predict(pixels, verbose=0), expected, atol=tolerance)
 
 
-def test_the_best_epoch_is_the_lowest_validation_loss_everywhere_it_is_chosen():
-    """A head's luckiest epoch by accuracy is not the one kept: the epoch with the lowest
-    validation loss is, by the hypermodel, the trial's record and its checkpoint alike."""
+def test_the_kept_epoch_is_the_same_in_the_record_the_weights_and_the_checkpoint():
+    """The epoch a trial reports (best validation accuracy, the first on ties) is the one
+    whose weights the hypermodel restores and the one Keras Tuner's checkpoint writes."""
     from tuner.model import checkpoint
 
     history = {
-        "val_accuracy": [0.40, 0.61, 0.50, 0.52],  # epoch 2's accuracy is a lucky spike
-        "val_loss": [1.90, 1.60, 1.20, float("nan")],
+        "val_accuracy": [0.40, 0.61, 0.61, 0.52],  # a tie: the first is kept
+        "val_loss": [1.90, 1.60, 1.20, 1.10],  # the loss keeps falling
         "accuracy": [0.5, 0.6, 0.7, 0.8],
         "loss": [1.5, 1.2, 1.0, 0.9],
     }
-    assert training.best_epoch(history) == 2
-    assert training.best_metrics({**history, "val_loss": history["val_loss"][:3]}) == {
-        "val_accuracy": 0.50,
-        "val_loss": 1.20,
-        "accuracy": 0.7,
-        "loss": 1.0,
+    assert training.best_epoch(history) == 1
+    assert training.best_metrics(history) == {
+        "val_accuracy": 0.61,
+        "val_loss": 1.60,
+        "accuracy": 0.6,
+        "loss": 1.2,
     }
-    assert checkpoint.EPOCH_OBJECTIVE.name == training.BEST_EPOCH_METRIC
-    assert checkpoint.EPOCH_OBJECTIVE.direction == "min"
     keeper = training.BestEpoch()
     variable = keras.Variable(0.0)
     keeper.track([variable])
@@ -220,12 +215,13 @@ def test_the_best_epoch_is_the_lowest_validation_loss_everywhere_it_is_chosen():
         variable.assign(float(epoch))
         keeper.on_epoch_end(epoch, {"val_accuracy": accuracy, "val_loss": loss})
     keeper.restore()
-    assert float(variable.numpy()) == 2.0
+    assert float(variable.numpy()) == 1.0
+    objective = kt.Objective(training.BEST_EPOCH_METRIC, "max")  # the search's objective
     saver = checkpoint.SaveTrained.replacing(
-        kt_tuner_utils.SaveBestEpoch(kt.Objective("val_accuracy", "max"), "unused"), whole=False
+        kt_tuner_utils.SaveBestEpoch(objective, "unused"), whole=False
     )
     saved = []
     saver._save_model = lambda: saved.append(len(saved))
-    for accuracy, loss in pairs[:3]:
+    for accuracy, loss in pairs:
         saver.on_epoch_end(0, {"val_accuracy": accuracy, "val_loss": loss})
-    assert saver.best_value == 1.20 and len(saved) == 3  # every epoch lowered the loss
+    assert saver.best_value == 0.61 and len(saved) == 2  # at epochs 0 and 1: ties keep the first

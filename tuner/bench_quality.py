@@ -48,8 +48,8 @@ run that method again. A baseline that cannot run (``keras-example`` on a ``hub:
 which it cannot unfreeze) is skipped with one line; the others still run.
 
 ``--baseline all --folds 3`` took 62 minutes on 1,873 images at ``--image-size 128`` on a
-2-core CPU; at 224 px expect 5-7x that (the seed recipe's 10 epochs took 1m42s at 128 px,
-12m29s at 224 px).
+2-core CPU (a fourth fold about 21 more); at 224 px expect 5-7x that (the seed recipe's
+10 epochs took 1m42s at 128 px, 12m29s at 224 px).
 """
 
 from __future__ import annotations

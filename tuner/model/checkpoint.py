@@ -26,15 +26,12 @@ import weakref
 from pathlib import Path
 
 import keras
-import keras_tuner as kt
 import numpy as np
 from keras_tuner.src.engine import tuner_utils
 
 from data_tools.atomic import atomic_path
 from data_tools.errors import InputError
 
-# The epoch a trial keeps: the lowest validation loss (tuner.model.training.BEST_EPOCH_METRIC).
-EPOCH_OBJECTIVE = kt.Objective("val_loss", "min")
 FILE = "checkpoint.trained.npz"
 LEGACY_FILE = "checkpoint.weights.h5"  # Keras Tuner's own: the whole model
 FORMAT = 1
@@ -143,8 +140,7 @@ def find(trial_dir: str | Path) -> Path | None:
 
 class SaveTrained(tuner_utils.SaveBestEpoch):
     """Keras Tuner's best-epoch checkpoint callback, writing :func:`save`'s file instead of
-    the whole model, at the epoch the hypermodel keeps (lowest validation loss,
-    :data:`EPOCH_OBJECTIVE`) rather than at the search objective's best."""
+    the whole model."""
 
     def __init__(self, objective, filepath: str, whole: bool) -> None:
         super().__init__(objective, filepath)
@@ -152,7 +148,9 @@ class SaveTrained(tuner_utils.SaveBestEpoch):
 
     @classmethod
     def replacing(cls, callback: tuner_utils.SaveBestEpoch, whole: bool) -> SaveTrained:
-        return cls(EPOCH_OBJECTIVE, callback.filepath, whole)
+        made = cls(callback.objective, callback.filepath, whole)
+        made.best_value = callback.best_value
+        return made
 
     def _save_model(self) -> None:
         save(self.model, self.filepath, self.whole)

@@ -37,13 +37,8 @@ model: a cached trial trains on cached features (or activations at a fine-tune's
 fitted to all of them); an end-to-end trial transforms its train batches afresh every epoch.
 Validation is never augmented, and the model a trial keeps has no augmentation inside.
 
-``fit`` leaves the model at its best epoch (lowest validation loss, the first on ties: the
-quantity early stopping watches), the epoch whose numbers it returns: what a trial records
-is what it keeps and ships. Not the highest validation accuracy: on a few hundred
-validation images, the best of a head's 20-130 epochs by accuracy is mostly the luckiest
-one, and such a maximum then outranked the linear heads' single, honest score (measured on
-real data: Adam heads picked at 0.567 and 0.600 validation accuracy scored 0.532 and 0.506
-on test).
+``fit`` leaves the model at its best epoch (highest validation accuracy, the first on ties),
+the epoch whose numbers it returns: what a trial records is what it keeps and ships.
 
 A refit (``export_best --refit``) sets ``stop_after``: ``fit`` then trains the same schedule
 (the same phases, learning rates and decay) but stops at that epoch and keeps it, with no

@@ -45,9 +45,10 @@ if TYPE_CHECKING:
 CACHED_STEPS_PER_EXECUTION = 16
 
 
-# The metric that picks a trial's best epoch, lower is better (BestEpoch, best_epoch and the
-# best-epoch checkpoint, checkpoint.EPOCH_OBJECTIVE, agree on it).
-BEST_EPOCH_METRIC = "val_loss"
+# The metric that picks a trial's best epoch, higher is better: BestEpoch, best_epoch and the
+# best-epoch checkpoint (Keras Tuner's, on the search objective) agree on it. The lowest
+# validation loss was measured instead: it kept earlier, less accurate epochs (README).
+BEST_EPOCH_METRIC = "val_accuracy"
 
 
 class TrainingPaths:
@@ -379,8 +380,8 @@ class _Run:
 
 
 class BestEpoch(keras.callbacks.Callback):
-    """Keeps the values of the tracked variables at the epoch with the lowest validation
-    loss (the first, on ties: as :func:`best_epoch`); :meth:`restore` puts them back.
+    """Keeps the values of the tracked variables at the epoch with the best validation
+    accuracy (the first, on ties: as :func:`best_epoch`); :meth:`restore` puts them back.
 
     One instance serves every ``fit`` of a trial, whatever part of the model each trains:
     variables tracked later (the top blocks unfrozen for phase 2) are recorded at their
@@ -388,7 +389,7 @@ class BestEpoch(keras.callbacks.Callback):
 
     def __init__(self) -> None:
         super().__init__()
-        self.best = math.inf
+        self.best = -math.inf
         self.variables: dict[int, Any] = {}
         self.saved: dict[int, np.ndarray] | None = None
 
@@ -401,7 +402,7 @@ class BestEpoch(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         value = (logs or {}).get(BEST_EPOCH_METRIC)
-        if value is None or math.isnan(value) or value >= self.best:
+        if value is None or math.isnan(value) or value <= self.best:
             return
         self.best = float(value)
         self.saved = {
@@ -464,6 +465,5 @@ def best_metrics(history: dict[str, list[float]]) -> dict[str, float]:
 
 
 def best_epoch(history: dict[str, list[float]]) -> int:
-    """Index of the epoch with the lowest val loss (the first, on ties; NaN never wins)."""
-    losses = np.asarray(history[BEST_EPOCH_METRIC], dtype=float)
-    return int(np.argmin(np.where(np.isnan(losses), np.inf, losses)))
+    """Index of the epoch with the best val accuracy (the first, on ties)."""
+    return int(np.argmax(history[BEST_EPOCH_METRIC]))
