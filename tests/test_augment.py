@@ -15,7 +15,7 @@ from data_tools import ingest, pipeline, split
 from data_tools.errors import InputError, run_cli
 from tests.conftest import run_search
 from tuner import export_best
-from tuner.engine import facts, oracle
+from tuner.engine import costmodel, oracle
 from tuner.model import hypermodel, space
 from tuner.report import evaluate, export, rebuild
 
@@ -71,13 +71,13 @@ def test_augmented_feature_sets_come_after_their_plain_twin_and_cost_their_extra
         "B1 240px +flip x4",
     ]
     setting = oracle.make_setting(s, 3600, 1000, 1e-3, finetunable=True, train_share=0.8)
-    plain = facts.FeatureSet("B0", "native", 224)
-    four = facts.FeatureSet("B0", "native", 224, "flip", 4)
-    measured = facts.TrialFacts(
-        "0", facts.DONE, {"tuner/stage": "frozen", "head_width": 0}, plain, 0.9, 12.0, 10.0, 13
+    plain = costmodel.FeatureSet("B0", "native", 224)
+    four = costmodel.FeatureSet("B0", "native", 224, "flip", 4)
+    measured = costmodel.TrialFacts(
+        "0", costmodel.DONE, {"tuner/stage": "frozen", "head_width": 0}, plain, 0.9, 12.0, 10.0, 13
     )
-    before = facts.Costs(setting, [])
-    after = facts.Costs(setting, [measured])
+    before = costmodel.Costs(setting, [])
+    after = costmodel.Costs(setting, [measured])
     # From nothing: its own pass over every image, and 3 more over the train split.
     assert before.pass_seconds(four) == pytest.approx(before.pass_seconds(plain) * (1 + 3 * 0.8))
     # Once the plain features exist, only the 3 augmented passes are left.

@@ -8,7 +8,7 @@ import pytest
 
 from data_tools.errors import InputError
 from tests.conftest import run_search
-from tuner.engine import facts, plan
+from tuner.engine import costmodel, plan
 from tuner.model import space
 
 TABLE = """
@@ -31,12 +31,12 @@ def test_a_cost_table_prices_passes_decoding_and_fine_tunes(tmp_path):
     searched = space.load(None, {"backbones": ["B0", "B1"], "finetune_fraction": [0.0, 0.2]})
     setting = plan.setting_for(searched, 9_000, 1_000, 3600, costs)
     b0, b1 = setting.feature_sets
-    priced = facts.Costs(setting, [])
+    priced = costmodel.Costs(setting, [])
     # The cheapest set pays the one decode of every file; each its own pass.
     assert priced.pass_seconds(b0) == pytest.approx(10_000 * (1e-4 + 1e-3))
     assert priced.pass_seconds(b1) == pytest.approx(10_000 * 2e-4)
     assert priced.epoch_seconds(b1, 0.2) == pytest.approx(0.2 * 2e-3 * 9_000)
-    assert priced.head_seconds("adam") == pytest.approx(10.0 + facts.PRIOR_OVERHEAD_SECONDS)
+    assert priced.head_seconds("adam") == pytest.approx(10.0 + costmodel.PRIOR_OVERHEAD_SECONDS)
 
 
 def test_a_long_budget_plays_out_to_fine_tunes_then_ends_with_time_left(tmp_path):
@@ -46,8 +46,8 @@ def test_a_long_budget_plays_out_to_fine_tunes_then_ends_with_time_left(tmp_path
     )
     setting = plan.setting_for(searched, 9_000, 1_000, 20 * 3600, table(tmp_path))
     moves, why = plan.play(setting)
-    frozen = [m for m in moves if m.stage == facts.FROZEN]
-    tuned = [m for m in moves if m.stage == facts.FINE_TUNE]
+    frozen = [m for m in moves if m.stage == costmodel.FROZEN]
+    tuned = [m for m in moves if m.stage == costmodel.FINE_TUNE]
     assert {m.feature_set.backbone for m in frozen} == {"B0", "B1"}
     assert {m.feature_set.backbone for m in tuned} == {"B0", "B1"}
     assert max(m.epochs for m in tuned) == searched.epochs  # rungs up to the space's limit

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tuner.engine import facts, strategy
-from tuner.engine.facts import FINE_TUNE, FROZEN, FeatureSet, Setting, TrialFacts
+from tuner.engine import costmodel, strategy
+from tuner.engine.costmodel import FINE_TUNE, FROZEN, FeatureSet, Setting, TrialFacts
 
 B0 = FeatureSet("B0", "native", 224)
 B1 = FeatureSet("B1", "native", 240)
@@ -155,7 +155,7 @@ def test_a_long_budget_with_nothing_left_worth_trying_ends_and_says_so():
 
 
 def test_fine_tune_epochs_scale_from_a_measured_fraction():
-    costs = facts.Costs(setting(), [fine("10", "0", 0.1, 0.1, epochs=2)])
+    costs = costmodel.Costs(setting(), [fine("10", "0", 0.1, 0.1, epochs=2)])
     assert costs.epoch_seconds(B0, 0.1) == pytest.approx(10.0)
     assert costs.epoch_seconds(B0, 0.2) == pytest.approx(20.0)
 

@@ -4,7 +4,7 @@ Receives the search's request (data, space, budget) from ``python -m tuner.searc
 on trials to the model stage (:mod:`tuner.model`: build and fit) and their records to the
 report stage (:mod:`tuner.report`: trials.csv, W&B). Start with :mod:`tuner.engine.session`
 (one search, end to end), then :mod:`tuner.engine.oracle` and :mod:`tuner.engine.strategy`
-(the ``transfer`` algorithm's decisions, from :mod:`tuner.engine.facts`),
+(the ``transfer`` algorithm's decisions, from :mod:`tuner.engine.costmodel`),
 :mod:`tuner.engine.trial` (one trial: the budget gate, retries, the record),
 :mod:`tuner.engine.budget`, :mod:`tuner.engine.plan` (``--dry-run``) and
 :mod:`tuner.engine.distribute` (a chief and workers). Uses ``model`` and ``report``; neither

@@ -28,7 +28,7 @@ import keras_tuner as kt
 import numpy as np
 from keras_tuner.src.engine import trial as trial_module
 
-from tuner.engine import facts, strategy
+from tuner.engine import costmodel, strategy
 from tuner.model import augment, backbones
 from tuner.model.space import SearchSpace, _as_list
 
@@ -46,7 +46,7 @@ COST_METRICS = (
 )
 
 
-def feature_sets(space: SearchSpace) -> list[facts.FeatureSet]:
+def feature_sets(space: SearchSpace) -> list[costmodel.FeatureSet]:
     """Every (backbone, image size, augmentation) of the space, cheapest passes first."""
     found = []
     augmented = [(augment.NONE, 1)] + [
@@ -62,7 +62,7 @@ def feature_sets(space: SearchSpace) -> list[facts.FeatureSet]:
         for choice in _as_list(space.image_size):
             pixels = entry.size if choice == "native" else int(choice)
             for policy, views in augmented:
-                found.append(facts.FeatureSet(entry.name, str(choice), pixels, policy, views))
+                found.append(costmodel.FeatureSet(entry.name, str(choice), pixels, policy, views))
     unique = list(dict.fromkeys(found))
     return sorted(
         unique, key=lambda fs: (fs.gflops() * fs.passes(), fs.pixels, fs.backbone, fs.label)
@@ -76,13 +76,13 @@ class TransferOracle(kt.Oracle):
     def __init__(self, objective, space: SearchSpace, **kwargs) -> None:
         super().__init__(objective=objective, **kwargs)
         self.space = space
-        self.setting: facts.Setting | None = None
+        self.setting: costmodel.Setting | None = None
         self.remaining: Callable[[], float] = lambda: math.inf
         self.say: Callable[[str], None] = print
         self.reason = ""  # why the search ended, when the strategy has nothing more
         self.finetunable = True  # False with random weights: nothing is frozen
 
-    def facts(self) -> list[facts.TrialFacts]:
+    def facts(self) -> list[costmodel.TrialFacts]:
         return [trial_facts(trial, self.space) for trial in self.trials.values()]
 
     def populate_space(self, trial_id: str) -> dict[str, Any]:
@@ -106,12 +106,12 @@ class TransferOracle(kt.Oracle):
     def plan(self) -> list[str]:
         return strategy.plan_lines(self.setting, self.facts(), self.remaining())
 
-    def _values(self, move: facts.Move, facts: list[facts.TrialFacts]) -> dict[str, Any]:
-        if move.stage == facts.FROZEN:
+    def _values(self, move: costmodel.Move, facts: list[costmodel.TrialFacts]) -> dict[str, Any]:
+        if move.stage == costmodel.FROZEN:
             return self._head_values(move)
         parent = next(f for f in facts if f.trial_id == move.parent)
         values = {k: v for k, v in parent.values.items() if not k.startswith("tuner/")}
-        if parent.stage == facts.FROZEN and parent.solver == "exact":
+        if parent.stage == costmodel.FROZEN and parent.solver == "exact":
             values["learning_rate"] = FINE_TUNE_BASE_RATE
         values.update(
             {
@@ -127,7 +127,7 @@ class TransferOracle(kt.Oracle):
         )
         return values
 
-    def _head_values(self, move: facts.Move) -> dict[str, Any]:
+    def _head_values(self, move: costmodel.Move) -> dict[str, Any]:
         """The ``move.head_index``-th head of its feature set: a point of a scrambled Halton
         sequence (seeded by the search's seed and the feature set) over the head's values."""
         from scipy.stats import qmc
@@ -179,7 +179,7 @@ def _allows_zero(hp) -> bool:
     return getattr(hp, "min_value", 1) <= 0
 
 
-def trial_facts(trial, space: SearchSpace) -> facts.TrialFacts:
+def trial_facts(trial, space: SearchSpace) -> costmodel.TrialFacts:
     """A Keras Tuner trial as plain data for :mod:`tuner.engine.strategy`."""
     values = dict(trial.hyperparameters.values)
     entry = backbones.get(str(values.get("backbone", space.backbones[0])))
@@ -194,11 +194,11 @@ def trial_facts(trial, space: SearchSpace) -> facts.TrialFacts:
         value = trial.metrics.get_last_value(name)
         return None if value is None or np.isnan(value) else float(value)
 
-    return facts.TrialFacts(
+    return costmodel.TrialFacts(
         trial_id=trial.trial_id,
         status=str(trial.status),
         values=values,
-        feature_set=facts.FeatureSet(entry.name, choice, pixels, policy, views),
+        feature_set=costmodel.FeatureSet(entry.name, choice, pixels, policy, views),
         score=trial.score if trial.score is not None and not np.isnan(trial.score) else None,
         train_seconds=metric("train_seconds"),
         pass_seconds=metric("pass_seconds") or 0.0,
@@ -216,13 +216,13 @@ def make_setting(
     seconds_per_gflop: float,
     finetunable: bool,
     train_share: float = 0.9,
-) -> facts.Setting:
+) -> costmodel.Setting:
     """The strategy's view of the space and the search."""
     fractions = tuple(
         sorted({float(f) for f in fine_tune_values(space.finetune_fraction) if float(f) > 0})
     )
     any_finetunable = any(backbones.get(str(b)).finetunable for b in space.backbones)
-    return facts.Setting(
+    return costmodel.Setting(
         feature_sets=tuple(feature_sets(space)),
         fractions=fractions if finetunable and any_finetunable else (),
         factors=tuple(float(f) for f in fine_tune_values(space.finetune_lr_factor)),
@@ -247,7 +247,7 @@ def fine_tune_values(spec) -> list[float]:
     return [float(v) for v in _as_list(spec)]
 
 
-def calibrate(fs: facts.FeatureSet, batch: int = 8) -> float:
+def calibrate(fs: costmodel.FeatureSet, batch: int = 8) -> float:
     """Seconds per GFLOP of one image on this device: the backbone of ``fs`` with random
     weights (time does not depend on their values) on ``batch`` images, after a warm-up."""
     import keras

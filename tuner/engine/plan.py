@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from data_tools.errors import InputError
-from tuner.engine import facts, strategy
+from tuner.engine import costmodel, strategy
 from tuner.model import backbones
 from tuner.report.text import format_seconds
 
@@ -47,13 +47,13 @@ class CostTable:
     passes: dict[str, float]
     fine_tunes: dict[str, float]
     decode: float = 0.0
-    heads: dict[str, float] = field(default_factory=lambda: dict(facts.PRIOR_HEAD_SECONDS))
+    heads: dict[str, float] = field(default_factory=lambda: dict(costmodel.PRIOR_HEAD_SECONDS))
     source: str = ""
 
-    def _scale(self, fs: facts.FeatureSet) -> float:
+    def _scale(self, fs: costmodel.FeatureSet) -> float:
         return (fs.pixels / backbones.get(fs.backbone).size) ** 2
 
-    def _per_image(self, costs: dict[str, float], fs: facts.FeatureSet, what: str) -> float:
+    def _per_image(self, costs: dict[str, float], fs: costmodel.FeatureSet, what: str) -> float:
         if fs.backbone not in costs:
             raise InputError(
                 f"{self.source}: no {what} cost for {fs.backbone}: add it under backbones "
@@ -61,7 +61,7 @@ class CostTable:
             )
         return costs[fs.backbone] * self._scale(fs)
 
-    def pass_seconds(self, setting: facts.Setting, fs: facts.FeatureSet) -> float:
+    def pass_seconds(self, setting: costmodel.Setting, fs: costmodel.FeatureSet) -> float:
         """A feature set's passes; the cheapest set also pays the one decode of every file
         (it shares it with the others)."""
         passes = fs.passes(setting.train_share) * setting.images
@@ -69,12 +69,12 @@ class CostTable:
         first = fs.plain() == setting.feature_sets[0].plain()
         return seconds + (self.decode * setting.images if first else 0.0)
 
-    def epoch_seconds(self, setting: facts.Setting, fs: facts.FeatureSet, fraction: float):
+    def epoch_seconds(self, setting: costmodel.Setting, fs: costmodel.FeatureSet, fraction: float):
         train = setting.images * setting.train_share
         return fraction * self._per_image(self.fine_tunes, fs, "fine_tune") * train
 
     def head_seconds(self, solver: str) -> float:
-        return float(self.heads.get(solver, facts.PRIOR_HEAD_SECONDS[solver]))
+        return float(self.heads.get(solver, costmodel.PRIOR_HEAD_SECONDS[solver]))
 
 
 def load_costs(path: str | Path) -> CostTable:
@@ -96,7 +96,7 @@ def load_costs(path: str | Path) -> CostTable:
             fine_tunes={str(k): float(v.get("fine_tune", math.inf)) for k, v in rows.items()},
             decode=float(data.get("decode", 0.0)),
             heads={k: float(v) for k, v in (data.get("heads") or {}).items()}
-            or dict(facts.PRIOR_HEAD_SECONDS),
+            or dict(costmodel.PRIOR_HEAD_SECONDS),
             source=f"--costs {path}",
         )
     except (KeyError, TypeError, ValueError, AttributeError) as error:
@@ -105,15 +105,15 @@ def load_costs(path: str | Path) -> CostTable:
         ) from None
 
 
-def play(setting: facts.Setting) -> tuple[list[facts.Move], str]:
+def play(setting: costmodel.Setting) -> tuple[list[costmodel.Move], str]:
     """The strategy's trials for the whole budget, each finishing in its estimate; and why
     the search would end."""
     ranks = {fs.plain(): i for i, fs in enumerate(setting.feature_sets)}
-    trials: list[facts.TrialFacts] = []
-    moves: list[facts.Move] = []
+    trials: list[costmodel.TrialFacts] = []
+    moves: list[costmodel.Move] = []
     clock = 0.0
     while len(moves) < MOST_TRIALS:
-        costs = facts.Costs(setting, trials)
+        costs = costmodel.Costs(setting, trials)
         move = strategy.next_move(setting, trials, setting.budget_s - clock)
         if isinstance(move, str):
             return moves, move
@@ -123,22 +123,22 @@ def play(setting: facts.Setting) -> tuple[list[facts.Move], str]:
     return moves, f"the play stopped after {MOST_TRIALS:,} trials"
 
 
-def _finished(setting, costs, move, trial_id, ranks, trials) -> facts.TrialFacts:
+def _finished(setting, costs, move, trial_id, ranks, trials) -> costmodel.TrialFacts:
     """A trial of ``move`` as if it ran: its estimate as its time, an assumed score."""
     fs = move.feature_set
     overhead = costs.overhead()
     train = max(move.estimate_s - overhead, 0.0)
     base = 0.7 + 0.02 * ranks.get(fs.plain(), 0)
-    if move.stage == facts.FROZEN:
+    if move.stage == costmodel.FROZEN:
         first = not costs.measured(fs) and move.head_index == 0
         solver = "exact" if move.head_index < math.ceil(setting.head_trials / 2) else "adam"
-        values = {"tuner/stage": facts.FROZEN, "head_width": 0 if solver == "exact" else 128}
+        values = {"tuner/stage": costmodel.FROZEN, "head_width": 0 if solver == "exact" else 128}
         score = base + 0.002 * ((move.head_index * 0.618) % 1)  # heads differ a little
         passed, epochs = (costs.pass_seconds(fs) if first else 0.0), 1
     else:
         parent = next(t for t in trials if t.trial_id == move.parent)
         values = {
-            "tuner/stage": facts.FINE_TUNE,
+            "tuner/stage": costmodel.FINE_TUNE,
             "tuner/trial_id": move.parent,
             "tuner/epochs": move.epochs,
             "tuner/initial_epoch": move.initial_epoch,
@@ -151,9 +151,9 @@ def _finished(setting, costs, move, trial_id, ranks, trials) -> facts.TrialFacts
         score = (parent.score or base) + 0.01 * move.fraction * move.epochs / setting.epochs
         passed = costs.activation_pass(fs, move.fraction) if not move.initial_epoch else 0.0
         epochs = move.epochs - move.initial_epoch
-    return facts.TrialFacts(
+    return costmodel.TrialFacts(
         trial_id=trial_id,
-        status=facts.DONE,
+        status=costmodel.DONE,
         values=values,
         feature_set=fs,
         score=score,
@@ -165,14 +165,14 @@ def _finished(setting, costs, move, trial_id, ranks, trials) -> facts.TrialFacts
     )
 
 
-def summary(setting: facts.Setting, moves: list[facts.Move], why: str) -> list[str]:
+def summary(setting: costmodel.Setting, moves: list[costmodel.Move], why: str) -> list[str]:
     """The play as lines: per stage what runs and what it costs, then the expected end."""
-    heads = Counter(m.feature_set.label for m in moves if m.stage == facts.FROZEN)
+    heads = Counter(m.feature_set.label for m in moves if m.stage == costmodel.FROZEN)
     head_time = Counter()
     for m in moves:
-        if m.stage == facts.FROZEN:
+        if m.stage == costmodel.FROZEN:
             head_time[m.feature_set.label] += m.estimate_s
-    tunes = [m for m in moves if m.stage == facts.FINE_TUNE]
+    tunes = [m for m in moves if m.stage == costmodel.FINE_TUNE]
     total = sum(m.estimate_s for m in moves)
     lines = [f"dry run: {len(moves)} trials in ~{format_seconds(total)} of the budget"]
     frozen = sum(head_time.values())
@@ -205,13 +205,13 @@ def summary(setting: facts.Setting, moves: list[facts.Move], why: str) -> list[s
     return lines
 
 
-def with_table(setting: facts.Setting, table: CostTable | None) -> facts.Setting:
+def with_table(setting: costmodel.Setting, table: CostTable | None) -> costmodel.Setting:
     return setting if table is None else dataclasses.replace(setting, table=table)
 
 
 def setting_for(
     space, train_rows: int, validation_rows: int, budget_s: float, table: CostTable | None = None
-) -> facts.Setting:
+) -> costmodel.Setting:
     """The strategy's view of a search: this machine's speed from one timed batch of the
     cheapest backbone, or ``table``'s costs."""
     from tuner.engine import oracle

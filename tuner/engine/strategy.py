@@ -19,7 +19,7 @@ heads on a smaller one. So the budget goes, in this order:
 Every estimate comes from measured costs of earlier trials of this search (pass seconds per
 feature set, seconds per head by solver, seconds per fine-tune epoch per cut), else from the
 backbone table's FLOPs scaled by a calibration measured at start (:class:`Costs`, with the
-facts it reads, is in :mod:`tuner.engine.facts`).
+facts it reads, is in :mod:`tuner.engine.costmodel`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from tuner.engine.facts import FINE_TUNE, FROZEN, Costs, FeatureSet, Move, Setting, TrialFacts
+from tuner.engine.costmodel import FINE_TUNE, FROZEN, Costs, FeatureSet, Move, Setting, TrialFacts
 from tuner.report.text import format_seconds
 
 EXTRA_HEADS = 3  # leftover time: up to this many times head_trials on the best feature set
