@@ -71,9 +71,9 @@ from tuner.report.quality import (
     HAND,
     LONGER,
     OVER_TIME,
-    _text,
     fold_ranges,
     print_report,
+    range_text,
     summarise,
 )
 
@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated from {', '.join(BASELINES)}, or all (= {', '.join(ALL)})",
     )
     parser.add_argument("--folds", type=int, default=3, help="rotations of the ranges (3)")
-    parser.add_argument("--test-range", default=_text(DEFAULT_TEST_RANGE), help="fold 1's")
-    parser.add_argument("--validation-range", default=_text(DEFAULT_VALIDATION_RANGE))
+    parser.add_argument("--test-range", default=range_text(DEFAULT_TEST_RANGE), help="fold 1's")
+    parser.add_argument("--validation-range", default=range_text(DEFAULT_VALIDATION_RANGE))
     parser.add_argument("--image-size", type=int, help="the recipes' (and searches') size")
     parser.add_argument("--space", help="the searches' space file (default: default.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

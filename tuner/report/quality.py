@@ -21,7 +21,8 @@ OVER_TIME = 1.1
 BUCKETS = 256  # hash buckets 0..255 (data_tools.split)
 
 
-def _text(pair: tuple[int, int]) -> str:
+def range_text(pair: tuple[int, int]) -> str:
+    """``(0, 63)`` -> ``"0-63"``, as ``--test-range`` takes it."""
     return f"{pair[0]}-{pair[1]}"
 
 
@@ -48,9 +49,10 @@ def fold_ranges(test: str, validation: str, folds: int) -> list[dict[str, str]]:
             out[key] = (a, b)
         return out
 
-    largest = 0
-    while (largest + 1) * width <= BUCKETS and shifted(largest) is not None:
-        largest += 1
+    fitting: list[dict[str, tuple[int, int]]] = []
+    while (len(fitting) + 1) * width <= BUCKETS and (fold := shifted(len(fitting))) is not None:
+        fitting.append(fold)
+    largest = len(fitting)
     if not 1 <= folds <= largest:
         raise InputError(
             f"--folds {folds}: test buckets {test} and validation buckets {validation}, "
@@ -58,10 +60,7 @@ def fold_ranges(test: str, validation: str, folds: int) -> list[dict[str, str]]:
             f"{largest} fold(s) with disjoint test buckets; pass --folds {largest} or "
             f"narrower ranges"
         )
-    return [
-        {key: _text(span) for key, span in shifted(i).items()}  # type: ignore[union-attr]
-        for i in range(folds)
-    ]
+    return [{key: range_text(span) for key, span in fold.items()} for fold in fitting[:folds]]
 
 
 def paired_interval(differences: Sequence[float], level: float = 0.95) -> tuple[float, float]:
@@ -69,12 +68,11 @@ def paired_interval(differences: Sequence[float], level: float = 0.95) -> tuple[
     from scipy import stats
 
     n = len(differences)
-    mean = sum(differences) / n
     if n < 2:
         return math.nan, math.nan
-    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1))
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
-    return mean - half, mean + half
+    mean = sum(differences) / n
+    low, high = stats.t.interval(level, n - 1, loc=mean, scale=stats.sem(differences))
+    return float(low), float(high)
 
 
 def summarise(folds: list[dict]) -> dict:
