@@ -421,10 +421,12 @@ def make_tuner(cls: type, model, space, out: Path, distribution_strategy=None):
     """The Keras Tuner object, reloading its state from ``out/keras_tuner`` when present."""
     import keras_tuner as kt
 
+    from tuner.model.training import BEST_EPOCH_METRIC
+
     common = dict(
         hypermodel=model,
         distribution_strategy=distribution_strategy,
-        objective=kt.Objective("val_accuracy", "max"),
+        objective=kt.Objective(BEST_EPOCH_METRIC, "max"),
         seed=space.seed,
         directory=str(out),
         project_name="keras_tuner",

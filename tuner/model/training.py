@@ -46,8 +46,8 @@ CACHED_STEPS_PER_EXECUTION = 16
 
 
 # The metric that picks a trial's best epoch, higher is better: BestEpoch, best_epoch and the
-# best-epoch checkpoint (Keras Tuner's, on the search objective) agree on it. The lowest
-# validation loss was measured instead: it kept earlier, less accurate epochs (README).
+# best-epoch checkpoint (Keras Tuner's, on the search objective, which is this metric) agree
+# on it. The lowest validation loss was measured instead and scored lower on test (README).
 BEST_EPOCH_METRIC = "val_accuracy"
 
 
