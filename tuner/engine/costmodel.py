@@ -17,8 +17,6 @@ DONE = "COMPLETED"
 
 # Before anything is measured on this device: seconds a head trial takes beyond its pass.
 PRIOR_HEAD_SECONDS = {"exact": 5.0, "adam": 30.0}
-
-
 PRIOR_OVERHEAD_SECONDS = 2.0  # latency, saving, the record
 
 

@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any
 
 SEED = {"backbone": "B0", "epochs": 10, "batch_size": 512}
-
-
 KERAS_EXAMPLE = {
     "backbone": "B0",
     "epochs": 25,

@@ -20,8 +20,6 @@ from tuner.report import results as results_mod
 from tuner.report.choose import Choice, choose
 
 FLOAT_TOLERANCE = 1e-4  # Keras vs SavedModel vs TFLite probabilities (float32 arithmetic)
-
-
 # A mixed-precision trial against its float32 export: float16 activations carry ~3 digits,
 # enough to move a borderline prediction, so the check is on the predicted classes.
 MIXED_MIN_AGREEMENT = 0.95
