@@ -30,7 +30,9 @@ def setting(**changes) -> Setting:
     return Setting(**values)
 
 
-def head(trial_id: str, fs=B0, score=0.5, seconds=3.0, pass_s=0.0, width=0, latency=10.0):
+def head(
+    trial_id: str, fs=B0, score=0.5, seconds=3.0, pass_s=0.0, width=0, latency=10.0, spread=None
+):
     return TrialFacts(
         trial_id=trial_id,
         status="COMPLETED",
@@ -41,6 +43,7 @@ def head(trial_id: str, fs=B0, score=0.5, seconds=3.0, pass_s=0.0, width=0, late
         pass_seconds=pass_s,
         trial_seconds=seconds + pass_s + 1.0,
         latency_ms=latency,
+        latency_spread_ms=spread,
         epochs_run=1,
     )
 
@@ -111,6 +114,29 @@ def test_fine_tune_candidates_start_from_the_best_front_trial_smallest_fraction_
     assert move.stage == FINE_TUNE and move.parent == "1"
     assert (move.fraction, move.factor, move.initial_epoch) == (0.1, 0.1, 0)
     assert move.epochs == 1 and move.bracket == 0 and move.bracket_size >= 2
+
+
+def test_a_head_faster_only_by_timing_noise_is_not_a_fine_tune_parent():
+    # As in fold 2 of the README's quality run: a 128-wide head at 0.339 validation timed
+    # 14.74 ms (spread 3.3 ms) beside the best, a 256-wide one at 0.567 and 17.64 ms.
+    one = setting(feature_sets=(B0,), fractions=(0.1,), factors=(0.1,), head_trials=3)
+
+    def heads(spread):
+        return [
+            head("0", score=0.567, latency=17.64, spread=spread, pass_s=40.0),
+            head("1", score=0.339, latency=14.74, spread=None if spread is None else 3.3),
+            head("2", score=0.532, latency=18.0, spread=spread),  # the runner-up, off the front
+        ]
+
+    started = [fine("10", "0", 0.1, 0.1, epochs=1, size=2)]
+    # The best parent's fine-tune is under way; the bracket's second candidate is the
+    # runner-up by validation ("2"), not the weak head that timed faster by less than its
+    # measured spread.
+    move = strategy.next_move(one, heads(0.6) + started, 900)
+    assert move.stage == FINE_TUNE and move.parent == "2"
+    # Latencies measured without spread: "1" is faster, so on the front and tried first.
+    move = strategy.next_move(one, heads(None) + started, 900)
+    assert move.stage == FINE_TUNE and move.parent == "1"
 
 
 def test_successive_halving_promotes_the_best_of_a_complete_rung():

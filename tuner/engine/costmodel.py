@@ -63,6 +63,7 @@ class TrialFacts:
     pass_seconds: float = 0.0  # the part of it spent in its own feature set's backbone passes
     trial_seconds: float | None = None  # wall clock, records included
     latency_ms: float | None = None
+    latency_spread_ms: float | None = None  # its timed runs' IQR: closer latencies are ties
     epochs_run: int = 0
     ahead_seconds: float = 0.0  # the part spent in passes of other feature sets, ahead of them
 

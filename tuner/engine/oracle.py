@@ -42,6 +42,7 @@ COST_METRICS = (
     "ahead_seconds",
     "trial_seconds",
     "latency_ms",
+    "latency_spread_ms",
     "epochs_run",
 )
 
@@ -205,6 +206,7 @@ def trial_facts(trial, space: SearchSpace) -> costmodel.TrialFacts:
         ahead_seconds=metric("ahead_seconds") or 0.0,
         trial_seconds=metric("trial_seconds"),
         latency_ms=metric("latency_ms"),
+        latency_spread_ms=metric("latency_spread_ms"),
         epochs_run=int(metric("epochs_run") or 0),
     )
 

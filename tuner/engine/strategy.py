@@ -28,6 +28,7 @@ import math
 from collections.abc import Sequence
 
 from tuner.engine.costmodel import FINE_TUNE, FROZEN, Costs, FeatureSet, Move, Setting, TrialFacts
+from tuner.report.results import pareto_front
 from tuner.report.text import format_seconds
 
 EXTRA_HEADS = 3  # leftover time: up to this many times head_trials on the best feature set
@@ -116,17 +117,17 @@ def _frozen_stage(
 
 def _front(trials: Sequence[TrialFacts]) -> list[TrialFacts]:
     """Finished frozen trials that no other beats on validation accuracy and latency, best
-    first (ties in accuracy: the faster)."""
+    first (ties in accuracy: the faster). Latencies closer than their measured spread are
+    ties, as in the export's choice (:func:`tuner.report.results.pareto_front`): a weaker
+    head "faster" by timing noise is no front trial, and so no fine-tune parent ahead of
+    the runner-up."""
     done = [t for t in trials if t.stage == FROZEN and t.done]
-    front = [
-        t
-        for t in done
-        if not any(
-            (o.score >= t.score and (o.latency_ms or 0) <= (t.latency_ms or 0))
-            and (o.score > t.score or (o.latency_ms or 0) < (t.latency_ms or 0))
-            for o in done
-        )
-    ]
+    on_front = pareto_front(
+        [t.score or 0.0 for t in done],
+        [t.latency_ms or 0.0 for t in done],
+        [t.latency_spread_ms or 0.0 for t in done],
+    )
+    front = [t for t, kept in zip(done, on_front, strict=True) if kept]
     return sorted(front, key=lambda t: (-(t.score or 0), t.latency_ms or 0, t.trial_id))
 
 

@@ -267,6 +267,7 @@ class TrialRunner:
             "ahead_seconds": fit.get("ahead_seconds", 0.0),
             "trial_seconds": time.monotonic() - getattr(self, "_trial_started", started),
             "latency_ms": row["latency_ms"],
+            "latency_spread_ms": row["latency_spread_ms"],
             "epochs_run": fit["epochs_run"],
         }
 
