@@ -333,3 +333,20 @@ def test_user_label_csv_is_split_and_saved_and_test_never_read(tmp_path, demo_di
     }
     assert config["classes"] == [str(d) for d in range(10)]
     assert config["space"]["backbones"] == ["T0"]
+
+
+def test_seed_0_gives_keras_tuner_the_same_seed_every_run(tmp_path) -> None:
+    """Keras Tuner reads a falsy seed as none and draws a random one: the space's default
+    ``seed: 0`` must still reach the oracle as a fixed seed."""
+    import keras_tuner as kt
+
+    from tuner.model import space as space_mod
+
+    def seed_of(seed: int, folder: str) -> int:
+        chosen = space_mod.load(None, {"seed": seed, "algorithm": "random"})
+        tuner = session.make_tuner(kt.RandomSearch, lambda hp: None, chosen, tmp_path / folder)
+        return tuner.oracle.seed
+
+    assert seed_of(0, "a") == seed_of(0, "b")  # before: Keras Tuner's random 1..10000
+    assert seed_of(0, "c") > 10_000  # outside that range: no run drew it by chance
+    assert seed_of(5, "d") == 5
