@@ -417,14 +417,14 @@ def prepare_transfer(oracle, space, data, ledger, budget_s: float, console) -> l
     return list(dict.fromkeys((fs.backbone, fs.pixels) for fs in planned))
 
 
+ZERO_SEED = 10_007  # above Keras Tuner's own random range (1..10000)
+
+
 def oracle_seed(seed: int) -> int:
     """The space's ``seed`` as Keras Tuner's oracles take it. They read a falsy seed as none
     (``seed or random.randint(1, 10000)``), so the default ``seed: 0`` drew other heads and
     Hyperband other trials on every run; 0 is passed as a fixed non-zero seed instead."""
     return int(seed) if seed else ZERO_SEED
-
-
-ZERO_SEED = 10_007  # above Keras Tuner's own random range (1..10000)
 
 
 def make_tuner(cls: type, model, space, out: Path, distribution_strategy=None):
