@@ -127,3 +127,22 @@ def test_hub_module_is_wrapped_frozen_and_fed_0_to_1(tmp_path: Path) -> None:
 def test_missing_hub_module_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="cannot load TF-Hub module .*nowhere"):
         backbones.build(backbones.get(f"hub:{tmp_path / 'nowhere'}"), 16, None)
+
+
+def test_stage_features_are_the_top_stages_pooled_then_the_pooled_top(tiny: keras.Model) -> None:
+    # T0's stages 4-7 end in blocks 4a, 5a, 6b and 7a (its stage 6 has two blocks).
+    taps = backbones.stage_taps(tiny)
+    assert [backbones.block_of(name) for name in taps] == ["4a", "5a", "6b", "7a"]
+    staged = backbones.with_stages(tiny)
+    widths = [int(tiny.get_layer(name).output.shape[-1]) for name in taps]
+    top = int(tiny.output.shape[-1])
+    assert staged.output.shape[-1] == sum(widths) + top
+    # The same layers, so the same weights and blocks: one fingerprint, one fine-tune story.
+    assert [v.path for v in staged.weights] == [v.path for v in tiny.weights]
+    assert backbones.blocks(staged) == backbones.blocks(tiny)
+    pixels = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    joined = staged.predict(pixels, verbose=0)
+    np.testing.assert_allclose(joined[:, -top:], tiny.predict(pixels, verbose=0), atol=1e-6)
+    # Each tap is its block's output averaged over the image.
+    fourth = keras.Model(tiny.input, tiny.get_layer(taps[0]).output).predict(pixels, verbose=0)
+    np.testing.assert_allclose(joined[:, : widths[0]], fourth.mean(axis=(1, 2)), atol=1e-5)

@@ -230,3 +230,49 @@ def test_exact_linear_head_reports_to_wandbs_keras_callback(demo_dir, tmp_path, 
         run.finish()
     assert [(epoch, rate) for epoch, rate, _ in seen] == [(0, 0.0)]
     assert seen[0][2]["val_accuracy"] == result["val_accuracy"] > 0.5
+
+
+def test_a_head_on_stage_features_stays_frozen_and_caches_apart_from_the_top(
+    demo_dir, tmp_path, pretrained_t0
+):
+    search_space = space.load(
+        None,
+        {
+            "backbones": ["T0"],
+            "finetune_fraction": 0.2,
+            "head_width": 0,
+            "class_weight": "none",
+            "features": ["top", "stages"],
+        },
+    )
+    maker = hypermodel.EffNetHyperModel(
+        search_space, demo_data(demo_dir, tmp_path), str(pretrained_t0)
+    )
+    staged_hp = kt.HyperParameters()
+    staged_hp.values.update({"features": "stages", "tuner/stage": "frozen"})
+    plan = maker.plan(staged_hp)
+    # Drawn with a fraction of 0.2, it trains no block: its fine-tune would need the
+    # activations below the cut. trials.csv, W&B and the card mark the fraction unused.
+    assert plan.finetune_fraction == 0.0 and not plan.fine_tunes
+    assert "finetune_fraction" in plan.unused() and plan.solver == "exact"
+    staged = maker.build(staged_hp)
+    base = backbones.build(backbones.get("T0"), 32, str(pretrained_t0))
+    taps = backbones.stage_taps(base)
+    width = sum(int(base.get_layer(n).output.shape[-1]) for n in taps) + base.output.shape[-1]
+    assert staged.get_layer("backbone").output.shape[-1] == width
+    result = maker.fit(staged_hp, staged, epochs=1)
+    assert maker.last_fit["cache"] == ["computed", "computed"]
+    # A head on the pooled top alone gets entries of its own (the same weights' fingerprint).
+    top_hp = kt.HyperParameters()
+    top_hp.values.update({"features": "top", "tuner/stage": "frozen"})
+    top = maker.build(top_hp)
+    assert top.get_layer("backbone").output.shape[-1] == base.output.shape[-1]
+    maker.fit(top_hp, top, epochs=1)
+    files = sorted((tmp_path / "cache" / "features").glob("*.npy"))
+    widths = sorted(np.load(f, mmap_mode="r").shape[1] for f in files)
+    assert widths == sorted([width, width, base.output.shape[-1], base.output.shape[-1]])
+    # The model it keeps computes what it was scored on, from pixels.
+    pixels, _ = maker.data.pixels("validation", 32)
+    predicted = staged.predict(np.asarray(pixels, dtype="float32"), verbose=0).argmax(-1)
+    accuracy = float(np.mean(predicted == maker.data.labels("validation")))
+    assert abs(accuracy - result["val_accuracy"]) < 1e-9 and accuracy > 0.5

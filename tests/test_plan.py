@@ -28,7 +28,9 @@ def table(tmp_path: Path, text: str = TABLE) -> plan.CostTable:
 
 def test_a_cost_table_prices_passes_decoding_and_fine_tunes(tmp_path):
     costs = table(tmp_path)
-    searched = space.load(None, {"backbones": ["B0", "B1"], "finetune_fraction": [0.0, 0.2]})
+    searched = space.load(
+        None, {"backbones": ["B0", "B1"], "finetune_fraction": [0.0, 0.2], "features": "top"}
+    )
     setting = plan.setting_for(searched, 9_000, 1_000, 3600, costs)
     b0, b1 = setting.feature_sets
     priced = costmodel.Costs(setting, [])

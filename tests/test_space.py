@@ -50,6 +50,10 @@ BAD = {
         "valid values are transfer, hyperband, bayesian, random",
     ),
     "bad class weight": ("class_weight: [none, auto]\n", "valid values are none, balanced"),
+    "bad features": (
+        "features: [top, middle]\n",
+        "features 'middle' is not valid; valid values are top, stages",
+    ),
     "out of range": ("dropout: [0.1, 1.5]\n", "dropout value 1.5 is out of range"),
     "log needs positive": ("learning_rate: {min: 0, max: 0.1, log: true}\n", "needs min > 0"),
     "bad image size": ("image_size: big\n", "image_size must be 'native', a whole number"),

@@ -191,3 +191,42 @@ def test_plan_names_what_the_budget_affords():
     text = "\n".join(lines)
     assert "B0 224px" in text and "yes" in text and "later, if time is left" in text
     assert "successive halving over 1, 3, 9 epochs" in text
+
+
+STAGES = FeatureSet("B0", "native", 224, features="stages")
+
+
+def test_stage_feature_sets_come_first_and_a_hub_module_has_none():
+    from tuner.engine import oracle
+    from tuner.model import space
+
+    s = space.load(None, {"backbones": ["B0", "B1"]})
+    assert [fs.label for fs in oracle.feature_sets(s)] == [
+        "B0 224px stages",
+        "B0 224px",
+        "B1 240px stages",
+        "B1 240px",
+    ]
+    hub = space.load(None, {"backbones": ["hub:/somewhere/b0"], "features": ["top", "stages"]})
+    assert [fs.features for fs in oracle.feature_sets(hub)] == ["top"]
+    only = space.load(None, {"backbones": ["B0"], "features": "top"})
+    assert [fs.label for fs in oracle.feature_sets(only)] == ["B0 224px"]
+
+
+def test_heads_on_stage_features_are_no_fine_tune_parents():
+    # The stage head is the front (best and as fast); the top set's best head is the parent.
+    trials = [
+        head("000", fs=STAGES, score=0.62),
+        head("001", fs=STAGES, score=0.58),
+        head("002", fs=B0, score=0.53),
+        head("003", fs=B0, score=0.50),
+    ]
+    s = setting(feature_sets=(STAGES, B0), head_trials=2)
+    assert [t.trial_id for t in strategy._front(trials)] == ["000"]
+    parents = {parent.trial_id for parent, _, _ in strategy._candidates(s, trials)}
+    assert parents == {"002"}
+    move = strategy.next_move(s, trials, 900.0)
+    assert move.stage == FINE_TUNE and move.parent == "002"
+    # With only stage heads there is nothing to fine-tune.
+    stages_only = setting(feature_sets=(STAGES,), head_trials=2)
+    assert strategy._candidates(stages_only, trials[:2]) == []

@@ -33,6 +33,10 @@ def transfer(tmp_path: Path, demo_dir: Path, weights: Path, name: str, budget: s
         "finetune_fraction=[0.0, 0.2]",
         "--set",
         "finetune_lr_factor=[0.1, 0.01]",
+        # The pooled top only: heads on stage features are never fine-tuned (their order and
+        # parents: test_strategy), and seven trials are to reach the fine-tunes.
+        "--set",
+        "features=top",
         # Seven trials end the search whatever the machine's speed: the budget of the second
         # run is ample, so what is checked does not depend on the load (the first run's budget
         # cuts it short: the resume goes on from there).

@@ -166,6 +166,7 @@ def test_v2_searches_on_cached_features_and_activations_and_exports(
         *common,
         *("--algorithm", "transfer", "--set", "head_trials=1", "--set", "head_width=[0, 16]"),
         *("--set", "finetune_fraction=[0.0, 0.3]", "--set", "max_trials=2", "--budget", "5m"),
+        *("--set", "features=top"),  # a head on stage features is never fine-tuned
     ]
     assert run_search(tmp_path, demo_dir, "v2", *cached) == 0
     folder = tmp_path / "results" / "v2"

@@ -232,6 +232,7 @@ def run_search(
         "image_size": exported["image_size"],
         "finetune_fraction": hp.get("finetune_fraction"),
         "head_width": hp.get("head_width"),
+        "features": hp.get("features", "top"),
         "val_accuracy": exported["validation"]["accuracy"],
         "test": {k: exported["test"][k] for k in ("count", "accuracy", "balanced_accuracy")},
     }

@@ -31,14 +31,21 @@ class FeatureSet:
     pixels: int
     augment: str = "none"
     views: int = 1
+    features: str = "top"  # "stages": the top stages' pooled outputs too (frozen heads only)
 
     @property
     def label(self) -> str:
         views = f" +{self.augment} x{self.views}" if self.views > 1 else ""
-        return f"{self.backbone} {self.pixels}px{views}"
+        stages = " stages" if self.features == "stages" else ""
+        return f"{self.backbone} {self.pixels}px{stages}{views}"
+
+    @property
+    def finetunable(self) -> bool:
+        """Whether its heads can be fine-tuned: not on stage features, nor a hub module's."""
+        return self.features == "top" and backbones.get(self.backbone).finetunable
 
     def plain(self) -> FeatureSet:
-        """The same backbone and size, not augmented (whose pass gives view 0)."""
+        """The same backbone, size and features, not augmented (whose pass gives view 0)."""
         return dataclasses.replace(self, augment="none", views=1)
 
     def passes(self, train_share: float = 0.9) -> float:

@@ -58,15 +58,28 @@ def feature_sets(space: SearchSpace) -> list[costmodel.FeatureSet]:
     ]
     if not any(not augment.is_on(p) for p in _as_list(space.augment)):
         augmented = augmented[1:]  # every trial augments
+    # Stage features first on equal cost: linear heads on them beat the pooled top's on real
+    # data (backbones.TAPPED_STAGES), and the top's pass comes in the same sweep.
+    kinds = sorted(_as_list(space.features), key=lambda kind: kind != "stages")
     for name in space.backbones:
         entry = backbones.get(str(name))
         for choice in _as_list(space.image_size):
             pixels = entry.size if choice == "native" else int(choice)
             for policy, views in augmented:
-                found.append(costmodel.FeatureSet(entry.name, str(choice), pixels, policy, views))
+                for kind in kinds if entry.finetunable else ["top"]:  # a hub has no stages
+                    found.append(
+                        costmodel.FeatureSet(entry.name, str(choice), pixels, policy, views, kind)
+                    )
     unique = list(dict.fromkeys(found))
     return sorted(
-        unique, key=lambda fs: (fs.gflops() * fs.passes(), fs.pixels, fs.backbone, fs.label)
+        unique,
+        key=lambda fs: (
+            fs.gflops() * fs.passes(),
+            fs.pixels,
+            fs.backbone,
+            fs.features != "stages",
+            fs.label,
+        ),
     )
 
 
@@ -157,6 +170,8 @@ class TransferOracle(kt.Oracle):
         if "image_size" in space:
             values["image_size"] = fs.choice
         values["augment"] = fs.augment
+        if "features" in space:
+            values["features"] = fs.features
         if "augment_views" in space:
             values["augment_views"] = fs.views if fs.views > 1 else space["augment_views"].default
         values["finetune_fraction"] = 0.0
@@ -188,6 +203,7 @@ def trial_facts(trial, space: SearchSpace) -> costmodel.TrialFacts:
     pixels = entry.size if choice == "native" else int(choice)
     policy = str(values.get("augment", augment.NONE))
     views = int(values.get("augment_views", 1)) if augment.is_on(policy) else 1
+    kind = str(values.get("features", "top")) if entry.finetunable else "top"
 
     def metric(name: str) -> float | None:
         if not trial.metrics.exists(name):
@@ -199,7 +215,7 @@ def trial_facts(trial, space: SearchSpace) -> costmodel.TrialFacts:
         trial_id=trial.trial_id,
         status=str(trial.status),
         values=values,
-        feature_set=costmodel.FeatureSet(entry.name, choice, pixels, policy, views),
+        feature_set=costmodel.FeatureSet(entry.name, choice, pixels, policy, views, kind),
         score=trial.score if trial.score is not None and not np.isnan(trial.score) else None,
         train_seconds=metric("train_seconds"),
         pass_seconds=metric("pass_seconds") or 0.0,

@@ -148,7 +148,8 @@ def _candidates(
     """(frozen parent, fraction, factor) not yet fine-tuned: front parents best first, then
     each feature set's best head off the front (a runner-up: with a long budget, another
     fine-tune is worth more than more heads on the same features); the smaller fractions
-    (cheaper, one cut shared by both factors) first."""
+    (cheaper, one cut shared by both factors) first. Heads on stage features are not
+    parents: they stay frozen."""
     tried = {
         (t.values.get("tuner/trial_id"), *t.fine_tune)
         for t in trials
@@ -157,6 +158,7 @@ def _candidates(
     return [
         (parent, fraction, factor)
         for parent in _parents(trials)
+        if parent.feature_set.finetunable  # not a head on stage features, nor a hub's
         for fraction in sorted(setting.fractions)
         for factor in setting.factors
         if (parent.trial_id, fraction, factor) not in tried

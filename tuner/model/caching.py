@@ -119,8 +119,8 @@ class FeatureCaching:
         started = time.monotonic()
         pixels = self.data.cached_pixels(split, size)
         passes = []
-        if pixels is None and cut == "pooled" and not view:
-            passes = self._ahead(split, (plan.backbone, size), target)
+        if pixels is None and cut in ("pooled", "stages") and not view:
+            passes = self._ahead(split, (plan.backbone, size), target, cut)
         if not any(p.target == target for p in passes):
             passes.insert(
                 0, features.feature_pass(make_net(), target, size, plan.pass_batch, augment)
@@ -150,12 +150,15 @@ class FeatureCaching:
             self.data.cache_dir, backbone, size, weights_key, split, source, cut, view_key
         )
 
-    def _ahead(self, split: str, current: tuple[str, int], target: Path) -> list[features.Pass]:
+    def _ahead(
+        self, split: str, current: tuple[str, int], target: Path, cut: str = "pooled"
+    ) -> list[features.Pass]:
         """The passes a plain pass over a split's files computes in the same sweep (one
         decode of each file): for each planned (backbone, size) (:attr:`planned`; ``current``
-        is the one asked for, whose pooled features go to ``target``) its pooled features and
-        the activations at the cuts of :attr:`cut_fractions`, those not cached yet and
-        fitting in the budget's free room (nothing is evicted for them)."""
+        is the one asked for, whose features, ``cut`` ``pooled`` or ``stages``, go to
+        ``target``) its pooled features and the activations at the cuts of
+        :attr:`cut_fractions`, those not cached yet and fitting in the budget's free room
+        (nothing is evicted for them; the asked-for pooled features are always computed)."""
         rows = len(self.data.rows(split))
         passes, room = [], self.disk.room() if self.disk else math.inf
         # The one asked for first: its features must be computed (their room is reserved).
@@ -164,7 +167,8 @@ class FeatureCaching:
             base = backbones.build(entry, size, self.weights)
             backbones.inference_mode(base)
             pooled = self._target(backbone, size, features.weights_fingerprint(base), split)
-            if (backbone, size) == current and pooled != target:
+            asked = (backbone, size) == current and cut == "pooled"
+            if asked and pooled != target:
                 continue  # other weights than the trial's (cannot happen): its own pass
             cuts = self._cuts(base, entry) if entry.finetunable else {}
             wanted = {
@@ -174,9 +178,9 @@ class FeatureCaching:
             if features.load_entry(pooled, rows) is not None and not wanted:
                 continue
             made = self._pass_ahead(base, entry, size, pooled, wanted)
-            if rows * made.bytes > room and (backbone, size) == current:
+            if rows * made.bytes > room and asked:
                 made = self._pass_ahead(base, entry, size, pooled, {})  # without the cuts
-            if rows * made.bytes <= room or (backbone, size) == current:
+            if rows * made.bytes <= room or asked:
                 passes.append(made)
                 room -= rows * made.bytes
             else:
@@ -229,9 +233,11 @@ class FeatureCaching:
         model = run.model
         make_net = functools.cache(lambda: features.extractor(model))  # built once, if needed
         key = self._fingerprint(model.get_layer("backbone"))
+        # Stage features share the backbone's weights (so its fingerprint): their own name.
+        cut = "stages" if run.plan.features == "stages" else "pooled"
         return {
-            "train": self._train_views(run.plan, make_net, key),
-            "validation": self._cached(make_net, key, run.plan, "validation"),
+            "train": self._train_views(run.plan, make_net, key, cut),
+            "validation": self._cached(make_net, key, run.plan, "validation", cut),
         }
 
     def _train_views(
@@ -245,7 +251,7 @@ class FeatureCaching:
             for view in range(plan.augment_views)
         ]
         if plan.augment_views > 1:
-            where = "cached views" if cut == "pooled" else f"cached views at {cut}"
+            where = "cached views" if cut in ("pooled", "stages") else f"cached views at {cut}"
             self._augment_path(plan, f"{where} ({plan.augment_views})")
         return views if len(views) > 1 else views[0]
 

@@ -98,6 +98,7 @@ class TrialPlan:
     pass_batch: int = CPU_PASS_BATCH  # the backbone's forward passes (features, activations)
     stage: str = ""  # "frozen" / "fine-tune" for transfer trials
     solver: str = "adam"  # "exact": a linear head fitted exactly on cached features
+    features: str = "top"  # what the head sees: "top" or "stages" (backbones.with_stages)
 
     @property
     def fine_tunes(self) -> bool:
@@ -118,8 +119,8 @@ class TrialPlan:
         names = []
         if self.solver == "exact":
             names += ["dropout", "learning_rate", "epochs"]
-        if not self.pretrained:
-            names.append("finetune_fraction")
+        if not self.pretrained or self.features == "stages":
+            names.append("finetune_fraction")  # a head on stage features stays frozen
         if not self.fine_tunes:
             names.append("finetune_lr_factor")
         if not augment_mod.is_on(self.augment):
@@ -242,7 +243,7 @@ class EffNetHyperModel(TrainingPaths, FeatureCaching, kt.HyperModel):
         # A refit's last epoch (absolute, as ``epochs``): stop there and keep it.
         self.stop_after: int | None = None
         self.last_fit: dict[str, Any] = {}
-        self._frozen_backbone: tuple[tuple[str, int], keras.Model] | None = None
+        self._frozen_backbone: tuple[tuple[str, int, str], keras.Model] | None = None
         # Set by the search: the (backbone, size) pairs whose features the frozen stage will
         # want, computed in the first pass over the files from one decode of each, with the
         # activations at the cuts of the fine-tune fractions the search plans.
@@ -272,6 +273,9 @@ class EffNetHyperModel(TrainingPaths, FeatureCaching, kt.HyperModel):
         cached = self.feature_cache and pretrained and self.data.cache_dir is not None
         policy = augment_mod.canonical(str(values.get("augment", augment_mod.NONE)))
         views = int(values.get("augment_views", 1)) if augment_mod.is_on(policy) else 1
+        # A hub module has no stages to tap; a pretrained head on stage features is frozen.
+        seen = str(values.get("features", "top")) if entry.finetunable else "top"
+        tunes = entry.finetunable and (seen == "top" or not pretrained)
         return TrialPlan(
             backbone=entry.name,
             image_size=size,
@@ -279,7 +283,7 @@ class EffNetHyperModel(TrainingPaths, FeatureCaching, kt.HyperModel):
             head_width=width,
             dropout=float(values["dropout"]),
             learning_rate=float(values["learning_rate"]),
-            finetune_fraction=float(values["finetune_fraction"]) if entry.finetunable else 0.0,
+            finetune_fraction=float(values["finetune_fraction"]) if tunes else 0.0,
             finetune_lr_factor=float(values["finetune_lr_factor"]),
             class_weight=str(values["class_weight"]),
             pretrained=pretrained,
@@ -289,6 +293,7 @@ class EffNetHyperModel(TrainingPaths, FeatureCaching, kt.HyperModel):
             pass_batch=pass_batch,
             stage=stage,
             solver="exact" if stage == "frozen" and width == 0 and cached else "adam",
+            features=seen,
         )
 
     def pass_batch(self, entry: backbones.Backbone) -> int:
@@ -336,10 +341,12 @@ class EffNetHyperModel(TrainingPaths, FeatureCaching, kt.HyperModel):
         a 2 s trial on cached features); fine-tunes and random init get their own."""
         entry = backbones.get(plan.backbone)
         shared = plan.pretrained and not plan.fine_tunes
-        key = (plan.backbone, plan.image_size)
+        key = (plan.backbone, plan.image_size, plan.features)
         if shared and self._frozen_backbone is not None and self._frozen_backbone[0] == key:
             return self._frozen_backbone[1]
         base = backbones.build(entry, plan.image_size, self.weights)
+        if plan.features == "stages":
+            base = backbones.with_stages(base)
         base.name = "backbone"
         # One at a time: a B7 is 64M parameters.
         self._frozen_backbone = (key, base) if shared else self._frozen_backbone

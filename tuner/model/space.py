@@ -30,6 +30,10 @@ from tuner.model import backbones
 
 ALGORITHMS = ("transfer", "hyperband", "bayesian", "random")
 CLASS_WEIGHTS = ("none", "balanced")
+# What a head sees: "top", the backbone's pooled features; "stages", the pooled outputs of
+# its top stages' last blocks as well (tuner/model/backbones.py: with_stages). A head on
+# stage features is never fine-tuned (its fine-tune would need the activations below the cut).
+FEATURES = ("top", "stages")
 # Keys that are hyperparameters (tunable) and the bounds a value must respect.
 TUNABLE_BOUNDS: dict[str, tuple[float, float]] = {
     "head_width": (0, 65536),
@@ -63,6 +67,9 @@ class SearchSpace:
     finetune_lr_factor: Any = 0.1  # phase-2 learning rate = learning_rate * this
     finetune_epochs: int = 0  # epochs of phase 2 (0: half of epochs) when fine-tuning
     class_weight: Any = ("none", "balanced")
+    # "top" (the pooled features), "stages" (the top stages' pooled outputs too: frozen heads
+    # only), or both, searched as their own feature sets.
+    features: Any = ("top", "stages")
     # Augmentation of the train split (tuner/model/augment.py): "none", or policies such as
     # "flip+zoom:0.1"; a list is searched like any choice. A frozen trial trains on cached
     # features of `augment_views` views of each image (view 0 un-augmented), one drawn per
@@ -186,6 +193,8 @@ def check(space: SearchSpace, where: str) -> None:
     _check_choice(space.algorithm, ALGORITHMS, "algorithm", where)
     for choice in _as_list(space.class_weight):
         _check_choice(choice, CLASS_WEIGHTS, "class_weight", where)
+    for choice in _as_list(space.features):
+        _check_choice(choice, FEATURES, "features", where)
     for key, (low, high) in TUNABLE_BOUNDS.items():
         _check_tunable(getattr(space, key), key, low, high, where)
     _check_size("image_size", space.image_size, where)
@@ -284,6 +293,7 @@ def declare(hp: kt.HyperParameters, space: SearchSpace) -> dict[str, Any]:
         "class_weight": _declare(hp, "class_weight", space.class_weight),
         "l2": _declare(hp, "l2", space.l2),
         "augment": _declare(hp, "augment", space.augment),
+        "features": _declare(hp, "features", space.features),
     }
     if any(augment_mod.is_on(p) for p in _as_list(space.augment)):
         values["augment_views"] = _declare(hp, "augment_views", space.augment_views)

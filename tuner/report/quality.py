@@ -108,8 +108,10 @@ def print_report(report: dict) -> None:
             if trained is not None:
                 model = f"{method['backbone']} {method['image_size']}px, {method['epochs']} epochs"
             else:
-                tuned = method.get("finetune_fraction") or 0
+                tuned = method.get("finetune_fraction")  # "-": unused (it trained no block)
+                tuned = tuned if isinstance(tuned, int | float) else 0
                 model = f"trial {method['trial_id']}: {method['backbone']} {method['image_size']}px"
+                model += ", stage features" if method.get("features") == "stages" else ""
                 model += f", top {tuned:.0%} fine-tuned" if tuned else ", frozen"
             print(
                 f"{fold['fold']:<6}{name:<16}{method['test']['accuracy']:>9.4f}"

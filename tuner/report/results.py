@@ -36,6 +36,7 @@ HYPERPARAMETER_COLUMNS = [
     "l2",
     "augment",
     "augment_views",
+    "features",
     "pass_batch",
     "solver",
     "weights",
