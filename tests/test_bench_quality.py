@@ -178,3 +178,27 @@ def test_a_bench_without_a_hand_recipe_needs_a_budget(tmp_path):
     argv += ["--folds", "1", "--results", str(tmp_path / "r"), "--set", "backbones=[T0]"]
     with pytest.raises(InputError, match="no hand recipe to take the budget from"):
         bench_quality.main(argv)
+
+
+def test_the_report_names_a_frozen_pick_whose_fraction_was_unused(capsys):
+    """A pick that trained no block (stage features, random init) has its fraction marked
+    `-`: the report reads it as frozen and names what the head read."""
+
+    def ours(trial: str, fraction, features: str) -> dict:
+        test = {"count": 171, "accuracy": 0.6, "balanced_accuracy": 0.6}
+        return dict(
+            trial_id=trial, backbone="B0", image_size=128, wall_seconds=300.0, test=test,
+            finetune_fraction=fraction, features=features,
+        )  # fmt: skip
+
+    fold = {
+        "fold": 1,
+        "methods": {},
+        "ours": {"300s": ours("008", "-", "stages"), "600s": ours("020", 0.2, "top")},
+        "split_ranges": {"test": "0-63", "validation": "64-127"},
+        "comparisons": {},
+    }
+    quality.print_report({"folds": [fold], "summary": {}})
+    out = capsys.readouterr().out
+    assert "trial 008: B0 128px, stage features, frozen" in out
+    assert "trial 020: B0 128px, top 20% fine-tuned" in out
