@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,23 @@ def read_run(path: Path) -> Run:
     return run
 
 
-def read_runs(wandb_dir: Path) -> list[Run]:
-    """Every offline run file under ``wandb_dir``, in the order they were written."""
-    return [read_run(path) for path in sorted(wandb_dir.glob("offline-run-*/run-*.wandb"))]
+def read_runs(wandb_dir: Path, wait_s: float = 60.0) -> list[Run]:
+    """Every offline run file under ``wandb_dir``, in the order they were written.
+
+    wandb-core writes a run's file from its own process: on a loaded machine a file read
+    just after ``finish()`` was seen empty (no run record) or cut inside a record (protobuf's
+    "Wire format was corrupt"). Until every run has its exit record (written last, at
+    ``finish()``) the read is tried again, for up to ``wait_s`` seconds."""
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            paths = sorted(wandb_dir.glob("offline-run-*/run-*.wandb"))
+            runs = [read_run(path) for path in paths]
+            if all(run.exit_code is not None for run in runs) or time.monotonic() > deadline:
+                return runs
+        except DecodeError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
