@@ -66,9 +66,10 @@ def feature_sets(space: SearchSpace) -> list[costmodel.FeatureSet]:
         for choice in _as_list(space.image_size):
             pixels = entry.size if choice == "native" else int(choice)
             for policy, views in augmented:
-                for kind in kinds if entry.finetunable else ["top"]:  # a hub has no stages
+                for kind in kinds:  # a hub module's reads the top alone (one set)
+                    seen = backbones.features_read(entry, kind)
                     found.append(
-                        costmodel.FeatureSet(entry.name, str(choice), pixels, policy, views, kind)
+                        costmodel.FeatureSet(entry.name, str(choice), pixels, policy, views, seen)
                     )
     unique = list(dict.fromkeys(found))
     return sorted(
@@ -203,7 +204,7 @@ def trial_facts(trial, space: SearchSpace) -> costmodel.TrialFacts:
     pixels = entry.size if choice == "native" else int(choice)
     policy = str(values.get("augment", augment.NONE))
     views = int(values.get("augment_views", 1)) if augment.is_on(policy) else 1
-    kind = str(values.get("features", "top")) if entry.finetunable else "top"
+    kind = backbones.features_read(entry, values.get("features", "top"))
 
     def metric(name: str) -> float | None:
         if not trial.metrics.exists(name):

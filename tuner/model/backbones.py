@@ -282,6 +282,12 @@ def stage_taps(model: keras.Model) -> list[str]:
     return taps
 
 
+def features_read(backbone: Backbone, value: object) -> str:
+    """What a head on ``backbone`` reads when the space's ``features`` is ``value``
+    (``top`` or ``stages``): a hub module has no stages to tap, so always ``top``."""
+    return str(value) if backbone.finetunable else "top"
+
+
 def with_stages(model: keras.Model) -> keras.Model:
     """``model`` (pixels -> pooled features) with the pooled outputs of :func:`stage_taps`
     before its own: one vector ``[stage taps ..., pooled top]``, sharing ``model``'s layers

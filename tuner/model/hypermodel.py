@@ -274,7 +274,7 @@ class EffNetHyperModel(TrainingPaths, FeatureCaching, kt.HyperModel):
         policy = augment_mod.canonical(str(values.get("augment", augment_mod.NONE)))
         views = int(values.get("augment_views", 1)) if augment_mod.is_on(policy) else 1
         # A hub module has no stages to tap; a pretrained head on stage features is frozen.
-        seen = str(values.get("features", "top")) if entry.finetunable else "top"
+        seen = backbones.features_read(entry, values.get("features", "top"))
         tunes = entry.finetunable and (seen == "top" or not pretrained)
         return TrialPlan(
             backbone=entry.name,
