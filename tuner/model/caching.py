@@ -33,6 +33,9 @@ IN_MEMORY_BYTES = 1024**3
 # Augmented views of the activations at a fine-tune's cut are cached up to this size on disk
 # (float32, every view of the train split); beyond it the fine-tune augments end to end.
 VIEW_CACHE_MAX_BYTES = 8 * 1024**3
+# The cache names of a backbone's own outputs (the pooled top, or the stage features beside
+# it), as against its activations at a fine-tune's cut (named by the cut layer).
+FEATURE_CUTS = ("pooled", "stages")
 
 
 class FeatureCaching:
@@ -119,7 +122,7 @@ class FeatureCaching:
         started = time.monotonic()
         pixels = self.data.cached_pixels(split, size)
         passes = []
-        if pixels is None and cut in ("pooled", "stages") and not view:
+        if pixels is None and cut in FEATURE_CUTS and not view:
             passes = self._ahead(split, (plan.backbone, size), target, cut)
         if not any(p.target == target for p in passes):
             passes.insert(
@@ -251,7 +254,7 @@ class FeatureCaching:
             for view in range(plan.augment_views)
         ]
         if plan.augment_views > 1:
-            where = "cached views" if cut in ("pooled", "stages") else f"cached views at {cut}"
+            where = "cached views" if cut in FEATURE_CUTS else f"cached views at {cut}"
             self._augment_path(plan, f"{where} ({plan.augment_views})")
         return views if len(views) > 1 else views[0]
 
