@@ -125,3 +125,72 @@ def test_latency_noise_is_a_tie_not_a_faster_trial() -> None:
     # A real difference, beyond the spread, still counts.
     apart = table(("00", 0.60, 10.0), ("01", 0.64, 40.3)).assign(latency_spread_ms=2.0)
     assert choose(apart).front["trial_id"].tolist() == ["00", "01"]
+
+
+def trained(*rows: tuple[str, str, float, float, int, str]) -> pd.DataFrame:
+    """Trials as (id, backbone, val accuracy, latency, head width, unfrozen blocks)."""
+    return pd.DataFrame(
+        [
+            {
+                "trial_id": t,
+                "status": "completed",
+                "backbone": backbone,
+                "image_size": 224,
+                "val_accuracy": acc,
+                "latency_ms": ms,
+                "latency_spread_ms": 1.0,
+                "train_seconds": 10.0,
+                "head_width": width,
+                "unfrozen_blocks": units or float("nan"),
+            }
+            for t, backbone, acc, ms, width, units in rows
+        ]
+    )
+
+
+def test_the_simplest_trial_within_one_standard_error_ships_instead_of_the_pick() -> None:
+    """Stop 29's fold 3: a 64-wide head led a linear one by 7 of 243 validation images and
+    scored 0.03 lower on test. One standard error at 0.617 on 243 images is 0.031: the linear
+    head ships, though its latency was measured slower (one network, two noisy timings)."""
+    trials = trained(
+        ("000", "B0", 143 / 243, 22.3, 0, ""),
+        ("001", "B0", 150 / 243, 17.5, 64, ""),
+        ("002", "B0", 146 / 243, 20.5, 512, ""),
+    )
+    plain = choose(trials)  # no validation size: the pick
+    assert plain.trial_id == plain.picked == "001" and plain.heading == "Pareto front"
+    assert choose(trials, validation_count=243, within_se=0).trial_id == "001"
+    choice = choose(trials, validation_count=243)
+    assert (choice.trial_id, choice.picked, choice.within_se) == ("000", "001", 1.0)
+    assert choice.front["trial_id"].tolist() == ["001", "000"]  # shown beside the front
+    assert choice.heading == "Pareto front, and trial 000 shipped"
+    assert choice.front.loc[choice.front.chosen, "trial_id"].item() == "000"
+    assert (
+        "trial 000 (B0, val acc 0.5885, 22.30 ms), a linear head on a frozen backbone, is "
+        "within 1 standard error (0.0312 on 243 validation images) of it, no slower, and "
+        "simpler (the pick trains a 64-wide head on a frozen backbone): it ships instead."
+    ) in choice.reason
+    # Beyond one standard error the pick stands; two let the 512-wide head's rival in too.
+    assert choose(trials, validation_count=2430).trial_id == "001"
+    assert choose(trials, validation_count=243, within_se=0.5).trial_id == "001"
+
+
+def test_simpler_means_fewer_units_fine_tuned_then_a_narrower_head_and_never_slower() -> None:
+    trials = trained(
+        ("00", "B0", 0.800, 10.0, 256, "7a top"),
+        ("01", "B0", 0.790, 10.0, 512, ""),
+        ("02", "B0", 0.785, 10.0, 128, ""),
+        ("03", "B0", 0.780, 10.0, 0, "6d 7a top"),
+        ("04", "B0", 0.700, 10.0, 0, ""),  # simplest, but far below
+        ("05", "B3", 0.795, 30.0, 0, ""),  # simpler and close, but slower
+    )
+    choice = choose(trials, "max-accuracy", validation_count=400)  # SE at 0.8: 0.02
+    assert choice.trial_id == "02"
+    assert "the pick trains a 256-wide head, 2 units fine-tuned" in choice.reason
+    # A faster backbone within the band counts, measured apart from the pick's.
+    faster = trials.assign(latency_ms=[10.0, 10.0, 10.0, 10.0, 10.0, 4.0])
+    assert choose(faster, "max-accuracy", validation_count=400).trial_id == "05"
+    # On training time only the measurements count: 01 and 02 trained longer than the pick,
+    # 03 fine-tuned more units, 05 trained longer.
+    by_time = trials.assign(train_seconds=[50.0, 60.0, 70.0, 40.0, 1.0, 90.0])
+    assert choose(by_time, "max-accuracy", "training", validation_count=400).trial_id == "00"

@@ -80,6 +80,8 @@ def test_export_writes_best_and_every_form_predicts_the_same(
     ]
     record = json.loads((best / "metrics.json").read_text())
     assert record["exported"] == "trial" and "refit" not in record and "trial_test" not in record
+    ids = set(pd.read_csv(folder / "trials.csv", dtype={"trial_id": str}).trial_id)
+    assert record["within_se"] == 1.0 and record["rule_pick"] in ids
     assert f"chosen: trial {record['trial_id']}. knee:" in printed
     assert "model: rebuilt it with its best-epoch weights" in printed
     # Every trial keeps what it trained (a head: kilobytes), not its model or its backbone.
@@ -267,6 +269,7 @@ def test_predict_prints_labels_and_a_folder_gives_a_csv(searched, tmp_path, demo
             "no finished trial has a latency <= 1e-06 ms; the fastest are",
         ),
         (["--min-accuracy", "1.01"], "no finished trial reaches val accuracy 1.01"),
+        (["--within-se", "-1"], "--within-se -1: give a number of standard errors >= 0"),
     ],
 )
 def test_export_bad_input_is_one_line(searched, tmp_path, capsys, argv, expected):

@@ -24,8 +24,9 @@ validation 64-127, then 64-127 / 128-191, 128-191 / 192-255 and, for ``--folds 4
 * ``longer`` (not in ``all``: it is slow): our own search at 4x the budget; its test
   accuracy minus ours is the **regret**, what the budget left on the table;
 * ours: ``python -m tuner.search`` (the space's own algorithm) then ``export_best`` (knee
-  rule), once with each hand recipe's training time as its budget (the seed's, and the
-  longest: the budget of ``hyperband`` too), or ``--budget`` for all.
+  rule, then the one-standard-error rule, as for every search here, ``hyperband`` and
+  ``longer`` too), once with each hand recipe's training time as its budget (the seed's,
+  and the longest: the budget of ``hyperband`` too), or ``--budget`` for all.
 
 Hand recipes train at ``--image-size`` (default: the backbone's native size; the searches
 then keep their space's sizes; given, the searches get ``--set image_size=N`` too), their
@@ -241,6 +242,7 @@ def run_search(
 def run_fold(args: argparse.Namespace, index: int, ranges: dict, wanted: list[str]) -> dict:
     """Every method on fold ``index``: each method's result and the comparisons."""
     from tuner.engine import budget
+    from tuner.report.choose import WITHIN_SE
     from tuner.report.text import format_seconds
 
     folder = Path(args.results) / f"{_name(args)}-quality" / f"fold{index + 1}"
@@ -302,7 +304,9 @@ def run_fold(args: argparse.Namespace, index: int, ranges: dict, wanted: list[st
     budgets = {name: main_budget if args.budget else times[name] for name in times}
     budgets["main"] = main_budget
     sizes = [f"image_size={args.image_size}"] if args.image_size else []
-    search_key = {**base_key, "space": args.space, "set": [*args.set, *sizes]}
+    # The export's choice is part of a search's result: a kept one from another rule is rerun.
+    choice = {"rule": "knee", "within_se": WITHIN_SE}
+    search_key = {**base_key, "space": args.space, "set": [*args.set, *sizes], "choice": choice}
     ours: dict[float, dict] = {}
     for seconds in sorted(set(budgets.values())):
         tag = f"search-{seconds:.0f}s"

@@ -6,7 +6,11 @@
 
 1. The Pareto front of the finished trials (val accuracy up, time down; ``--time training``
    uses training time instead of latency) is printed with the chosen trial marked and the
-   reason (rules: :mod:`tuner.report.choose`).
+   reason (rules: :mod:`tuner.report.choose`). Then the one-standard-error rule: if a
+   simpler trial (fewer backbone units fine-tuned, then a narrower head) is no slower and
+   its val accuracy is within one binomial standard error of the pick's (``--within-se``;
+   0 turns it off), that one ships: on a few hundred validation images the best of many
+   trials is partly the luckiest.
 2. The chosen trial's model is rebuilt with its best-epoch checkpoint (what the trial
    trained, on the same frozen weights: :mod:`tuner.model.checkpoint`), or loaded whole from
    ``trials/<id>/model.keras`` for a search from before that format, or, when neither is
@@ -47,7 +51,7 @@ from collections.abc import Sequence
 
 from data_tools.errors import run_cli
 from tuner.report import export, quantize
-from tuner.report.choose import MNAS_WEIGHT, RULES
+from tuner.report.choose import MNAS_WEIGHT, RULES, WITHIN_SE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--time", choices=["latency", "training"], default="latency")
     parser.add_argument("--weight", type=float, default=MNAS_WEIGHT, help="weighted rule's W")
     parser.add_argument("--target-ms", type=float, help="weighted rule's T (default: median)")
+    parser.add_argument(
+        "--within-se",
+        type=float,
+        default=WITHIN_SE,
+        help="ship the simplest trial (fewest units fine-tuned, then narrowest head) that "
+        "is no slower than the rule's pick and within this many standard errors of its val "
+        "accuracy; 0 ships the pick (default: %(default)s)",
+    )
     parser.add_argument("--tflite", action="store_true", help="also write model.tflite")
     parser.add_argument(
         "--quantize",

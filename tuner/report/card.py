@@ -175,7 +175,7 @@ def model_card(
         "",
         f"Rule `{choice.rule}`: {choice.reason}",
         "",
-        f"Pareto front (val accuracy up, {time_column} down):",
+        f"{choice.heading} (val accuracy up, {time_column} down):",
         "",
         "| | trial | model | px | val accuracy | latency ms | train s |",
         "|---|---|---|---:|---:|---:|---:|",

@@ -16,6 +16,17 @@ remove trials; a rule then picks one trial of the front:
   and T the target time (default: the median time of the candidates).
 
 Ties go to the more accurate trial, then the faster one, then the lower trial id.
+
+Then the one-standard-error rule (Breiman et al.'s, for model selection on a noisy estimate):
+a validation accuracy is measured on a few hundred images, and the best of many trials is
+the best partly by luck (a head trained for up to hundreds of epochs reports its best
+epoch's accuracy, one more draw). Given the validation set's size, the trial shipped is the
+simplest one that is no slower than the rule's pick (latency ties as on the front; on the
+pick's backbone at its size, a simpler head is no slower, whatever two timings said) and
+whose validation accuracy is within ``within_se`` binomial standard errors of the pick's,
+``sqrt(p (1 - p) / n)``: fewest backbone units trained first, then the narrowest head (0:
+linear), then the most accurate. The pick itself ships when nothing is simpler.
+``within_se=0`` ships the pick.
 """
 
 from __future__ import annotations
@@ -32,16 +43,26 @@ from tuner.report.results import FINISHED, pareto_front
 RULES = ("knee", "max-accuracy", "fastest", "weighted")
 TIME_COLUMNS = {"latency": "latency_ms", "training": "train_seconds"}
 MNAS_WEIGHT = -0.07
+WITHIN_SE = 1.0
 
 
 @dataclass(frozen=True)
 class Choice:
-    """The chosen trial, why, and the front it was chosen from (``chosen`` column marks it)."""
+    """The chosen trial, why, and the front it was chosen from (``chosen`` column marks it;
+    a simpler trial that ships instead of the rule's pick is shown with it)."""
 
     trial_id: str
     rule: str
     reason: str
     front: pd.DataFrame
+    picked: str  # the rule's own pick: ``trial_id`` unless a simpler trial ships instead
+    within_se: float
+
+    @property
+    def heading(self) -> str:
+        """What ``front`` holds, for a table's title."""
+        simpler = "" if self.picked == self.trial_id else f", and trial {self.trial_id} shipped"
+        return f"Pareto front{simpler}"
 
 
 def candidates(trials: pd.DataFrame, time: str = "latency") -> pd.DataFrame:
@@ -68,10 +89,19 @@ def choose(
     min_accuracy: float | None = None,
     weight: float = MNAS_WEIGHT,
     target: float | None = None,
+    validation_count: int | None = None,
+    within_se: float = WITHIN_SE,
 ) -> Choice:
-    """Apply the constraints, build the front, pick a trial by ``rule``."""
+    """Apply the constraints, build the front, pick a trial by ``rule``, then ship the
+    simplest trial within ``within_se`` standard errors of it that is no slower (needs
+    ``validation_count``, the validation images the accuracies were measured on)."""
     if rule not in RULES:
         raise InputError(f"unknown rule '{rule}': valid rules are {', '.join(RULES)}")
+    if not within_se >= 0:
+        raise InputError(
+            f"--within-se {within_se:g}: give a number of standard errors >= 0 (0 ships the "
+            f"rule's pick)"
+        )
     column = TIME_COLUMNS[time]
     pool = _constrain(candidates(trials, time), max_latency_ms, min_accuracy)
     spread = (
@@ -93,8 +123,101 @@ def choose(
             f" (latencies closer than their measured spread, up to {spread.max():.2f} ms, "
             f"count as ties)"
         )
+    reason += limits
+    picked = str(front["trial_id"][index])
+    simpler = _simpler(pool, front.iloc[index], column, validation_count, within_se)
+    if simpler is not None:
+        position, why = simpler
+        reason += why
+        if pool["trial_id"][position] in set(front["trial_id"]):
+            index = int(np.flatnonzero(front["trial_id"] == pool["trial_id"][position])[0])
+        else:  # shown with the front it was weighed against, in time order
+            front = pd.concat([front, pool.iloc[[position]]]).sort_values(column, kind="stable")
+            front = front.reset_index(drop=True)
+            index = int(np.flatnonzero(front["trial_id"] == pool["trial_id"][position])[0])
     front = front.assign(chosen=[i == index for i in range(len(front))])
-    return Choice(str(front["trial_id"][index]), rule, reason + limits + ".", front)
+    return Choice(str(front["trial_id"][index]), rule, reason + ".", front, picked, within_se)
+
+
+def complexity(table: pd.DataFrame) -> pd.DataFrame:
+    """Per trial, what it trained: backbone units (``unfrozen_blocks``, a fine-tune's blocks
+    and top) and head width (0: linear). Missing columns count as nothing trained."""
+    units = table.get("unfrozen_blocks", pd.Series("", index=table.index))
+    width = table.get("head_width", pd.Series(0, index=table.index))
+    return pd.DataFrame(
+        {
+            "units": [len(str(u).split()) if isinstance(u, str) else 0 for u in units],
+            "width": pd.to_numeric(width, errors="coerce").fillna(0).astype(int),
+        },
+        index=table.index,
+    )
+
+
+def _trained(units: int, width: int) -> str:
+    head = "a linear head" if width == 0 else f"a {width}-wide head"
+    return f"{head} on a frozen backbone" if units == 0 else f"{head}, {units} units fine-tuned"
+
+
+def _simpler(
+    pool: pd.DataFrame,
+    pick: pd.Series,
+    column: str,
+    validation_count: int | None,
+    within_se: float,
+) -> tuple[int, str] | None:
+    """The simplest trial of ``pool`` within ``within_se`` standard errors of ``pick``'s
+    accuracy and no slower (its position and why), or None when ``pick`` is the simplest."""
+    if not validation_count or within_se <= 0:
+        return None
+    accuracy = float(pick["val_accuracy"])
+    se = math.sqrt(max(accuracy * (1 - accuracy), 0.0) / validation_count)
+    tie = 0.0
+    if column == "latency_ms" and "latency_spread_ms" in pool:
+        spread = pool["latency_spread_ms"].fillna(0.0)
+        tie = np.maximum(
+            spread, 0.0 if pd.isna(pick.get("latency_spread_ms")) else pick["latency_spread_ms"]
+        )
+    close = pool["val_accuracy"] >= accuracy - within_se * se - 1e-12
+    no_slower = pool[column] <= pick[column] + tie
+    if column == "latency_ms":  # the same network under a simpler head: measured apart, noise
+        no_slower |= _same_network(pool, pick)
+    trained = complexity(pool)
+    mine = complexity(pick.to_frame().T).iloc[0]
+    simpler = (trained["units"] < mine["units"]) | (
+        (trained["units"] == mine["units"]) & (trained["width"] < mine["width"])
+    )
+    band = np.flatnonzero(close & no_slower & simpler)
+    if band.size == 0:
+        return None
+    order = np.lexsort(
+        (
+            pool["trial_id"].to_numpy()[band],
+            pool[column].to_numpy()[band],
+            -pool["val_accuracy"].to_numpy()[band],
+            trained["width"].to_numpy()[band],
+            trained["units"].to_numpy()[band],
+        )
+    )
+    position = int(band[order[0]])
+    row, theirs = pool.iloc[position], trained.iloc[position]
+    return position, (
+        f"; {_label(row, column)}, {_trained(theirs['units'], theirs['width'])}, is within "
+        f"{within_se:g} standard error ({se:.4f} on {validation_count} validation images) of "
+        f"it, no slower, and simpler (the pick trains {_trained(mine['units'], mine['width'])}"
+        f"): it ships instead"
+    )
+
+
+def _same_network(pool: pd.DataFrame, pick: pd.Series) -> pd.Series:
+    """Trials on the pick's backbone at its size (and variant, for deployables): a simpler
+    head on it costs no more time, whatever two latency measurements said."""
+    keys = [k for k in ("backbone", "image_size", "variant") if k in pool and k in pick]
+    if not {"backbone", "image_size"} <= set(keys):
+        return pd.Series(False, index=pool.index)
+    same = pd.Series(True, index=pool.index)
+    for key in keys:
+        same &= pool[key].astype(str) == str(pick[key])
+    return same
 
 
 def _constrain(

@@ -154,9 +154,11 @@ def export(args: argparse.Namespace) -> Path:
         args.min_accuracy,
         args.weight,
         args.target_ms,
+        config.get("split_counts", {}).get("validation"),
+        args.within_se,
     )
     column = TIME_COLUMNS[args.time]
-    console.print(f"Pareto front of {folder} (val accuracy up, {column} down):")
+    console.print(f"{choice.heading} of {folder} (val accuracy up, {column} down):")
     console.print(front_table(choice, column))
     console.print(f"chosen: trial {choice.trial_id}. {choice.reason}")
     trial_id, variant = quantize.split_id(choice.trial_id)
@@ -204,6 +206,8 @@ def export(args: argparse.Namespace) -> Path:
             "search": str(folder),
             "trial_id": choice.trial_id,
             "rule": choice.rule,
+            "rule_pick": choice.picked,
+            "within_se": choice.within_se,
             "reason": choice.reason,
             "model_source": how if refit_facts is None else "refit on train + validation",
             "exported": "trial" if refit_facts is None else "refit",
