@@ -129,17 +129,16 @@ def choose(
     if simpler is not None:
         position, why = simpler
         reason += why
-        if pool["trial_id"][position] in set(front["trial_id"]):
-            index = int(np.flatnonzero(front["trial_id"] == pool["trial_id"][position])[0])
-        else:  # shown with the front it was weighed against, in time order
+        shipped = pool["trial_id"][position]
+        if shipped not in set(front["trial_id"]):  # shown with the front it was weighed against
             front = pd.concat([front, pool.iloc[[position]]]).sort_values(column, kind="stable")
             front = front.reset_index(drop=True)
-            index = int(np.flatnonzero(front["trial_id"] == pool["trial_id"][position])[0])
+        index = int(np.flatnonzero(front["trial_id"] == shipped)[0])
     front = front.assign(chosen=[i == index for i in range(len(front))])
     return Choice(str(front["trial_id"][index]), rule, reason + ".", front, picked, within_se)
 
 
-def complexity(table: pd.DataFrame) -> pd.DataFrame:
+def _complexity(table: pd.DataFrame) -> pd.DataFrame:
     """Per trial, what it trained: backbone units (``unfrozen_blocks``, a fine-tune's blocks
     and top) and head width (0: linear). Missing columns count as nothing trained."""
     units = table.get("unfrozen_blocks", pd.Series("", index=table.index))
@@ -181,8 +180,8 @@ def _simpler(
     no_slower = pool[column] <= pick[column] + tie
     if column == "latency_ms":  # the same network under a simpler head: measured apart, noise
         no_slower |= _same_network(pool, pick)
-    trained = complexity(pool)
-    mine = complexity(pick.to_frame().T).iloc[0]
+    trained = _complexity(pool)
+    mine = _complexity(pick.to_frame().T).iloc[0]
     simpler = (trained["units"] < mine["units"]) | (
         (trained["units"] == mine["units"]) & (trained["width"] < mine["width"])
     )
