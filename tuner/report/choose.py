@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from data_tools.errors import InputError, preview
-from tuner.report.results import FINISHED, pareto_front
+from tuner.report.results import FINISHED, no_costlier, pareto_front
 
 RULES = ("knee", "max-accuracy", "fastest", "weighted")
 TIME_COLUMNS = {"latency": "latency_ms", "training": "train_seconds"}
@@ -125,7 +125,7 @@ def choose(
         )
     reason += limits
     picked = str(front["trial_id"][index])
-    simpler = _simpler(pool, front.iloc[index], column, validation_count, within_se)
+    simpler = _simpler(pool, picked, column, spread, validation_count, within_se)
     if simpler is not None:
         position, why = simpler
         reason += why
@@ -159,29 +159,28 @@ def _trained(units: int, width: int) -> str:
 
 def _simpler(
     pool: pd.DataFrame,
-    pick: pd.Series,
+    picked: str,
     column: str,
+    spread: pd.Series | None,
     validation_count: int | None,
     within_se: float,
 ) -> tuple[int, str] | None:
-    """The simplest trial of ``pool`` within ``within_se`` standard errors of ``pick``'s
-    accuracy and no slower (its position and why), or None when ``pick`` is the simplest."""
+    """The simplest trial of ``pool`` within ``within_se`` standard errors of trial
+    ``picked``'s accuracy and no slower (its position and why), or None when ``picked`` is
+    the simplest. ``spread``: the latencies' measured spread, as for the front."""
     if not validation_count or within_se <= 0:
         return None
+    at = int(np.flatnonzero(pool["trial_id"] == picked)[0])
+    pick = pool.iloc[at]
     accuracy = float(pick["val_accuracy"])
     se = math.sqrt(max(accuracy * (1 - accuracy), 0.0) / validation_count)
-    tie = 0.0
-    if column == "latency_ms" and "latency_spread_ms" in pool:
-        spread = pool["latency_spread_ms"].fillna(0.0)
-        tie = np.maximum(
-            spread, 0.0 if pd.isna(pick.get("latency_spread_ms")) else pick["latency_spread_ms"]
-        )
+    noise = np.zeros(len(pool)) if spread is None else np.nan_to_num(spread.to_numpy(float))
     close = pool["val_accuracy"] >= accuracy - within_se * se - 1e-12
-    no_slower = pool[column] <= pick[column] + tie
+    no_slower = no_costlier(pool[column].to_numpy(float), noise, at)
     if column == "latency_ms":  # the same network under a simpler head: measured apart, noise
         no_slower |= _same_network(pool, pick)
     trained = _complexity(pool)
-    mine = _complexity(pick.to_frame().T).iloc[0]
+    mine = trained.iloc[at]
     simpler = (trained["units"] < mine["units"]) | (
         (trained["units"] == mine["units"]) & (trained["width"] < mine["width"])
     )

@@ -216,10 +216,16 @@ def pareto_front(
     dominated = np.zeros(len(acc), dtype=bool)
     for i in range(len(acc)):
         tie = np.maximum(noise, noise[i])
-        better_or_equal = (acc >= acc[i]) & (time <= time[i] + tie)
+        better_or_equal = (acc >= acc[i]) & no_costlier(time, noise, i)
         strictly = (acc > acc[i]) | (time < time[i] - tie)
         dominated[i] = bool(np.any(better_or_equal & strictly))
     return ~dominated
+
+
+def no_costlier(cost: np.ndarray, noise: np.ndarray, reference: int) -> np.ndarray:
+    """True for each cost at most ``cost[reference]``, where two costs closer than the larger
+    of their spreads (``noise``, 0 where unmeasured) are a tie."""
+    return cost <= cost[reference] + np.maximum(noise, noise[reference])
 
 
 def latency_front(table: pd.DataFrame) -> np.ndarray:
