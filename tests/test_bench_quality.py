@@ -81,17 +81,30 @@ def test_the_split_is_written_again_for_other_ranges(tmp_path, capsys):
     assert "split: test buckets 0-127, validation buckets 128-191" in capsys.readouterr().out
 
 
-def test_the_paired_interval_is_students_t_and_lines_say_when_time_was_unequal():
+def test_the_interval_is_the_corrected_resampled_t_and_lines_say_when_time_was_unequal():
     from scipy import stats
 
     differences = [0.12, 0.05, 0.2]
-    low, high = quality.paired_interval(differences)
-    expected = stats.t.interval(0.95, 2, loc=np.mean(differences), scale=stats.sem(differences))
-    assert (low, high) == pytest.approx(expected)
+    student = stats.t.interval(0.95, 2, loc=np.mean(differences), scale=stats.sem(differences))
+    assert quality.paired_interval(differences) == pytest.approx(student)
+    # Nadeau and Bengio: the folds' training sets overlap, so the variance is scaled by
+    # 1/K + n_test/n_train. 64 test and 64 validation buckets of 256 train on 128: 0.5.
+    ranges = {"test": "0-63", "validation": "64-127"}
+    assert quality.test_train_ratio(ranges) == 0.5
+    low, high = quality.paired_interval(differences, test_train=0.5)
+    scale = np.std(differences, ddof=1) * math.sqrt(1 / 3 + 0.5)
+    assert (low, high) == pytest.approx(
+        stats.t.interval(0.95, 2, loc=np.mean(differences), scale=scale)
+    )
+    assert high - low > student[1] - student[0]  # wider than Student's
     assert all(math.isnan(x) for x in quality.paired_interval([0.1]))
 
-    folds = [{"comparisons": {"keras-example": _row(d, equal=True)}} for d in differences]
+    folds = [
+        {"comparisons": {"keras-example": _row(d, equal=True)}, "split_ranges": ranges}
+        for d in differences
+    ]
     row = quality.summarise(folds)["keras-example"]
+    assert row["ci95"] == pytest.approx([low, high])
     line = quality.quality_line("keras-example", row)
     assert line == (
         f"quality vs keras-example: +0.123 (95% CI {low:+.3f}..{high:+.3f}) over 3 folds "
@@ -202,3 +215,17 @@ def test_the_report_names_a_frozen_pick_whose_fraction_was_unused(capsys):
     out = capsys.readouterr().out
     assert "trial 008: B0 128px, stage features, frozen" in out
     assert "trial 020: B0 128px, top 20% fine-tuned" in out
+
+
+def test_a_kept_search_is_keyed_by_its_space_files_content_and_the_version(tmp_path):
+    from importlib import metadata
+
+    space = tmp_path / "space.yaml"
+    space.write_text("backbones: [B0]\n")
+    before = bench_quality.space_key(str(space))
+    space.write_text("backbones: [B0]\nhead_trials: 4\n")  # edited in place: another space
+    after = bench_quality.space_key(str(space))
+    assert before["space"] == after["space"] and before["space_sha"] != after["space_sha"]
+    assert after["version"] == metadata.version("effnet-tuner")
+    default = bench_quality.space_key(None)  # the default space is read from the package
+    assert default["space"] is None and len(default["space_sha"]) == 40

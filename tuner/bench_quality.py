@@ -44,9 +44,11 @@ differences), and ends with one line per baseline::
 otherwise the line gives the times). Everything is written to ``bench_quality.json``.
 
 Each method's result is kept in ``fold<i>/<method>.json`` and reused by a later run on the
-same split, weights and settings (a killed run goes on where it stopped); delete a file to
-run that method again. A baseline that cannot run (``keras-example`` on a ``hub:`` backbone,
-which it cannot unfreeze) is skipped with one line; the others still run.
+same split, weights and settings (a killed run goes on where it stopped); a search's settings
+include its space file's content and the package's version, so an edited space or another
+release searches again. Delete a file to run that method again. A baseline that cannot run
+(``keras-example`` on a ``hub:`` backbone, which it cannot unfreeze) is skipped with one
+line; the others still run.
 
 ``--baseline all --folds 3`` took 62 minutes on 1,873 images at ``--image-size 128`` on a
 2-core CPU (a fourth fold about 21 more); at 224 px expect 5-7x that (the seed recipe's
@@ -239,6 +241,26 @@ def run_search(
     }
 
 
+def space_key(space_file: str | None) -> dict:
+    """What a kept search result was searched with beside the split, weights and ``--set``:
+    the space file, its content (an edited default.yaml is another space) and the package's
+    version (another search method)."""
+    from importlib import metadata
+
+    from tuner import search
+
+    path = Path(space_file) if space_file else search.SPACES / "default.yaml"
+    try:
+        version = metadata.version("effnet-tuner")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        version = "unknown"
+    return {
+        "space": space_file,
+        "space_sha": hashlib.sha1(path.read_bytes()).hexdigest(),
+        "version": version,
+    }
+
+
 def run_fold(args: argparse.Namespace, index: int, ranges: dict, wanted: list[str]) -> dict:
     """Every method on fold ``index``: each method's result and the comparisons."""
     from tuner.engine import budget
@@ -306,7 +328,12 @@ def run_fold(args: argparse.Namespace, index: int, ranges: dict, wanted: list[st
     sizes = [f"image_size={args.image_size}"] if args.image_size else []
     # The export's choice is part of a search's result: a kept one from another rule is rerun.
     choice = {"rule": "knee", "within_se": WITHIN_SE}
-    search_key = {**base_key, "space": args.space, "set": [*args.set, *sizes], "choice": choice}
+    search_key = {
+        **base_key,
+        **space_key(args.space),
+        "set": [*args.set, *sizes],
+        "choice": choice,
+    }
     ours: dict[float, dict] = {}
     for seconds in sorted(set(budgets.values())):
         tag = f"search-{seconds:.0f}s"
