@@ -146,3 +146,16 @@ def test_stage_features_are_the_top_stages_pooled_then_the_pooled_top(tiny: kera
     # Each tap is its block's output averaged over the image.
     fourth = keras.Model(tiny.input, tiny.get_layer(taps[0]).output).predict(pixels, verbose=0)
     np.testing.assert_allclose(joined[:, : widths[0]], fourth.mean(axis=(1, 2)), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["T0", "V2T0", "B0", "V2B0"])
+def test_the_table_knows_how_wide_each_kind_of_features_is(name: str) -> None:
+    # The disk plan sizes feature caches and checkpoints from the table, without building.
+    entry = backbones.get(name)
+    net = backbones.build(entry, 32 if entry.constructor in backbones.TINY else 64, None)
+    assert entry.width("top") == net.output_shape[-1]
+    assert entry.width("stages") == backbones.with_stages(net).output_shape[-1]
+    assert entry.width("stages") > entry.width("top")
+    assert entry.params == net.count_params()  # what a whole fine-tune's checkpoint holds
+    hub = backbones.get("hub:https://tfhub.dev/tensorflow/efficientnet/b0/feature-vector/1")
+    assert hub.width("stages") == hub.width("top") == 1280  # a hub module has no stages

@@ -6,7 +6,9 @@ import pandas as pd
 import pytest
 
 from data_tools.errors import InputError
+from tuner.report import quantize
 from tuner.report.choose import choose
+from tuner.report.results import exact_accuracy
 
 
 def table(*rows: tuple[str, float, float], status: str = "completed") -> pd.DataFrame:
@@ -194,3 +196,44 @@ def test_simpler_means_fewer_units_fine_tuned_then_a_narrower_head_and_never_slo
     # 03 fine-tuned more units, 05 trained longer.
     by_time = trials.assign(train_seconds=[50.0, 60.0, 70.0, 40.0, 1.0, 90.0])
     assert choose(by_time, "max-accuracy", "training", validation_count=400).trial_id == "00"
+
+
+def test_a_head_on_stage_features_is_not_the_picks_network() -> None:
+    # Stop 29's fold 3 again, but the linear head reads stage features: another network than
+    # the pick's 64-wide head on the pooled top, so its slower timing is not noise to ignore.
+    trials = trained(
+        ("000", "B0", 143 / 243, 22.3, 0, ""),
+        ("001", "B0", 150 / 243, 17.5, 64, ""),
+    ).assign(features=["stages", "top"])
+    assert choose(trials, validation_count=243).trial_id == "001"
+    same = trials.assign(features=["top", "top"])
+    assert choose(same, validation_count=243).trial_id == "000"
+    legacy = trials.drop(columns="features")  # a trials.csv from before the column: all top
+    assert choose(legacy, validation_count=243).trial_id == "000"
+
+
+def test_a_litert_variant_with_the_keras_models_correct_count_and_faster_ships() -> None:
+    """The issue's 4-minute digits search: trial 000's Keras model recorded Keras' float32
+    0.9638554453849792, its LiteRT ``dynamic`` variant 160/166 exactly. The same images:
+    a tie, so the slower Keras row is off the front and the variant ships."""
+    trials = trained(("000", "B0", 0.9638554453849792, 14.63, 0, "")).assign(model_bytes=1e7)
+    deployables = pd.DataFrame(
+        [
+            {
+                "trial_id": "000",
+                "variant": "dynamic",
+                "status": "completed",
+                "val_accuracy": 160 / 166,
+                "latency_ms": 0.26,
+                "latency_spread_ms": 0.01,
+                "file_bytes": 2.5e6,
+            }
+        ]
+    )
+    pool = quantize.candidates(trials, deployables)
+    choice = choose(pool, validation_count=166)
+    assert choice.front["trial_id"].tolist() == ["000:dynamic"]
+    assert choice.trial_id == "000:dynamic"
+    # Unrounded, the float32 figure "beat" the count by 2e-8 and the Keras row stayed on.
+    assert len(choose(pool, within_se=0).front) == 1  # no count: rounded to 6 decimals
+    assert exact_accuracy(0.9638554453849792, 166) == exact_accuracy(160 / 166, 166) == 160 / 166

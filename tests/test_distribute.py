@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import keras_tuner as kt
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -51,10 +52,15 @@ def test_chief_and_two_workers_share_one_search(tmp_path, demo_dir, pretrained_t
     assert sorted(table.trial_id) == oracle_trials and len(oracle_trials) == 4
     assert table.trial_id.is_unique and (table.status == "completed").all()
     assert set(table.worker) == {"gpu0", "gpu1"}, done.stdout[-3000:]
-    # The features were built once per split, from the files: a frozen pass caches no
-    # pixels. No temporary file is left.
-    cached = sorted(p.name.split("-")[0] for p in (out / "cache" / "features").glob("*.npy"))
-    assert cached == ["train", "validation"]
+    # The features were built once per split and kind (the draws read the pooled top or
+    # stage features: one sweep writes both), from the files: a frozen pass caches no
+    # pixels. No temporary file or reservation is left.
+    cached = sorted(
+        (p.name.split("-")[0], np.load(p, mmap_mode="r").shape[1])
+        for p in (out / "cache" / "features").glob("*.npy")
+    )
+    assert cached == [("train", 320), ("train", 504), ("validation", 320), ("validation", 504)]
+    assert not list(out.rglob("*.reserved"))
     assert not list(out.glob("cache/decoded/*.npy"))
     assert not list(out.rglob("*.tmp"))
     # Output is prefixed by process; the chief wrote the summary after both workers ended.
@@ -225,3 +231,30 @@ def test_a_chief_bound_beyond_loopback_warns_that_its_port_is_unauthenticated():
     for exposed in ("0.0.0.0", "10.0.0.5", "chief-host", "::"):
         line = distribute.exposure_warning(exposed)
         assert "no authentication and no encryption" in line and "SSH tunnel" in line
+
+
+def test_a_worker_sweeps_ahead_as_its_chief_plans(tmp_path, demo_dir, pretrained_t0):
+    # Workers once planned nothing ahead: every size decoded again, no stage features or
+    # activations computed in the first sweep. Now they plan as the chief does.
+    import io
+
+    import keras_tuner as kt
+    from rich.console import Console
+
+    from tests.test_hypermodel import demo_data
+    from tuner.engine import oracle, plan, session
+    from tuner.model import disk, hypermodel, space
+
+    values = {"backbones": ["T0"], "image_size": [32, 48], "finetune_fraction": [0.0, 0.5]}
+    searched = space.load(None, {**values, "algorithm": "transfer"})
+    data = demo_data(demo_dir, tmp_path)
+    ledger = budget.Ledger.open(tmp_path / "budget.json", 3600)
+    console = Console(file=io.StringIO())
+    chief_oracle = oracle.TransferOracle(kt.Objective("val_accuracy", "max"), searched)
+    chief = session.sweep_sets("chief", chief_oracle, searched, data, ledger, 3600, console)
+    worker = session.sweep_sets("worker", None, searched, data, ledger, 3600, console)
+    assert worker == chief
+    assert set(chief) == {(b, s, k) for b in ["T0"] for s in (32, 48) for k in ("top", "stages")}
+    model = hypermodel.EffNetHyperModel(searched, data, str(pretrained_t0))
+    plan.plan_cache(model, disk.Budget(tmp_path / "cache", 10**9), worker, searched, data)
+    assert model.planned == worker and model.cut_fractions == (0.5,)

@@ -255,6 +255,8 @@ def test_a_head_on_stage_features_stays_frozen_and_caches_apart_from_the_top(
     # activations below the cut. trials.csv, W&B and the card mark the fraction unused.
     assert plan.finetune_fraction == 0.0 and not plan.fine_tunes
     assert "finetune_fraction" in plan.unused() and plan.solver == "exact"
+    # The search plans both kinds: one sweep (one forward) writes stage features and the top.
+    maker.planned = [("T0", 32, "stages"), ("T0", 32, "top")]
     staged = maker.build(staged_hp)
     base = backbones.build(backbones.get("T0"), 32, str(pretrained_t0))
     taps = backbones.stage_taps(base)
@@ -268,9 +270,13 @@ def test_a_head_on_stage_features_stays_frozen_and_caches_apart_from_the_top(
     top = maker.build(top_hp)
     assert top.get_layer("backbone").output.shape[-1] == base.output.shape[-1]
     maker.fit(top_hp, top, epochs=1)
+    assert maker.last_fit["cache"] == ["loaded", "loaded"]  # the stages' sweep wrote them
     files = sorted((tmp_path / "cache" / "features").glob("*.npy"))
+    arrays = {np.load(f, mmap_mode="r").shape[1]: np.load(f) for f in files if "train" in f.name}
     widths = sorted(np.load(f, mmap_mode="r").shape[1] for f in files)
     assert widths == sorted([width, width, base.output.shape[-1], base.output.shape[-1]])
+    top_width = int(base.output.shape[-1])
+    np.testing.assert_array_equal(arrays[width][:, -top_width:], arrays[top_width])
     # The model it keeps computes what it was scored on, from pixels.
     pixels, _ = maker.data.pixels("validation", 32)
     predicted = staged.predict(np.asarray(pixels, dtype="float32"), verbose=0).argmax(-1)

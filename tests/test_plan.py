@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -79,5 +80,32 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, demo_dir, pretrain
     out = capsys.readouterr().out
     assert f"costs from --costs {costs}" in out and "expected end: after ~" in out
     assert "cache plan" in out and "features T0 32px" in out
+    # One line each for stage features and the top, each its own size (504 and 320 values
+    # an image on T0), and what checkpoints take.
+    stages = re.search(r"features T0 32px stages +([\d.]+) MB", out)
+    top = re.search(r"features T0 32px top +([\d.]+) MB", out)
+    assert float(stages.group(1)) > float(top.group(1)), out
+    assert "checkpoints: what each trial trained" in out
     folder = tmp_path / "results" / "dry"
     assert not (folder / "trials.csv").exists() and not (folder / "keras_tuner").exists()
+
+
+def test_the_tops_pass_is_charged_once_beside_its_stage_features(tmp_path):
+    # The stage features' sweep writes the pooled top too (one forward): the top set's
+    # heads cost their heads, no pass; its augmented views still pay their own passes.
+    costs = table(tmp_path)
+    searched = space.load(None, {"backbones": ["B0"], "augment": ["none", "flip"]})
+    setting = plan.setting_for(searched, 9_000, 1_000, 3600, costs)
+    stages, top = [fs for fs in setting.feature_sets if fs.views == 1]
+    assert (stages.features, top.features) == ("stages", "top")
+    priced = costmodel.Costs(setting, [])
+    assert priced.pass_seconds(stages) == pytest.approx(10_000 * (1e-4 + 1e-3))
+    assert priced.pass_seconds(top) == 0.0
+    views = next(fs for fs in setting.feature_sets if fs.features == "top" and fs.views > 1)
+    extra = 10_000 * 1e-4 * setting.train_share * (views.views - 1)
+    assert priced.pass_seconds(views) == pytest.approx(extra)
+    # A top searched alone pays its own pass.
+    alone = plan.setting_for(
+        space.load(None, {"backbones": ["B0"], "features": "top"}), 9_000, 1_000, 3600, costs
+    )
+    assert costmodel.Costs(alone, []).pass_seconds(alone.feature_sets[0]) > 0

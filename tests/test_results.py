@@ -71,17 +71,58 @@ def test_leaderboard_orders_marks_front_and_lists_failures() -> None:
     assert "- 003 B0: FailedTrialError: loss became NaN" in text
 
 
-def test_prune_keeps_models_on_either_front_only(tmp_path: Path) -> None:
+def test_prune_keeps_what_an_export_could_ship_or_a_trial_continues(tmp_path: Path) -> None:
+    from tuner.engine import session
+    from tuner.report.choose import shippable
+
     results = Results(tmp_path)
-    rows = [row("a", 0.9, 10), row("b", 0.8, 20), row("c", 0.95, 30), row("d", 0.7, 40)]
-    rows[3]["train_seconds"] = 10  # d: slow to run, but the fastest to train
-    for r in rows:
+    # (id, val accuracy, latency, head width, units fine-tuned), all B0 at 224 px.
+    specs = [
+        ("a", 0.90, 10, 0, ""),  # frozen: always kept
+        ("b", 0.80, 20, 0, "7a"),  # a dominated fine-tune: pruned
+        ("c", 0.95, 30, 256, "7a top"),  # the front's most accurate
+        ("d", 0.70, 40, 0, "6a 7a top"),  # slow to run, the fastest to train: a front
+        ("e", 0.94, 31, 0, "top"),  # within one SE of c (0.022 on 100 images), simpler
+        ("f", 0.50, 50, 0, "7a"),  # the parent of a running trial: a resume needs it
+        ("g", 0.93, 31, 0, "top"),  # in c's band too, but e ships before it at any width
+        ("h", 0.60, 60, 0, ""),  # frozen and dominated: kept all the same (kilobytes)
+    ]
+    for trial_id, acc, ms, width, units in specs:
+        r = row(trial_id, acc, ms) | {"head_width": width, "unfrozen_blocks": units}
+        r |= {"latency_spread_ms": 2.0, "train_seconds": 10 if trial_id == "d" else 60}
         results.upsert(r)
-        (results.trial_dir(r["trial_id"])).mkdir(parents=True)
-        (results.trial_dir(r["trial_id"]) / "model.keras").write_bytes(b"model")
-    assert results.prune_checkpoints() == ["b"]
-    kept = sorted(p.parent.name for p in tmp_path.glob("trials/*/model.keras"))
-    assert kept == ["a", "c", "d"]
+        folder = tmp_path / "keras_tuner" / f"trial_{trial_id}"
+        folder.mkdir(parents=True)
+        (folder / "checkpoint.trained.npz").write_bytes(b"weights")
+    (results.trial_dir("b")).mkdir(parents=True)
+    (results.trial_dir("b") / "model.keras").write_bytes(b"model")  # a search from before
+    assert shippable(results.rows(), 100) == {"a", "c", "d", "e"}
+    assert shippable(results.rows(), None) == {"a", "c", "d"}  # no count: the fronts
+
+    class Oracle:
+        trials: dict = {}
+        ended: list = []
+
+        def end_trial(self, trial) -> None:
+            self.ended.append(trial)
+
+    oracle = Oracle()
+    session.keep_checkpoints(oracle, results, 100)
+    oracle.trials = {"i": _running(parent="f")}
+    oracle.end_trial("trial")
+    assert oracle.ended == ["trial"]
+    kept = sorted(p.parent.name[6:] for p in tmp_path.glob("keras_tuner/*/checkpoint.*"))
+    assert kept == ["a", "c", "d", "e", "f", "h"]
+    assert not (results.trial_dir("b") / "model.keras").exists()
+    assert results.checkpoint_bytes() == 6 * len(b"weights")
+
+
+def _running(parent: str):
+    import keras_tuner as kt
+
+    trial = kt.engine.trial.Trial(kt.HyperParameters(), trial_id="i", status="RUNNING")
+    trial.hyperparameters.values["tuner/trial_id"] = parent
+    return trial
 
 
 def test_pareto_png_rings_the_front_bars_the_spread_and_stars_the_export() -> None:
@@ -141,3 +182,25 @@ def test_pareto_png_marks_deployable_variants_and_puts_them_on_one_front() -> No
     # float16 is as accurate as Keras and faster: the front is int8 and float16 only.
     assert sorted(found["Pareto front"].get_offsets().tolist()) == [[1.0, 0.88], [2.0, 0.9]]
     plt.close(fig)
+
+
+def test_stage_and_top_models_of_one_backbone_are_measured_apart(tmp_path: Path) -> None:
+    # A head on stage features is another network than one on the pooled top: its latency,
+    # spread and file size are its own, and trials.csv files from before the column read as top.
+    results = Results(tmp_path)
+    top = row("000", 0.9, 10.0) | {"head_width": 0, "images_per_s": 100, "features": "top"}
+    results.upsert(top | {"latency_spread_ms": 0.5})
+    assert results.architecture_facts("B0", 224, 0, "stages") is None
+    assert results.architecture_facts("B0", 224, 0, "top")["latency_ms"] == 10.0
+    stages = row("001", 0.9, 12.5) | {"head_width": 0, "images_per_s": 80, "features": "stages"}
+    results.upsert(stages | {"model_bytes": 4096})
+    assert results.architecture_facts("B0", 224, 0, "stages") == {
+        "latency_ms": 12.5,
+        "images_per_s": 80.0,
+        "latency_spread_ms": 0.0,
+        "model_bytes": 4096,
+    }
+    assert results.architecture_facts("B0", 224, 64, "top") is None  # another head
+    legacy = Results(tmp_path / "old")
+    legacy.upsert(top | {"features": ""})
+    assert legacy.architecture_facts("B0", 224, 0)["latency_ms"] == 10.0

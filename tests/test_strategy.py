@@ -230,3 +230,25 @@ def test_heads_on_stage_features_are_no_fine_tune_parents():
     # With only stage heads there is nothing to fine-tune.
     stages_only = setting(feature_sets=(STAGES,), head_trials=2)
     assert strategy._candidates(stages_only, trials[:2]) == []
+
+
+def test_what_may_still_be_continued_keeps_its_checkpoint():
+    # Heads 0-3 on B0 (3 the best); a bracket of 3 from head 3 at rung 1 (1 epoch), its rung 2
+    # (3 epochs) holding one of the one it takes: rung 1's trials are done with.
+    trials = [head(str(i), score=0.6 + i / 100) for i in range(4)]
+    rung = [
+        fine("10", "3", 0.1, 0.1, epochs=1, score=0.70, size=3),
+        fine("11", "3", 0.1, 0.01, epochs=1, score=0.72, size=3),
+        fine("12", "3", 0.2, 0.1, epochs=1, score=0.64, size=3),
+    ]
+    one = setting(feature_sets=(B0,))
+    live = strategy.continuable(one, trials + rung)
+    # Rung 1 waits for its promotion; head 3 still has (0.2, 0.01) to try, head 2 (the best
+    # other head) all four; heads 0 and 1 are parents of nothing.
+    assert live == {"10", "11", "12", "3", "2"}
+    promoted = fine("13", "11", 0.1, 0.01, epochs=3, initial=1, score=0.75, size=3)
+    live = strategy.continuable(one, [*trials, *rung, promoted])
+    assert not live & {"10", "11", "12", "13", "0", "1"}
+    # A running trial's parent is what a resume needs.
+    running = TrialFacts(**{**promoted.__dict__, "status": "RUNNING", "score": None})
+    assert "11" in strategy.continuable(one, [*trials, *rung, running])

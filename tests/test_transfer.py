@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from tests.conftest import run_search
+from tuner.report.choose import shippable
 
 
 def transfer(tmp_path: Path, demo_dir: Path, weights: Path, name: str, budget: str) -> int:
@@ -115,3 +116,7 @@ def test_transfer_search_runs_its_stages_in_order_and_resumes(
         assert same.latency_ms.nunique() == 1
     # Every trial's estimate came from the oracle and was printed on its line.
     assert out.count("about ") >= len(table)
+    # Checkpoints (test_results has the rule): every frozen head's is kept, and of the
+    # fine-tunes at least those on a front; the others went as the search moved on.
+    kept = {p.parent.name[6:] for p in folder.glob("keras_tuner/trial_*/checkpoint.trained.npz")}
+    assert set(frozen.trial_id) | shippable(table, None) <= kept

@@ -113,6 +113,13 @@ class Setting:
     # a dry run plans from instead of this machine's calibration.
     table: object | None = None
 
+    def shares_pass(self, fs: FeatureSet) -> bool:
+        """Whether ``fs``'s pass comes free with another set's: the pooled top of a backbone
+        and size whose stage features are searched too (stages come first, and their one
+        forward writes the top's features as well)."""
+        twin = dataclasses.replace(fs, features="stages")
+        return fs.features == "top" and fs.views == 1 and twin in self.feature_sets
+
 
 @dataclass(frozen=True)
 class Move:
@@ -148,14 +155,22 @@ class Costs:
 
     def pass_seconds(self, fs: FeatureSet) -> float:
         """The passes a feature set's first trial pays: the images' (unless paid already by
-        its un-augmented twin) and, augmented, ``views - 1`` passes over the train split."""
+        its un-augmented twin, or by its stage features' sweep: :meth:`Setting.shares_pass`)
+        and, augmented, ``views - 1`` passes over the train split."""
         if fs in self._pass:
             return self._pass[fs]
         if fs.views > 1:
             plain = fs.plain()
-            base = self.pass_seconds(plain)
+            base = self._whole_pass(plain)
             extra = base * self.setting.train_share * (fs.views - 1)
-            return extra + (0.0 if self.measured(plain) else base)
+            paid = self.measured(plain) or self.setting.shares_pass(plain)
+            return extra + (0.0 if paid else base)
+        return 0.0 if self.setting.shares_pass(fs) else self._whole_pass(fs)
+
+    def _whole_pass(self, fs: FeatureSet) -> float:
+        """One un-augmented pass of ``fs`` over the images, as if nothing shared it."""
+        if fs in self._pass:
+            return self._pass[fs]
         if self.setting.table is not None:
             return self.setting.table.pass_seconds(self.setting, fs)
         rates = [

@@ -228,6 +228,25 @@ def trial_facts(trial, space: SearchSpace) -> costmodel.TrialFacts:
     )
 
 
+def continued_from(oracle: kt.Oracle) -> set[str]:
+    """Trials whose checkpoints a later trial of ``oracle`` may start from: the transfer
+    strategy's parents and promotable rungs (:func:`strategy.continuable`), Keras Tuner
+    Hyperband's open brackets, and the parents of the running trials (what a resume needs);
+    random and Bayesian search continue nothing."""
+    running = trial_module.TrialStatus.RUNNING
+    live = {
+        str(t.hyperparameters.values.get("tuner/trial_id"))
+        for t in oracle.trials.values()
+        if t.status == running and t.hyperparameters.values.get("tuner/trial_id")
+    }
+    if isinstance(oracle, TransferOracle) and oracle.setting is not None:
+        live |= strategy.continuable(oracle.setting, oracle.facts())
+    for bracket in getattr(oracle, "_brackets", []):  # Hyperband's rounds still to fill
+        for entries in bracket["rounds"]:
+            live |= {str(e[key]) for e in entries for key in ("id", "past_id") if e.get(key)}
+    return live
+
+
 def make_setting(
     space: SearchSpace,
     budget_s: float,

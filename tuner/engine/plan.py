@@ -62,8 +62,9 @@ class CostTable:
         return costs[fs.backbone] * self._scale(fs)
 
     def pass_seconds(self, setting: costmodel.Setting, fs: costmodel.FeatureSet) -> float:
-        """A feature set's passes; the cheapest set also pays the one decode of every file
-        (it shares it with the others)."""
+        """A feature set's passes, as if nothing shared them (the cost model charges a top
+        whose stage features' sweep writes it nothing); the cheapest set also pays the one
+        decode of every file (it shares it with the others)."""
         passes = fs.passes(setting.train_share) * setting.images
         seconds = self._per_image(self.passes, fs, "pass") * passes
         first = fs.plain() == setting.feature_sets[0].plain()
@@ -180,7 +181,7 @@ def summary(setting: costmodel.Setting, moves: list[costmodel.Move], why: str) -
         f"  frozen stage and extra heads: {sum(heads.values())} trials, ~{format_seconds(frozen)}"
     )
     for label, count in heads.items():
-        lines.append(f"    {label:<14} {count:>4} heads  ~{format_seconds(head_time[label])}")
+        lines.append(f"    {label:<16} {count:>4} heads  ~{format_seconds(head_time[label])}")
     if tunes:
         brackets = len({m.bracket for m in tunes})
         by_set = Counter(m.feature_set.label for m in tunes)
@@ -195,7 +196,7 @@ def summary(setting: costmodel.Setting, moves: list[costmodel.Move], why: str) -
         )
         for label, count in by_set.items():
             tops = ", ".join(f"{f:.0%}" for f in sorted(fractions[label]))
-            lines.append(f"    {label:<14} {count:>4} fine-tunes (top {tops})")
+            lines.append(f"    {label:<16} {count:>4} fine-tunes (top {tops})")
     else:
         lines.append("  fine-tune stage: none")
     lines.append(
@@ -234,8 +235,6 @@ def dry_run(
 ) -> int:
     """Print the plan for ``remaining_s`` of budget (the strategy's, played forward; the
     caches'); train nothing. Returns the exit code."""
-    from tuner.model import disk
-
     if space.algorithm != "transfer":
         raise InputError(
             f"--dry-run plays the transfer algorithm's plan; this search uses "
@@ -250,41 +249,87 @@ def dry_run(
     for line in summary(setting, moves, why):
         console.print(line, highlight=False)
     planned = strategy.planned_sets(setting, [])
-    rows = train_rows + validation_rows
-    entries = disk.plan_entries(
-        [(fs.backbone, fs.pixels, backbones.get(fs.backbone).features) for fs in planned], rows
-    )
-    for line in disk.plan_lines(cache_budget, entries)[0]:
+    sets = list(dict.fromkeys((fs.backbone, fs.pixels, fs.features) for fs in planned))
+    lines, _ = cache_lines(cache_budget, sets, [train_rows, validation_rows], space)
+    for line in lines:
         console.print(line, highlight=False)
     return 0
 
 
-def first_set(space) -> list[tuple[str, int]]:
-    """The space's first backbone at its first image size: what a search of another
-    algorithm than ``transfer`` plans its cache for."""
+def first_set(space) -> list[tuple[str, int, str]]:
+    """The space's first backbone at its first image size, with each kind of features it
+    may read (stage features first, the wider): what a search of another algorithm than
+    ``transfer`` plans its cache for."""
     from tuner.model.space import _as_list
 
     choice = _as_list(space.image_size)[0]
-    name = str(space.backbones[0])
-    return [(name, backbones.get(name).size if choice == "native" else int(choice))]
+    entry = backbones.get(str(space.backbones[0]))
+    size = entry.size if choice == "native" else int(choice)
+    kinds = sorted(_as_list(space.features), key=lambda kind: kind != "stages")
+    seen = dict.fromkeys(backbones.features_read(entry, kind) for kind in kinds)
+    return [(entry.name, size, kind) for kind in seen]
 
 
-def plan_cache(model, cache_budget, sets, space, data, console) -> None:
-    """Print what the caches will hold and whether it fits (one line and exit 2 when not even
-    the first feature set's features fit); tell the hypermodel which passes the first sweep
-    over the files computes ahead (the features that fit, and the activations at the cuts of
-    the space's fine-tune fractions)."""
-    from tuner.engine import oracle
+def cache_lines(cache_budget, sets: list[tuple[str, int, str]], splits: list[int], space=None):
+    """(the cache plan's lines, the ``(backbone, size, kind)`` whose features fit) for the
+    planned feature sets, sized as written (:meth:`tuner.model.backbones.Backbone.width`),
+    and what the trials' checkpoints will take (:func:`checkpoint_line`)."""
     from tuner.model import disk
 
     entries = disk.plan_entries(
-        [(b, size, backbones.get(b).features) for b, size in sets],
-        len(data.train) + len(data.validation),
+        [(b, size, kind, backbones.get(b).width(kind)) for b, size, kind in sets], splits
     )
     lines, fits = disk.plan_lines(cache_budget, entries)
-    for line in lines:
+    if space is not None:
+        lines.append(checkpoint_line(space, sets))
+    return lines, [s for s, e in zip(sets, entries, strict=True) if e.what in fits]
+
+
+def checkpoint_line(space, sets: list[tuple[str, int, str]]) -> str:
+    """What the trials' checkpoints (``keras_tuner/trial_*/``, beside the caches) will take:
+    a frozen head's weights (the widest head on the widest planned features, float32), a
+    fine-tune's unfrozen blocks (at most the backbone's weights), and which are kept."""
+    from tuner.engine import oracle
+    from tuner.model import disk
+    from tuner.model.space import _as_list
+
+    widths = [int(w) for w in _as_list(space.head_width) if isinstance(w, int | float)] or [1024]
+    widest = max(sets, key=lambda s: backbones.get(s[0]).width(s[2]))
+    values = backbones.get(widest[0]).width(widest[2])
+    head = values * max(max(widths), 1) * 4
+    line = (
+        f"  checkpoints: what each trial trained, in keras_tuner/ (a frozen head's up to "
+        f"{disk.format_bytes(head, up=True)}: a {max(widths)}-wide head on "
+        f"{widest[0]} {widest[1]}px {widest[2]}"
+    )
+    fractions = [f for f in oracle.fine_tune_values(space.finetune_fraction) if f > 0]
+    tunable = [b for b, _, kind in sets if kind == "top" and backbones.get(b).finetunable]
+    if fractions and tunable:
+        largest = max(tunable, key=lambda b: backbones.get(b).params)
+        whole = disk.format_bytes(4 * backbones.get(largest).params, up=True)
+        line += (
+            f"; a fine-tune's, its unfrozen blocks: under {whole} for {largest} at the top "
+            f"{max(fractions):.0%}"
+        )
+    return (
+        line + "); kept for the fronts, what the export's one-standard-error rule could "
+        "ship (within 2 standard errors) and the trials a later one continues; the others "
+        "are deleted as the search moves on"
+    )
+
+
+def plan_cache(model, cache_budget, sets, space, data, console=None) -> None:
+    """Print what the caches will hold and whether it fits (one line and exit 2 when not even
+    the first feature set's features fit); tell the hypermodel which passes the first sweep
+    over the files computes ahead (the features that fit, and the activations at the cuts of
+    the space's fine-tune fractions). ``console`` None: decide, print nothing (a worker)."""
+    from tuner.engine import oracle
+
+    splits = [len(data.train), len(data.validation)]
+    lines, fits = cache_lines(cache_budget, sets, splits, space)
+    for line in lines if console is not None else []:
         console.print(line, highlight=False)
-    model.planned = [(b, size) for b, size in sets if f"features {b} {size}px" in fits]
+    model.planned = fits
     model.cut_fractions = tuple(
         sorted({f for f in oracle.fine_tune_values(space.finetune_fraction) if f > 0})
     )

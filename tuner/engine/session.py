@@ -170,12 +170,12 @@ def run_search(request: SearchRequest) -> int:
     )
     tuner.context = context
     model.disk = cache_budget
-    if role.kind != "worker":
-        sets = plan.first_set(space)
-        if space.algorithm == "transfer":
-            sets = prepare_transfer(tuner.oracle, space, data, ledger, request.budget_s, console)
-        if request.feature_cache and weights is not None:
-            plan.plan_cache(model, cache_budget, sets, space, data, console)
+    sets = sweep_sets(role.kind, tuner.oracle, space, data, ledger, request.budget_s, console)
+    if request.feature_cache and weights is not None:
+        quiet = role.kind == "worker"  # the chief prints the plan
+        plan.plan_cache(model, cache_budget, sets, space, data, None if quiet else console)
+    if role.kind != "worker":  # the oracle's process prunes, whoever ran the trial
+        keep_checkpoints(tuner.oracle, results, config.get("split_counts", {}).get("validation"))
     if role.kind == "chief":
         distribute.budget_gate(
             tuner.oracle,
@@ -236,6 +236,24 @@ def run_search(request: SearchRequest) -> int:
         )
         return code
     return finish_search(results, logger, config, ledger, console, code)
+
+
+def keep_checkpoints(oracle, results, validation_count: int | None) -> None:
+    """After each trial ends (here or on a worker), delete the checkpoints that no export
+    could ship (:func:`tuner.report.choose.shippable`) and no later trial continues
+    (:func:`tuner.engine.oracle.continued_from`): ``Results.prune_checkpoints``."""
+    from tuner.engine.oracle import continued_from
+    from tuner.report.choose import shippable
+
+    end_trial = oracle.end_trial
+
+    def ended(trial, *args, **kwargs):
+        out = end_trial(trial, *args, **kwargs)
+        keep = shippable(results.rows(), validation_count) | continued_from(oracle)
+        results.prune_checkpoints(keep)
+        return out
+
+    oracle.end_trial = ended
 
 
 def prepare_lock(out: Path) -> str:
@@ -403,18 +421,41 @@ def strategy(name: str):
     return tf.distribute.MirroredStrategy()
 
 
+def sweep_sets(role: str, oracle, space, data, ledger, budget_s: float, console) -> list:
+    """The (backbone, size, features) a first sweep over the files computes ahead: the
+    transfer strategy's frozen stage (the chief, or a lone search, also hands the oracle its
+    setting and prints the plan; a worker plans alike from its own timed batch, quietly), or
+    the space's first backbone and size for the other algorithms."""
+    from tuner.engine import plan
+
+    if space.algorithm != "transfer":
+        return plan.first_set(space)
+    if role != "worker":
+        return prepare_transfer(oracle, space, data, ledger, budget_s, console)
+    train, validation = len(data.train), len(data.validation)
+    return planned_sets(plan.setting_for(space, train, validation, budget_s))
+
+
 def prepare_transfer(oracle, space, data, ledger, budget_s: float, console) -> list:
     """Give the transfer oracle the budget, the data's size and this device's speed (one
-    timed batch of the cheapest backbone), and print its plan; returns the (backbone, size)
-    pairs its frozen stage plans to run."""
-    from tuner.engine import plan, strategy
+    timed batch of the cheapest backbone), and print its plan; returns the (backbone, size,
+    features) its frozen stage plans to run."""
+    from tuner.engine import plan
 
     oracle.setting = plan.setting_for(space, len(data.train), len(data.validation), budget_s)
     oracle.remaining = ledger.remaining
     for line in oracle.plan():
         console.print(line, highlight=False)
-    planned = strategy.planned_sets(oracle.setting, oracle.facts())
-    return list(dict.fromkeys((fs.backbone, fs.pixels) for fs in planned))
+    return planned_sets(oracle.setting, oracle.facts())
+
+
+def planned_sets(setting, facts=()) -> list[tuple[str, int, str]]:
+    """The (backbone, size, features) the transfer strategy's frozen stage plans to run in
+    ``setting``: what a first sweep over the files computes ahead."""
+    from tuner.engine import strategy
+
+    planned = strategy.planned_sets(setting, list(facts))
+    return list(dict.fromkeys((fs.backbone, fs.pixels, fs.features) for fs in planned))
 
 
 ZERO_SEED = 10_007  # above Keras Tuner's own random range (1..10000)

@@ -344,6 +344,27 @@ def _leftover(
     return move if estimate <= remaining_s else None
 
 
+def continuable(setting: Setting, trials: Sequence[TrialFacts]) -> set[str]:
+    """Trials a later move may still continue from their checkpoints: frozen parents with
+    fine-tunes left to try, every trial of a rung whose next rung is not full yet (the
+    bracket's planned size: promotion may still take it), and the parents of running trials.
+    The checkpoints of the others are only needed for an export (:mod:`tuner.engine.trial`)."""
+    live = {t.values.get("tuner/trial_id") for t in trials if t.status == "RUNNING"}
+    live |= {parent.trial_id for parent, _, _ in _candidates(setting, trials)}
+    fine = [t for t in trials if t.stage == FINE_TUNE]
+    for bracket in {int(t.values.get("tuner/bracket", 0)) for t in fine}:
+        members = [t for t in fine if int(t.values.get("tuner/bracket", 0)) == bracket]
+        size = int(members[0].values.get("tuner/bracket_size", 1))
+        steps = rungs(setting.epochs, setting.eta)[
+            : int(members[0].values.get("tuner/bracket_rungs", 1))
+        ]
+        by_rung = [[t for t in members if int(t.values.get("tuner/epochs", 0)) == e] for e in steps]
+        for rung in range(len(steps) - 1):
+            if len(by_rung[rung + 1]) < max(1, size // setting.eta ** (rung + 1)):
+                live |= {t.trial_id for t in by_rung[rung]}
+    return {str(t) for t in live if t}
+
+
 def frozen_plan(setting: Setting, costs: Costs) -> list[tuple[FeatureSet, float, bool]]:
     """(feature set, its pass and heads' cost, whether the frozen stage's share affords it),
     cheapest first: the first always, the next while the running total fits."""
@@ -379,7 +400,7 @@ def plan_lines(setting: Setting, trials: Sequence[TrialFacts], remaining_s: floa
         source = "measured" if costs.measured(fs) else "estimated"
         verdict = "yes" if fits else "later, if time is left"
         lines.append(
-            f"    {fs.label:<12} pass ~{format_seconds(costs.pass_seconds(fs))} ({source}) "
+            f"    {fs.label:<16} pass ~{format_seconds(costs.pass_seconds(fs))} ({source}) "
             f"+ heads ~{format_seconds(cost - costs.pass_seconds(fs))}: {verdict}"
         )
         if fits:

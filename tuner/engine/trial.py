@@ -35,7 +35,7 @@ from tuner.model import checkpoint
 from tuner.model.hypermodel import TrialPlan
 from tuner.model.measure import device_name, measure_latency, model_file_bytes
 from tuner.model.training import best_epoch
-from tuner.report.results import UNUSED, Results
+from tuner.report.results import UNUSED, Results, exact_accuracy
 from tuner.report.text import format_seconds
 from tuner.report.wandb_log import WandbLogger
 
@@ -216,13 +216,19 @@ class TrialRunner:
         parent = hp.values.get("tuner/trial_id")
         if parent:
             with kt_tuner.maybe_distribute(self.distribution_strategy):
-                checkpoint.load(model, self._get_checkpoint_fname(parent))
+                checkpoint.load(model, self.checkpoint_of(parent))
         return model
+
+    def checkpoint_of(self, trial_id: str) -> str:
+        """A trial's checkpoint to read: ours, else Keras Tuner's whole-model ``.h5`` of a
+        search from before this format (:func:`checkpoint.find`)."""
+        found = checkpoint.find(self.get_trial_dir(trial_id))
+        return str(found) if found is not None else self._get_checkpoint_fname(trial_id)
 
     def load_model(self, trial: kt.engine.trial.Trial) -> keras.Model:
         model = self._try_build(trial.hyperparameters)
         with kt_tuner.maybe_distribute(self.distribution_strategy):
-            checkpoint.load(model, self._get_checkpoint_fname(trial.trial_id))
+            checkpoint.load(model, self.checkpoint_of(trial.trial_id))
         return model
 
     def _build_and_fit_model(self, trial: kt.engine.trial.Trial, *args, **kwargs):
@@ -262,6 +268,7 @@ class TrialRunner:
         fit = self.hypermodel.last_fit
         return {
             **results,
+            "val_accuracy": row["val_accuracy"],  # the objective, as a count: ties are ties
             "train_seconds": train_seconds,
             "pass_seconds": fit.get("pass_seconds", 0.0),
             "ahead_seconds": fit.get("ahead_seconds", 0.0),
@@ -278,14 +285,16 @@ class TrialRunner:
         # trial keeps its checkpoint (what it trained), not a whole model: the model's file
         # is written once per architecture, to be measured.
         results = self.context.results
-        known = results.architecture_facts(plan.backbone, plan.image_size, plan.head_width)
+        known = results.architecture_facts(
+            plan.backbone, plan.image_size, plan.head_width, plan.features
+        )
         if known is None:
             latency_ms, images_per_s, spread_ms = measure_latency(model, plan.image_size)
             model_bytes = model_file_bytes(model, results.trial_dir(trial.trial_id))
         else:
             latency_ms, images_per_s = known["latency_ms"], known["images_per_s"]
             spread_ms, model_bytes = known["latency_spread_ms"], known["model_bytes"]
-        metrics = _best_epoch(fit["history"])
+        metrics = _best_epoch(fit["history"], len(self.hypermodel.data.validation))
         status = "stopped-budget" if self.context.stopped_by_budget else "completed"
         row = self._row(
             trial,
@@ -304,7 +313,6 @@ class TrialRunner:
             cache_notes="; ".join(fit.get("cache_notes", [])),
         )
         self.context.record(row)
-        self.context.results.prune_checkpoints()
         augmented = f", augmented: {row['augment_path']}" if row["augment_path"] else ""
         augmented += f"; cache: {row['cache_notes']}" if row["cache_notes"] else ""
         self.context.console.print(
@@ -446,10 +454,12 @@ def tuner_class(algorithm: str) -> type:
     return type(f"Budgeted{base.__name__}", (TrialRunner, base), {})
 
 
-def _best_epoch(history: dict[str, list[float]]) -> dict[str, float]:
+def _best_epoch(history: dict[str, list[float]], validation_count: int) -> dict[str, float]:
+    """The best epoch's numbers; its validation accuracy as the fraction of the validation
+    images it got right (:func:`~tuner.report.results.exact_accuracy`)."""
     best = best_epoch(history)
     return {
-        "val_accuracy": history["val_accuracy"][best],
+        "val_accuracy": exact_accuracy(history["val_accuracy"][best], validation_count),
         "val_loss": history["val_loss"][best],
         "train_accuracy": history["accuracy"][best],
         "train_loss": history["loss"][best],

@@ -65,14 +65,30 @@ class Backbone:
     gflops: float = 0.39  # multiply-adds of one image at `size` (what a pass costs, relatively)
     weights_url: str = V1_WEIGHTS_URL  # where Keras downloads `weights_file` from
     features: int = 1280  # pooled features an image (what the disk plan counts)
+    # Values an image of stage features (with_stages: the tapped stages' pooled outputs, then
+    # the pooled top); 0: no stages to tap (a hub module), it reads ``features`` alone.
+    stage_features: int = 0
+    params: int = 0  # weights of the backbone (no top): what a whole fine-tune's checkpoint holds
 
     @property
     def finetunable(self) -> bool:
         return self.constructor != "hub"
 
+    def width(self, kind: str = "top") -> int:
+        """Values an image a head on this backbone reads: ``kind`` ``top`` (the pooled top)
+        or ``stages`` (:func:`with_stages`; a backbone without stages reads its top)."""
+        return self.stage_features if kind == "stages" and self.stage_features else self.features
+
 
 def _keras_effnet(
-    variant: str, size: int, batch: int, gflops: float, features: int, v2: bool = False
+    variant: str,
+    size: int,
+    batch: int,
+    gflops: float,
+    features: int,
+    stage_features: int,
+    params: int,
+    v2: bool = False,
 ) -> Backbone:
     """A keras.applications row: ``B0`` -> EfficientNetB0 and efficientnetb0_notop.h5;
     ``V2`` + ``S`` -> EfficientNetV2S and efficientnetv2-s_notop.h5 (V2's download address)."""
@@ -87,32 +103,56 @@ def _keras_effnet(
         gflops=gflops,
         weights_url=V2_WEIGHTS_URL if v2 else V1_WEIGHTS_URL,
         features=features,
+        stage_features=stage_features,
+        params=params,
     )
 
 
 # GFLOPs at native size and pooled features: the EfficientNet papers' tables (Tan & Le 2019,
-# 2021) and keras.applications' top layers. V2's batches
-# follow V1's at the same size, one step lower from 384 px (S/M/L are 2-4x V1's parameters).
+# 2021) and keras.applications' top layers; stage features (with_stages' width) and weights:
+# counted on each keras.applications model (tests/test_backbones.py checks B0's, V2-B0's and
+# the tiny ones'). V2's batches follow V1's at the same size, one step lower from 384 px
+# (S/M/L are 2-4x V1's parameters).
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in [
-        _keras_effnet("B0", 224, 512, 0.39, 1280),
-        _keras_effnet("B1", 240, 256, 0.70, 1280),
-        _keras_effnet("B2", 260, 256, 1.0, 1408),
-        _keras_effnet("B3", 300, 128, 1.8, 1536),
-        _keras_effnet("B4", 380, 128, 4.2, 1792),
-        _keras_effnet("B5", 456, 64, 9.9, 2048),
-        _keras_effnet("B6", 528, 32, 19.0, 2304),
-        _keras_effnet("B7", 600, 32, 37.0, 2560),
-        _keras_effnet("B0", 224, 512, 0.72, 1280, v2=True),
-        _keras_effnet("B1", 240, 256, 1.2, 1280, v2=True),
-        _keras_effnet("B2", 260, 256, 1.7, 1408, v2=True),
-        _keras_effnet("B3", 300, 128, 3.0, 1536, v2=True),
-        _keras_effnet("S", 384, 64, 8.8, 1280, v2=True),
-        _keras_effnet("M", 480, 32, 24.0, 1280, v2=True),
-        _keras_effnet("L", 480, 16, 53.0, 1280, v2=True),
-        Backbone("T0", 32, 64, 1.0, "tiny", gflops=0.002, features=320),
-        Backbone("V2T0", 32, 64, 1.0, "tiny_v2", gflops=0.002, features=320),
+        _keras_effnet("B0", 224, 512, 0.39, 1280, 1984, 4_049_571),
+        _keras_effnet("B1", 240, 256, 0.70, 1280, 1984, 6_575_239),
+        _keras_effnet("B2", 260, 256, 1.0, 1408, 2176, 7_768_569),
+        _keras_effnet("B3", 300, 128, 1.8, 1536, 2384, 10_783_535),
+        _keras_effnet("B4", 380, 128, 4.2, 1792, 2784, 17_673_823),
+        _keras_effnet("B5", 456, 64, 9.9, 2048, 3168, 28_513_527),
+        _keras_effnet("B6", 528, 32, 19.0, 2304, 3568, 40_960_143),
+        _keras_effnet("B7", 600, 32, 37.0, 2560, 3968, 64_097_687),
+        _keras_effnet("B0", 224, 512, 0.72, 1280, 1728, 5_919_312, v2=True),
+        _keras_effnet("B1", 240, 256, 1.2, 1280, 1728, 6_931_124, v2=True),
+        _keras_effnet("B2", 260, 256, 1.7, 1408, 1896, 8_769_374, v2=True),
+        _keras_effnet("B3", 300, 128, 3.0, 1536, 2072, 12_930_622, v2=True),
+        _keras_effnet("S", 384, 64, 8.8, 1280, 1888, 20_331_360, v2=True),
+        _keras_effnet("M", 480, 32, 24.0, 1280, 2432, 53_150_388, v2=True),
+        _keras_effnet("L", 480, 16, 53.0, 1280, 2720, 117_746_848, v2=True),
+        Backbone(
+            "T0",
+            32,
+            64,
+            1.0,
+            "tiny",
+            gflops=0.002,
+            features=320,
+            stage_features=504,
+            params=172_543,
+        ),
+        Backbone(
+            "V2T0",
+            32,
+            64,
+            1.0,
+            "tiny_v2",
+            gflops=0.002,
+            features=320,
+            stage_features=440,
+            params=161_002,
+        ),
     ]
 }
 _HUB_SIZE = re.compile(r"efficientnet[/_-]?b([0-7])", re.IGNORECASE)

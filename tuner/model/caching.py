@@ -98,13 +98,30 @@ class FeatureCaching:
 
         When it must be computed, the pass reads the split's cached pixels at this size if
         there are any, else decodes the image files; a plain pass over the files also
-        computes the passes planned ahead (:meth:`_ahead`), from one decode of each file."""
+        computes the passes planned ahead (:meth:`_ahead`), from one decode of each file.
+        An entry another process evicts before this one reads it is computed again (once)."""
         size, rows = plan.image_size, len(self.data.rows(split))
         target = self._target(plan.backbone, size, weights_key, split, cut, view, plan.augment)
         found = features.load_entry(target, rows)
         self.last_fit.setdefault("cache", []).append("loaded" if found is not None else "computed")
-        if found is not None:
-            return found
+        computed = 0
+        while found is None:
+            if computed == 2:
+                raise kt.errors.FailedTrialError(
+                    f"the {split} {cut} outputs of {plan.backbone} {size}px were evicted by "
+                    f"another process sharing the cache before this trial could read them, "
+                    f"twice: raise --cache-budget"
+                )
+            self._compute(make_net, plan, split, target, cut, view)
+            found = features.load_entry(target, rows)
+            computed += 1
+        disk.mark_read(target)
+        return found
+
+    def _compute(self, make_net, plan: TrialPlan, split: str, target: Path, cut: str, view: int):
+        """Write ``target`` (with the passes planned ahead, on a plain pass over the files),
+        within the cache budget; its time goes to the trial's pass or ahead seconds."""
+        size, rows = plan.image_size, len(self.data.rows(split))
         augment = (
             augment_mod.layer(
                 plan.augment, augment_mod.view_seed(plan.augment, self.space.seed, view)
@@ -113,8 +130,8 @@ class FeatureCaching:
             else None
         )
         what = f"{split} {cut} outputs of {plan.backbone} {size}px"
-        nbytes = rows * features.DTYPE().itemsize * _entry_size(make_net())
-        if not self._room(nbytes, what, self._pixels_of(size)):
+        nbytes = disk.entry_bytes(rows, _entry_size(make_net()), features.DTYPE().itemsize)
+        if not self._room(nbytes, what, self._pixels_of(size), reserve=target):
             raise kt.errors.FailedTrialError(
                 f"the cache budget ({disk.format_bytes(self.disk.limit)}) cannot hold the {what}"
                 f" even after evicting older entries: raise --cache-budget"
@@ -122,20 +139,23 @@ class FeatureCaching:
         started = time.monotonic()
         pixels = self.data.cached_pixels(split, size)
         passes = []
-        if pixels is None and cut in FEATURE_CUTS and not view:
-            passes = self._ahead(split, (plan.backbone, size), target, cut)
-        if not any(p.target == target for p in passes):
-            passes.insert(
-                0, features.feature_pass(make_net(), target, size, plan.pass_batch, augment)
-            )
-        source = self.data.paths(split) if pixels is None else {size: pixels}
-        spent = features.run_passes(source, rows, passes)
+        try:
+            if pixels is None and cut in FEATURE_CUTS and not view:
+                passes = self._ahead(split, (plan.backbone, size), target, cut)
+            if not any(p.target == target for p in passes):
+                passes.insert(
+                    0, features.feature_pass(make_net(), target, size, plan.pass_batch, augment)
+                )
+            source = self.data.paths(split) if pixels is None else {size: pixels}
+            spent = features.run_passes(source, rows, passes)
+        finally:
+            if self.disk is not None:
+                self.disk.release([t for p in passes for t, _ in p.outputs] + [target])
         # What the oracle budgets by: this feature set's pass (its forward and the decoding),
         # apart from the passes computed ahead for other feature sets in the same sweep.
         own = spent.get(target, 0.0) + spent["decode"]
         self.last_fit["pass_seconds"] += own
         self.last_fit["ahead_seconds"] += max(time.monotonic() - started - own, 0.0)
-        return features.load_entry(target, rows)
 
     def _target(
         self,
@@ -157,46 +177,77 @@ class FeatureCaching:
         self, split: str, current: tuple[str, int], target: Path, cut: str = "pooled"
     ) -> list[features.Pass]:
         """The passes a plain pass over a split's files computes in the same sweep (one
-        decode of each file): for each planned (backbone, size) (:attr:`planned`; ``current``
-        is the one asked for, whose features, ``cut`` ``pooled`` or ``stages``, go to
-        ``target``) its pooled features and the activations at the cuts of
-        :attr:`cut_fractions`, those not cached yet and fitting in the budget's free room
-        (nothing is evicted for them; the asked-for pooled features are always computed)."""
+        decode of each file), one forward per (backbone, size): its planned features
+        (:attr:`planned`: ``top`` and ``stages``, one forward gives both) and the activations
+        at the cuts of :attr:`cut_fractions`, those not cached yet. ``current`` is the one
+        asked for, whose ``cut`` (``pooled`` or ``stages``) goes to ``target`` (reserved
+        already, always computed); the rest are reserved in the budget's free room, nothing
+        evicted for them, and left for later when they do not fit."""
         rows = len(self.data.rows(split))
-        passes, room = [], self.disk.room() if self.disk else math.inf
-        # The one asked for first: its features must be computed (their room is reserved).
-        for backbone, size in sorted(self.planned, key=lambda pair: pair != current):
+        wanted: dict[tuple[str, int], list[str]] = {current: [cut]}
+        for backbone, size, kind in self.planned:
+            name = "stages" if kind == "stages" else "pooled"
+            if name not in wanted.setdefault((backbone, size), []):
+                wanted[(backbone, size)].append(name)
+        passes = []
+        for (backbone, size), names in wanted.items():  # the one asked for first
             entry = backbones.get(backbone)
             base = backbones.build(entry, size, self.weights)
             backbones.inference_mode(base)
-            pooled = self._target(backbone, size, features.weights_fingerprint(base), split)
-            asked = (backbone, size) == current and cut == "pooled"
-            if asked and pooled != target:
+            key = features.weights_fingerprint(base)
+            names = [n for n in names if n == "pooled" or entry.finetunable]
+            outputs = {self._target(backbone, size, key, split, n): n for n in names}
+            asked = (backbone, size) == current
+            if asked and target not in outputs:
                 continue  # other weights than the trial's (cannot happen): its own pass
             cuts = self._cuts(base, entry) if entry.finetunable else {}
-            wanted = {
-                self._target(backbone, size, key, split, name): name for name, key in cuts.items()
+            outputs |= {self._target(backbone, size, k, split, n): n for n, k in cuts.items()}
+            missing = {
+                t: n
+                for t, n in outputs.items()
+                if t == target or features.load_entry(t, rows) is None
             }
-            wanted = {t: n for t, n in wanted.items() if features.load_entry(t, rows) is None}
-            if features.load_entry(pooled, rows) is not None and not wanted:
+            if not missing:
                 continue
-            made = self._pass_ahead(base, entry, size, pooled, wanted)
-            if rows * made.bytes > room and asked:
-                made = self._pass_ahead(base, entry, size, pooled, {})  # without the cuts
-            if rows * made.bytes <= room or asked:
+            made = self._pass_ahead(base, entry, size, missing, target if asked else None, rows)
+            if made is not None:
                 passes.append(made)
-                room -= rows * made.bytes
             else:
                 self._note(f"{backbone} {size}px not computed ahead for {split} (cache budget)")
         return passes
 
     def _pass_ahead(
-        self, base: keras.Model, entry, size: int, pooled: Path, cuts: dict[Path, str]
-    ) -> features.Pass:
-        """The pass of a backbone built on its own: pooled features, and the activations at
-        ``cuts`` ({target: cut layer name}) from the same forward."""
-        net = features.backbone_extractor(base, size, entry.input_scale, list(cuts.values()))
-        return features.feature_pass(net, pooled, size, self.pass_batch(entry), None, list(cuts))
+        self,
+        base: keras.Model,
+        entry: backbones.Backbone,
+        size: int,
+        outputs: dict[Path, str],
+        asked: Path | None,
+        rows: int,
+    ) -> features.Pass | None:
+        """One forward of a backbone built on its own that writes ``outputs`` ({target: what:
+        ``pooled``, ``stages`` or a cut layer's name}), ``asked`` first; the outputs besides
+        ``asked`` are reserved in the budget's free room: all of them, else the features
+        without the cuts' activations, else ``asked`` alone (None: nothing to compute)."""
+        features_only = {t: n for t, n in outputs.items() if n in FEATURE_CUTS}
+        for option in (outputs, features_only, {asked: outputs[asked]} if asked else {}):
+            if not option:
+                continue
+            ordered = sorted(option, key=lambda t: t != asked)
+            net = features.backbone_extractor(
+                base, size, entry.input_scale, [option[t] for t in ordered]
+            )
+            made = features.feature_pass(
+                net, ordered[0], size, self.pass_batch(entry), None, ordered[1:]
+            )
+            extra = {
+                t: disk.entry_bytes(rows, math.prod(shape), made.dtype().itemsize)
+                for t, shape in made.outputs
+                if t != asked
+            }
+            if self.disk is None or not extra or self.disk.claim(extra):
+                return made
+        return None
 
     def _cuts(self, base: keras.Model, entry: backbones.Backbone) -> dict[str, str]:
         """{cut layer name: fingerprint of the weights below it} for each fine-tune fraction
@@ -214,12 +265,19 @@ class FeatureCaching:
     def _pixels_of(self, size: int) -> frozenset[Path]:
         return frozenset(self.data.pixel_file(s, size) for s in ("train", "validation"))
 
-    def _room(self, nbytes: int, what: str, keep: frozenset[Path] = frozenset()) -> bool:
+    def _room(
+        self,
+        nbytes: int,
+        what: str,
+        keep: frozenset[Path] = frozenset(),
+        reserve: Path | None = None,
+    ) -> bool:
         """Whether the cache budget holds ``nbytes`` more (evicting the least recently read
-        entries when it must; each eviction noted on the trial line)."""
+        entries when it must; each eviction noted on the trial line); ``reserve``: the entry
+        they are for, reserved until it is written."""
         if self.disk is None:
             return True
-        fits, evicted = self.disk.admit(nbytes, keep)
+        fits, evicted = self.disk.admit(nbytes, keep, reserve)
         for path, size in evicted:
             self._note(f"evicted {path.parent.name}/{path.name} ({disk.format_bytes(size)})")
         if not fits:

@@ -143,12 +143,11 @@ class Pass:
 
 def load_entry(target: Path, rows: int, dtype=DTYPE) -> np.ndarray | None:
     """A cache entry of ``rows`` rows memory-mapped, or None when it is missing or fails its
-    check. A hit marks the file used now (what eviction orders by)."""
+    check. Looking does not count as reading: the caller that trains on it marks it
+    (:func:`tuner.model.disk.mark_read`, what eviction orders by)."""
     cached = pipeline.load_checked(target, None, dtype)
     if cached is None or cached.shape[0] != rows or cached.ndim < 2:
         return None
-    with contextlib.suppress(OSError):
-        os.utime(target)
     return cached
 
 
@@ -246,7 +245,7 @@ def feature_pass(
     """The :class:`Pass` of ``net`` (a frozen extractor, see :func:`extractor`) at ``size``,
     its outputs float32 (:data:`DTYPE`); ``augment`` (a seeded :func:`tuner.model.augment.layer`)
     transforms the pixels first, in training mode: an augmented view. ``more``: where
-    ``net``'s further outputs go (:func:`backbone_extractor` with cuts)."""
+    ``net``'s further outputs go (:func:`backbone_extractor` with several outputs)."""
     shape = (size, size, 3)
     forward = (
         _traced(net, shape, batch) if augment is None else _augmented(net, augment, shape, batch)
@@ -258,14 +257,24 @@ def feature_pass(
 
 
 def backbone_extractor(
-    base: keras.Model, size: int, input_scale: float, cuts: Sequence[str] = ()
+    base: keras.Model, size: int, input_scale: float, outputs: Sequence[str] = ("pooled",)
 ) -> keras.Model:
     """``pixels -> [input_scale] -> base`` in inference mode: :func:`extractor` for a
-    backbone built on its own (a pass planned ahead of its trials). With ``cuts`` (layer
-    names) it also outputs their activations, after the pooled features."""
-    if cuts:
-        outputs = [base.output, *(base.get_layer(name).output for name in cuts)]
-        base = keras.Model(base.input, outputs, name=base.name)
+    backbone built on its own (a pass planned ahead of its trials), with one output per name
+    of ``outputs``, in order: ``pooled`` (the backbone's features), ``stages``
+    (:func:`tuner.model.backbones.with_stages`: the same forward, its last columns the pooled
+    features) or a layer's name (its activations: a fine-tune's cut)."""
+    staged = backbones.with_stages(base) if "stages" in outputs else None
+    tensors = [
+        base.output
+        if name == "pooled"
+        else staged.output
+        if name == "stages"
+        else base.get_layer(name).output
+        for name in outputs
+    ]
+    if list(outputs) != ["pooled"]:
+        base = keras.Model(base.input, tensors if len(tensors) > 1 else tensors[0], name=base.name)
     inputs = keras.Input((size, size, 3), name="pixels")
     x = inputs
     if input_scale != 1.0:

@@ -247,7 +247,7 @@ class EffNetHyperModel(TrainingPaths, FeatureCaching, kt.HyperModel):
         # Set by the search: the (backbone, size) pairs whose features the frozen stage will
         # want, computed in the first pass over the files from one decode of each, with the
         # activations at the cuts of the fine-tune fractions the search plans.
-        self.planned: list[tuple[str, int]] = []
+        self.planned: list[tuple[str, int, str]] = []  # (backbone, size, top or stages)
         self.cut_fractions: tuple[float, ...] = ()  # whose cuts' activations come with them
         self.disk: disk.Budget | None = None  # the cache folder's budget (None: no limit)
         self._frozen_fingerprint: tuple[keras.Model, str] | None = None

@@ -11,8 +11,9 @@ down one of four paths, each in its own section below:
   fit, else end to end;
 * end to end: pixels through the whole model (random weights, no cache, or what does not fit).
 
-:class:`BestEpoch` keeps the weights of the epoch a trial reports (the lowest validation
-loss); :func:`compile_model` is the one optimizer and loss every path uses.
+:class:`BestEpoch` keeps the weights of the epoch a trial reports (the highest validation
+accuracy, :data:`BEST_EPOCH_METRIC`; the first on ties); :func:`compile_model` is the one
+optimizer and loss every path uses.
 """
 
 from __future__ import annotations

@@ -38,7 +38,14 @@ import numpy as np
 import pandas as pd
 
 from data_tools.errors import InputError, preview
-from tuner.report.results import FINISHED, no_costlier, pareto_front
+from tuner.report.results import (
+    FINISHED,
+    NETWORK,
+    exact_accuracy,
+    network_key,
+    no_costlier,
+    pareto_front,
+)
 
 RULES = ("knee", "max-accuracy", "fastest", "weighted")
 TIME_COLUMNS = {"latency": "latency_ms", "training": "train_seconds"}
@@ -103,12 +110,10 @@ def choose(
             f"rule's pick)"
         )
     column = TIME_COLUMNS[time]
-    pool = _constrain(candidates(trials, time), max_latency_ms, min_accuracy)
-    spread = (
-        pool["latency_spread_ms"]
-        if column == "latency_ms" and "latency_spread_ms" in pool
-        else None
-    )
+    pool = candidates(trials, time)
+    pool["val_accuracy"] = exact_accuracy(pool["val_accuracy"], validation_count)
+    pool = _constrain(pool, max_latency_ms, min_accuracy)
+    spread = _spread(pool, column)
     front = pool[pareto_front(pool["val_accuracy"], pool[column], spread)].reset_index(drop=True)
     picker = {
         "knee": _knee,
@@ -157,6 +162,92 @@ def _trained(units: int, width: int) -> str:
     return f"{head} on a frozen backbone" if units == 0 else f"{head}, {units} units fine-tuned"
 
 
+# A search keeps the checkpoints of what the export could ship with --within-se up to this.
+KEEP_WITHIN_SE = 2.0
+
+
+def shippable(
+    trials: pd.DataFrame, validation_count: int | None, within_se: float = KEEP_WITHIN_SE
+) -> set[str]:
+    """Every finished trial an export could ship now, by any rule on either time, with
+    ``--within-se`` up to ``within_se``: the fronts, and for each front trial as the pick,
+    the trial the one-standard-error rule ships at each width of its band (the simplest
+    within it: as the band widens, only a simpler trial takes over). What a search keeps
+    checkpoints of; later trials can change it (a pruned trial is retrained by export)."""
+    kept: set[str] = set()
+    for time, column in TIME_COLUMNS.items():
+        try:
+            pool = candidates(trials, time)
+        except InputError:
+            return kept  # nothing finished
+        pool["val_accuracy"] = exact_accuracy(pool["val_accuracy"], validation_count)
+        spread = _spread(pool, column)
+        front = pareto_front(pool["val_accuracy"], pool[column], spread)
+        kept |= set(pool["trial_id"][front])
+        if validation_count and within_se > 0:
+            for at in np.flatnonzero(front):
+                band, _, trained = _band(pool, int(at), column, spread, validation_count, within_se)
+                kept |= _takers(pool, band, trained, column)
+    return kept
+
+
+def _takers(pool: pd.DataFrame, band: np.ndarray, trained: pd.DataFrame, column: str) -> set[str]:
+    """The trials of ``band`` (positions in ``pool``) that ship at some width of the band:
+    walking down in accuracy, each that comes before every more accurate one in the order
+    the rule ships by (fewest units, narrowest head, most accurate, fastest, lowest id)."""
+    rows = [
+        (
+            int(trained["units"].iloc[i]),
+            int(trained["width"].iloc[i]),
+            -float(pool["val_accuracy"].iloc[i]),
+            float(pool[column].iloc[i]),
+            str(pool["trial_id"].iloc[i]),
+        )
+        for i in band
+    ]
+    takers, best = set(), None
+    for accuracy in sorted({-row[2] for row in rows}, reverse=True):
+        entering = min(row for row in rows if -row[2] == accuracy)
+        if best is None or entering < best:
+            best = entering
+            takers.add(entering[4])
+    return takers
+
+
+def _spread(pool: pd.DataFrame, column: str) -> pd.Series | None:
+    """The measured spread of ``column`` (latency's) where there is one."""
+    if column == "latency_ms" and "latency_spread_ms" in pool:
+        return pool["latency_spread_ms"]
+    return None
+
+
+def _band(
+    pool: pd.DataFrame,
+    at: int,
+    column: str,
+    spread: pd.Series | None,
+    validation_count: int,
+    within_se: float,
+) -> tuple[np.ndarray, float, pd.DataFrame]:
+    """(positions of the trials of ``pool`` within ``within_se`` standard errors of the
+    accuracy of the trial at ``at``, no slower and simpler; the standard error; what each
+    trial trained)."""
+    pick = pool.iloc[at]
+    accuracy = float(pick["val_accuracy"])
+    se = math.sqrt(max(accuracy * (1 - accuracy), 0.0) / validation_count)
+    noise = np.zeros(len(pool)) if spread is None else np.nan_to_num(spread.to_numpy(float))
+    close = pool["val_accuracy"] >= accuracy - within_se * se - 1e-12
+    no_slower = no_costlier(pool[column].to_numpy(float), noise, at)
+    if column == "latency_ms":  # the same network under a simpler head: measured apart, noise
+        no_slower |= _same_network(pool, pick)
+    trained = _complexity(pool)
+    mine = trained.iloc[at]
+    simpler = (trained["units"] < mine["units"]) | (
+        (trained["units"] == mine["units"]) & (trained["width"] < mine["width"])
+    )
+    return np.flatnonzero(close & no_slower & simpler), se, trained
+
+
 def _simpler(
     pool: pd.DataFrame,
     picked: str,
@@ -171,20 +262,8 @@ def _simpler(
     if not validation_count or within_se <= 0:
         return None
     at = int(np.flatnonzero(pool["trial_id"] == picked)[0])
-    pick = pool.iloc[at]
-    accuracy = float(pick["val_accuracy"])
-    se = math.sqrt(max(accuracy * (1 - accuracy), 0.0) / validation_count)
-    noise = np.zeros(len(pool)) if spread is None else np.nan_to_num(spread.to_numpy(float))
-    close = pool["val_accuracy"] >= accuracy - within_se * se - 1e-12
-    no_slower = no_costlier(pool[column].to_numpy(float), noise, at)
-    if column == "latency_ms":  # the same network under a simpler head: measured apart, noise
-        no_slower |= _same_network(pool, pick)
-    trained = _complexity(pool)
+    band, se, trained = _band(pool, at, column, spread, validation_count, within_se)
     mine = trained.iloc[at]
-    simpler = (trained["units"] < mine["units"]) | (
-        (trained["units"] == mine["units"]) & (trained["width"] < mine["width"])
-    )
-    band = np.flatnonzero(close & no_slower & simpler)
     if band.size == 0:
         return None
     order = np.lexsort(
@@ -207,15 +286,14 @@ def _simpler(
 
 
 def _same_network(pool: pd.DataFrame, pick: pd.Series) -> pd.Series:
-    """Trials on the pick's backbone at its size (and variant, for deployables): a simpler
-    head on it costs no more time, whatever two latency measurements said."""
-    keys = [k for k in ("backbone", "image_size", "variant") if k in pool and k in pick]
-    if not {"backbone", "image_size"} <= set(keys):
+    """Trials on the pick's network (:data:`~tuner.report.results.NETWORK`: backbone, size,
+    what the head reads; and variant, for deployables): a simpler head on it costs no more
+    time, whatever two latency measurements said."""
+    if not {"backbone", "image_size"} <= set(pool.columns) & set(pick.index):
         return pd.Series(False, index=pool.index)
-    same = pd.Series(True, index=pool.index)
-    for key in keys:
-        same &= pool[key].astype(str) == str(pick[key])
-    return same
+    columns = [*NETWORK, *(["variant"] if "variant" in pool and "variant" in pick else [])]
+    keys = network_key(pool, columns)
+    return (keys == network_key(pick.to_frame().T, columns).iloc[0]).all(axis=1)
 
 
 def _constrain(

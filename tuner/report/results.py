@@ -69,6 +69,42 @@ COLUMNS = [
     "worker",
 ]
 FINISHED = ("completed", "stopped-budget")
+# What one network is, whatever trained it: the backbone at its size, with what its head reads
+# (``features``: the pooled top, or the stage features beside it). Trials on one network and
+# head width are one architecture: one latency, spread and file size between them.
+NETWORK = ("backbone", "image_size", "features")
+ARCHITECTURE = (*NETWORK, "head_width")
+
+
+def network_key(table: pd.DataFrame, columns: Iterable[str] = NETWORK) -> pd.DataFrame:
+    """``columns`` of ``table`` as text, comparable between rows and files (a trials.csv from
+    before the ``features`` column reads as the pooled top it measured)."""
+    out = pd.DataFrame(index=table.index)
+    for column in columns:
+        values = table[column] if column in table else pd.Series(np.nan, index=table.index)
+        if column == "features":
+            values = values.fillna("top")
+        out[column] = values.map(_key_text)
+    return out
+
+
+def _key_text(value: Any) -> str:
+    value = plain_value(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def exact_accuracy(accuracy: Any, count: int | None) -> Any:
+    """An accuracy measured on ``count`` images as the fraction it is, correct / count (a
+    number or a column): Keras' float32 metric (0.9638554453849792) and an exact count of the
+    same 160 of 166 images (0.963855421686747) are then one value, and tie everywhere they
+    are compared. Without a count, rounded to float32's 7 significant digits."""
+    values = np.asarray(accuracy, dtype=float)
+    snapped = np.round(values * count) / count if count else np.round(values, 6)
+    if isinstance(accuracy, pd.Series):
+        return pd.Series(snapped, index=accuracy.index, name=accuracy.name)
+    return float(snapped) if snapped.ndim == 0 else snapped
 
 
 def plain_value(value: Any) -> Any:
@@ -144,21 +180,23 @@ class Results:
         )
 
     def architecture_facts(
-        self, backbone: str, image_size: int, head_width: int
+        self, backbone: str, image_size: int, head_width: int, features: str = "top"
     ) -> dict[str, float] | None:
-        """What was already measured for this architecture (backbone, size, head) in this
-        search: ``latency_ms``, ``images_per_s``, ``latency_spread_ms`` and ``model_bytes``.
-        Trials that differ only in training share one figure."""
+        """What was already measured for this architecture (:data:`ARCHITECTURE`: backbone,
+        size, what the head reads, head width) in this search: ``latency_ms``,
+        ``images_per_s``, ``latency_spread_ms`` and ``model_bytes``. Trials that differ only
+        in training share one figure."""
         table = self.rows()
-        same = table[
-            table["status"].isin(FINISHED)
-            & (table["backbone"] == backbone)
-            & (table["image_size"] == image_size)
-            & (table["head_width"] == head_width)
-        ].dropna(subset=["latency_ms", "model_bytes"])
-        if same.empty:
+        done = table[table["status"].isin(FINISHED)].dropna(subset=["latency_ms", "model_bytes"])
+        wanted = pd.DataFrame(
+            [dict(zip(ARCHITECTURE, (backbone, image_size, features, head_width), strict=True))]
+        )
+        same = (network_key(done, ARCHITECTURE) == network_key(wanted, ARCHITECTURE).iloc[0]).all(
+            axis=1
+        )
+        if not same.any():
             return None
-        first = same.iloc[0]
+        first = done[same].iloc[0]
         spread = first.get("latency_spread_ms")
         return {
             "latency_ms": float(first["latency_ms"]),
@@ -167,25 +205,39 @@ class Results:
             "model_bytes": int(first["model_bytes"]),
         }
 
-    def prune_checkpoints(self) -> list[str]:
-        """Delete the saved models of trials off both Pareto fronts (val accuracy against
-        latency, and against training time); returns their ids.
+    def prune_checkpoints(self, keep: set[str]) -> list[str]:
+        """Delete the checkpoints of finished trials that trained backbone weights (a
+        fine-tune's blocks: hundreds of MB for B7; with random weights the whole network)
+        and are not in ``keep`` (what an export could ship: :func:`tuner.report.choose.
+        shippable`; what the search may still continue); returns their ids. A frozen head's
+        checkpoint (kilobytes to megabytes) is always kept: the one-standard-error rule ships
+        frozen heads most. A trial once dominated stays dominated as trials are added, so a
+        long search keeps a handful of fine-tunes, not hundreds; an export of a pruned trial
+        retrains it from its hyperparameters."""
+        from tuner.model import checkpoint
 
-        A trial once dominated stays dominated as trials are added, so its model can never
-        be the one exported; a long search then keeps a handful of models, not hundreds.
-        """
         done = self.rows()
         done = done[done["status"].isin(FINISHED)]
-        if done.empty:
-            return []
-        keep = latency_front(done) | pareto_front(done["val_accuracy"], done["train_seconds"])
+        units = done["unfrozen_blocks"].fillna("").astype(str).str.strip() != ""
+        whole = done["weights"].astype(str).eq("none")
         pruned = []
-        for trial_id in done.loc[~keep, "trial_id"].astype(str):
-            model = self.trial_dir(trial_id) / "model.keras"
-            if model.exists():
-                model.unlink()
+        for trial_id in done.loc[units | whole, "trial_id"].astype(str):
+            if trial_id in keep:
+                continue
+            folder = self.dir / "keras_tuner" / f"trial_{trial_id}"
+            files = [folder / checkpoint.FILE, folder / checkpoint.LEGACY_FILE]
+            files.append(self.trial_dir(trial_id) / "model.keras")  # a search from before
+            found = [path for path in files if path.exists()]
+            for path in found:
+                path.unlink(missing_ok=True)
+            if found:
                 pruned.append(trial_id)
         return pruned
+
+    def checkpoint_bytes(self) -> int:
+        """Bytes the trials' checkpoints take now."""
+        folder = self.dir / "keras_tuner"
+        return sum(p.stat().st_size for p in folder.glob("trial_*/checkpoint.*") if p.is_file())
 
     def trial_dir(self, trial_id: str) -> Path:
         return self.dir / "trials" / str(trial_id)
