@@ -148,7 +148,7 @@ def test_stage_features_are_the_top_stages_pooled_then_the_pooled_top(tiny: kera
     np.testing.assert_allclose(joined[:, : widths[0]], fourth.mean(axis=(1, 2)), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["T0", "V2T0", "B0", "V2B0"])
+@pytest.mark.parametrize("name", ["T0", "V2T0", "B0"])
 def test_the_table_knows_how_wide_each_kind_of_features_is(name: str) -> None:
     # The disk plan sizes feature caches and checkpoints from the table, without building.
     entry = backbones.get(name)

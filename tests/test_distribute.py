@@ -233,7 +233,7 @@ def test_a_chief_bound_beyond_loopback_warns_that_its_port_is_unauthenticated():
         assert "no authentication and no encryption" in line and "SSH tunnel" in line
 
 
-def test_a_worker_sweeps_ahead_as_its_chief_plans(tmp_path, demo_dir, pretrained_t0):
+def test_a_worker_sweeps_ahead_as_its_chief_plans(tmp_path, demo_dir, pretrained_t0, monkeypatch):
     # Workers once planned nothing ahead: every size decoded again, no stage features or
     # activations computed in the first sweep. Now they plan as the chief does.
     import io
@@ -245,6 +245,8 @@ def test_a_worker_sweeps_ahead_as_its_chief_plans(tmp_path, demo_dir, pretrained
     from tuner.engine import oracle, plan, session
     from tuner.model import disk, hypermodel, space
 
+    # Both plan from a timed batch of the cheapest backbone: one speed here, for one plan.
+    monkeypatch.setattr(oracle, "calibrate", lambda fs: 0.5)
     values = {"backbones": ["T0"], "image_size": [32, 48], "finetune_fraction": [0.0, 0.5]}
     searched = space.load(None, {**values, "algorithm": "transfer"})
     data = demo_data(demo_dir, tmp_path)

@@ -192,6 +192,9 @@ class FeatureCaching:
         passes = []
         for (backbone, size), names in wanted.items():  # the one asked for first
             entry = backbones.get(backbone)
+            cuts_wanted = bool(self.cut_fractions) and entry.finetunable
+            if (backbone, size) == current and names == [cut] and not cuts_wanted:
+                continue  # nothing beside the asked entry: the trial's own network's pass
             base = backbones.build(entry, size, self.weights)
             backbones.inference_mode(base)
             key = features.weights_fingerprint(base)
