@@ -191,6 +191,7 @@ def test_workers_follow_the_deadline_the_chief_writes(tmp_path):
     assert worker.remaining() < 10
 
 
+@pytest.mark.slow  # 37 s of the fast tier for a multi-GPU path that a CPU runs on one device
 def test_mirrored_strategy_runs_frozen_and_fine_tuned_trials(tmp_path, demo_dir, pretrained_t0):
     from tests.conftest import run_search
 
