@@ -108,7 +108,9 @@ class Budget:
                 if name.endswith(RESERVED) and self._live(Path(root, name), names)
             }
             for name in names:
-                if name.endswith(".lock") or (name.endswith(RESERVED) and name[:-9] not in live):
+                if name.endswith(".lock") or (
+                    name.endswith(RESERVED) and name[: -len(RESERVED)] not in live
+                ):
                     continue
                 temp = _TEMP.match(name)
                 if temp and temp.group(1) in live:
