@@ -351,6 +351,7 @@ def search_and_export(tmp_path, demo_dir, backbone: str, weights: Path, *extra: 
     return folder
 
 
+@pytest.mark.slow  # 40 s of the fast tier; mixed precision is on by default only on a GPU
 def test_a_mixed_precision_trial_exports_float32_keras_savedmodel_and_tflite(
     tmp_path, demo_dir, pretrained_t0, capsys, float32_after
 ):
