@@ -110,9 +110,7 @@ def choose(
             f"rule's pick)"
         )
     column = TIME_COLUMNS[time]
-    pool = candidates(trials, time)
-    pool["val_accuracy"] = exact_accuracy(pool["val_accuracy"], validation_count)
-    pool = _constrain(pool, max_latency_ms, min_accuracy)
+    pool = _constrain(_exact_pool(trials, time, validation_count), max_latency_ms, min_accuracy)
     spread = _spread(pool, column)
     front = pool[pareto_front(pool["val_accuracy"], pool[column], spread)].reset_index(drop=True)
     picker = {
@@ -177,10 +175,9 @@ def shippable(
     kept: set[str] = set()
     for time, column in TIME_COLUMNS.items():
         try:
-            pool = candidates(trials, time)
+            pool = _exact_pool(trials, time, validation_count)
         except InputError:
             return kept  # nothing finished
-        pool["val_accuracy"] = exact_accuracy(pool["val_accuracy"], validation_count)
         spread = _spread(pool, column)
         front = pareto_front(pool["val_accuracy"], pool[column], spread)
         kept |= set(pool["trial_id"][front])
@@ -195,16 +192,7 @@ def _takers(pool: pd.DataFrame, band: np.ndarray, trained: pd.DataFrame, column:
     """The trials of ``band`` (positions in ``pool``) that ship at some width of the band:
     walking down in accuracy, each that comes before every more accurate one in the order
     the rule ships by (fewest units, narrowest head, most accurate, fastest, lowest id)."""
-    rows = [
-        (
-            int(trained["units"].iloc[i]),
-            int(trained["width"].iloc[i]),
-            -float(pool["val_accuracy"].iloc[i]),
-            float(pool[column].iloc[i]),
-            str(pool["trial_id"].iloc[i]),
-        )
-        for i in band
-    ]
+    rows = [_ship_key(pool, trained, column, i) for i in band]
     takers, best = set(), None
     for accuracy in sorted({-row[2] for row in rows}, reverse=True):
         entering = min(row for row in rows if -row[2] == accuracy)
@@ -212,6 +200,25 @@ def _takers(pool: pd.DataFrame, band: np.ndarray, trained: pd.DataFrame, column:
             best = entering
             takers.add(entering[4])
     return takers
+
+
+def _ship_key(pool: pd.DataFrame, trained: pd.DataFrame, column: str, at: int) -> tuple:
+    """The order the one-standard-error rule ships by, smallest first: fewest units
+    fine-tuned, narrowest head, most accurate, fastest, lowest id."""
+    return (
+        int(trained["units"].iloc[at]),
+        int(trained["width"].iloc[at]),
+        -float(pool["val_accuracy"].iloc[at]),
+        float(pool[column].iloc[at]),
+        str(pool["trial_id"].iloc[at]),
+    )
+
+
+def _exact_pool(trials: pd.DataFrame, time: str, validation_count: int | None) -> pd.DataFrame:
+    """:func:`candidates` with their accuracies as counts (:func:`exact_accuracy`)."""
+    pool = candidates(trials, time)
+    pool["val_accuracy"] = exact_accuracy(pool["val_accuracy"], validation_count)
+    return pool
 
 
 def _spread(pool: pd.DataFrame, column: str) -> pd.Series | None:
@@ -266,16 +273,7 @@ def _simpler(
     mine = trained.iloc[at]
     if band.size == 0:
         return None
-    order = np.lexsort(
-        (
-            pool["trial_id"].to_numpy()[band],
-            pool[column].to_numpy()[band],
-            -pool["val_accuracy"].to_numpy()[band],
-            trained["width"].to_numpy()[band],
-            trained["units"].to_numpy()[band],
-        )
-    )
-    position = int(band[order[0]])
+    position = int(min(band, key=lambda i: _ship_key(pool, trained, column, i)))
     row, theirs = pool.iloc[position], trained.iloc[position]
     return position, (
         f"; {_label(row, column)}, {_trained(theirs['units'], theirs['width'])}, is within "
