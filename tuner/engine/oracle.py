@@ -256,9 +256,7 @@ def make_setting(
     train_share: float = 0.9,
 ) -> costmodel.Setting:
     """The strategy's view of the space and the search."""
-    fractions = tuple(
-        sorted({float(f) for f in fine_tune_values(space.finetune_fraction) if float(f) > 0})
-    )
+    fractions = fine_tune_fractions(space)
     any_finetunable = any(backbones.get(str(b)).finetunable for b in space.backbones)
     return costmodel.Setting(
         feature_sets=tuple(feature_sets(space)),
@@ -273,6 +271,11 @@ def make_setting(
         seconds_per_gflop=seconds_per_gflop,
         train_share=train_share,
     )
+
+
+def fine_tune_fractions(space: SearchSpace) -> tuple[float, ...]:
+    """The space's non-zero fine-tune fractions, ascending (what fine-tunes unfreeze)."""
+    return tuple(sorted({f for f in fine_tune_values(space.finetune_fraction) if f > 0}))
 
 
 def fine_tune_values(spec) -> list[float]:

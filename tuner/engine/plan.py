@@ -302,7 +302,7 @@ def checkpoint_line(space, sets: list[tuple[str, int, str]]) -> str:
         f"{disk.format_bytes(head, up=True)}: a {max(widths)}-wide head on "
         f"{widest[0]} {widest[1]}px {widest[2]}"
     )
-    fractions = [f for f in oracle.fine_tune_values(space.finetune_fraction) if f > 0]
+    fractions = oracle.fine_tune_fractions(space)
     tunable = [b for b, _, kind in sets if kind == "top" and backbones.get(b).finetunable]
     if fractions and tunable:
         largest = max(tunable, key=lambda b: backbones.get(b).params)
@@ -330,6 +330,4 @@ def plan_cache(model, cache_budget, sets, space, data, console=None) -> None:
     for line in lines if console is not None else []:
         console.print(line, highlight=False)
     model.planned = fits
-    model.cut_fractions = tuple(
-        sorted({f for f in oracle.fine_tune_values(space.finetune_fraction) if f > 0})
-    )
+    model.cut_fractions = oracle.fine_tune_fractions(space)

@@ -223,11 +223,8 @@ def _bracket_move(
 ) -> Move | None | bool:
     """The next trial of an open bracket; None when it must wait or does not fit; False when
     the bracket is complete."""
-    members = [t for t in fine if int(t.values.get("tuner/bracket", 0)) == bracket]
-    size = int(members[0].values.get("tuner/bracket_size", 1))
-    count = int(members[0].values.get("tuner/bracket_rungs", 1))
-    steps = rungs(setting.epochs, setting.eta)[:count]
-    by_rung = [[t for t in members if int(t.values.get("tuner/epochs", 0)) == e] for e in steps]
+    size, steps, by_rung = _bracket(setting, fine, bracket)
+    count = len(steps)
     candidates = _candidates(setting, costs.trials)
     if len(by_rung[0]) < size and candidates:
         parent, fraction, factor = candidates[0]
@@ -281,6 +278,19 @@ def _bracket_move(
             bracket_rungs=count,
         )
     return False
+
+
+def _bracket(
+    setting: Setting, fine: Sequence[TrialFacts], bracket: int
+) -> tuple[int, list[int], list[list[TrialFacts]]]:
+    """A bracket's planned size, its rungs (cumulative epochs) and its trials by rung."""
+    members = [t for t in fine if int(t.values.get("tuner/bracket", 0)) == bracket]
+    size = int(members[0].values.get("tuner/bracket_size", 1))
+    steps = rungs(setting.epochs, setting.eta)[
+        : int(members[0].values.get("tuner/bracket_rungs", 1))
+    ]
+    by_rung = [[t for t in members if int(t.values.get("tuner/epochs", 0)) == e] for e in steps]
+    return size, steps, by_rung
 
 
 def _start(
@@ -353,12 +363,7 @@ def continuable(setting: Setting, trials: Sequence[TrialFacts]) -> set[str]:
     live |= {parent.trial_id for parent, _, _ in _candidates(setting, trials)}
     fine = [t for t in trials if t.stage == FINE_TUNE]
     for bracket in {int(t.values.get("tuner/bracket", 0)) for t in fine}:
-        members = [t for t in fine if int(t.values.get("tuner/bracket", 0)) == bracket]
-        size = int(members[0].values.get("tuner/bracket_size", 1))
-        steps = rungs(setting.epochs, setting.eta)[
-            : int(members[0].values.get("tuner/bracket_rungs", 1))
-        ]
-        by_rung = [[t for t in members if int(t.values.get("tuner/epochs", 0)) == e] for e in steps]
+        size, steps, by_rung = _bracket(setting, fine, bracket)
         for rung in range(len(steps) - 1):
             if len(by_rung[rung + 1]) < max(1, size // setting.eta ** (rung + 1)):
                 live |= {t.trial_id for t in by_rung[rung]}
