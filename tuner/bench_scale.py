@@ -142,7 +142,9 @@ def one_search(args: argparse.Namespace, root: Path, photos: pd.DataFrame, count
         *("--set", f"backbones=[{args.backbone}]", "--set", f"image_size=[{sizes}]"),
         *("--set", f"head_trials={args.heads}", "--set", f"max_trials={trials}"),
         *("--set", f"finetune_fraction={'[0.0, 0.2]' if args.fine_tunes else 0.0}"),
-        *("--set", "finetune_lr_factor=0.1"),
+        # One feature set a size, as the work above counts them: with stage features too
+        # (the default) the heads on them took the fine-tunes' trials, and nothing fine-tuned.
+        *("--set", "finetune_lr_factor=0.1", "--set", "features=top"),
         *("--set", "epochs=2", "--set", "head_epochs=5", "--set", "seed=0"),
     ]
     if args.tree is None:  # the code before the cache folder and its budget had neither flag
