@@ -2,12 +2,20 @@
 
     python -m data_tools.split --labels label.csv --out split_label.csv
 
-For each row (DESIGN.md, "The split"):
+For each row (the reference rule, as the seed project's split script):
 
 * key = the last two characters of the objectId, after removing everything from its first
   '.', read as a hexadecimal number (upper or lower case), so 0..255. An objectId whose last
   two characters are not hexadecimal (``cat_zz.jpg``, an empty stem) takes instead the last
   byte of the SHA-1 of the whole objectId text (UTF-8).
+
+  That key is uniform only for hash-named files (SHA-1, MD5, UUID names). ``--key auto`` (the
+  default) keeps it when the objectIds look like hashes (:func:`choose_key`: nearly every
+  stem is 8 or more hex digits and dashes, most with a letter a-f) and otherwise keys
+  every row by the last byte of the SHA-1 of its objectId: camera names such as
+  ``IMG_0001.jpg`` end in decimal digits, so the reference key would send 18% of them to
+  test where the range means 10%. The split says which rule it used; ``--key reference`` or
+  ``--key sha1`` choose one.
 * key in the test range (default 0-24) -> test; in the validation range (default 25-49)
   -> validation; otherwise train.
 * in test and in validation separately, every class keeps only as many rows as the smallest
@@ -27,12 +35,14 @@ import hashlib
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from data_tools import ingest
+from data_tools import cli, ingest
 from data_tools.atomic import atomic_path, write_text
 from data_tools.errors import InputError, preview, run_cli
 
@@ -45,8 +55,42 @@ for _digit in _HEX_DIGITS:
     _HEX_OF_BYTE[ord(_digit)] = int(_digit, 16)
 
 
-def split_keys(object_ids: pd.Series) -> np.ndarray:
-    """The 0..255 key of each objectId (see the module docstring).
+KEYS = ("auto", "reference", "sha1")
+HASH_SHARE = 0.99  # of objectIds that look like hashes, for --key auto to keep the reference
+
+
+def hex_stems(object_ids: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Per objectId: (its stem, before the first '.', is 8 or more hex digits and dashes, as
+    SHA-1, MD5 and UUID names are; that stem has a letter a-f)."""
+    stems = pd.Series(object_ids, dtype=str).str.split(".", n=1).str[0]
+    hexes = stems.str.fullmatch(r"[0-9a-fA-F-]{8,}").to_numpy(dtype=bool)
+    return hexes, stems.str.contains(r"[a-fA-F]").to_numpy(dtype=bool)
+
+
+def choose_key(object_ids: pd.Series, key: str = "auto") -> tuple[str, str]:
+    """(the rule, ``reference`` or ``sha1``; one line saying which and why) for ``key``.
+
+    ``auto``: the objectIds look like hashes when at least :data:`HASH_SHARE` of their stems
+    are hex (:func:`hex_stems`) and at least half of those have a letter a-f (a column of
+    decimal numbers such as dates is not hashes, though each is hex)."""
+    if key not in KEYS:
+        raise InputError(f"--key {key}: choose one of {', '.join(KEYS)}")
+    hexes, letters = hex_stems(object_ids)
+    hashed = int(hexes.sum()) if (letters & hexes).sum() >= 0.5 * hexes.sum() else 0
+    share = f"{hashed:,} of {len(hexes):,} objectIds look like hashes"
+    if key != "auto":
+        return key, f"split key: {key} (--key {key}; {share})"
+    if hashed and hashed >= HASH_SHARE * len(hexes):
+        return "reference", f"split key: reference, the objectIds' last two hex digits ({share})"
+    return "sha1", (
+        f"split key: sha1 of each objectId ({share}, so their last two characters are not "
+        f"uniform; --key reference keeps the reference rule)"
+    )
+
+
+def split_keys(object_ids: pd.Series, rule: str = "reference") -> np.ndarray:
+    """The 0..255 key of each objectId by ``rule`` (``reference`` or ``sha1``; see the module
+    docstring).
 
     Vectorised over the UTF-8 bytes of the whole column (Arrow's string buffers): the first
     '.' of each row by a search over the positions of every '.', then the two bytes before it.
@@ -56,6 +100,8 @@ def split_keys(object_ids: pd.Series) -> np.ndarray:
     import pyarrow as pa
 
     ids = pd.Series(object_ids).reset_index(drop=True)
+    if rule == "sha1":
+        return _sha1_keys(ids)
     strings = pa.array(ids, type=pa.large_string(), from_pandas=True)
     if isinstance(strings, pa.ChunkedArray):
         strings = strings.combine_chunks()
@@ -81,9 +127,16 @@ def split_keys(object_ids: pd.Series) -> np.ndarray:
     keys = np.where(length >= 2, before * 16 + last, last)
     not_hex = (length == 0) | (last < 0) | ((length >= 2) & (before < 0))
     if not_hex.any():  # the fallback is per row, but only for objectIds that are not hex
-        texts = ids[not_hex].astype(str)
-        keys[not_hex] = [hashlib.sha1(text.encode("utf-8")).digest()[-1] for text in texts]
+        keys[not_hex] = _sha1_keys(ids[not_hex])
     return keys.astype(np.int64)
+
+
+def _sha1_keys(ids: pd.Series) -> np.ndarray:
+    """The last byte of the SHA-1 of each objectId's text (UTF-8)."""
+    texts = ids.astype(str)
+    return np.array(
+        [hashlib.sha1(text.encode("utf-8")).digest()[-1] for text in texts], dtype=np.int64
+    )
 
 
 def assign_types(
@@ -110,14 +163,18 @@ def split_frame(
     frame: pd.DataFrame,
     test_range: tuple[int, int] = DEFAULT_TEST_RANGE,
     validation_range: tuple[int, int] = DEFAULT_VALIDATION_RANGE,
+    key: str = "reference",
 ) -> pd.DataFrame:
-    """``objectId,value,type`` for a labels frame, in its row order.
+    """``objectId,value,type`` for a labels frame, in its row order, keyed by ``key``
+    (``reference``, ``sha1`` or ``auto``: :func:`choose_key`; ``attrs["key"]`` and
+    ``attrs["key_line"]`` say which rule it used).
 
     Raises when a class has no row in the test or the validation range: balancing would
     then leave every class with zero images there.
     """
     check_ranges(test_range, validation_range)
-    keys = split_keys(frame["objectId"])
+    rule, line = choose_key(frame["objectId"], key)
+    keys = split_keys(frame["objectId"], rule)
     values = frame["value"].to_numpy()
     for name, (low, high) in (("test", test_range), ("validation", validation_range)):
         present = set(values[(keys >= low) & (keys <= high)])
@@ -129,7 +186,9 @@ def split_frame(
                 f"class with none; add images, merge classes, or widen --{name}-range"
             )
     types = assign_types(keys, frame["value"], test_range, validation_range)
-    return pd.DataFrame({"objectId": frame["objectId"].to_numpy(), "value": values, "type": types})
+    split = pd.DataFrame({"objectId": frame["objectId"].to_numpy(), "value": values, "type": types})
+    split.attrs.update(key=rule, key_line=line)
+    return split
 
 
 def check_ranges(test_range: tuple[int, int], validation_range: tuple[int, int]) -> None:
@@ -179,10 +238,10 @@ def suggest_ranges(
     return best
 
 
-def small_split_warning(split: pd.DataFrame) -> str | None:
+def small_split_warning(split: pd.DataFrame, key: str = "auto") -> str | None:
     """One line when balancing left fewer than :data:`MIN_PER_CLASS` images a class in
     validation or test (the counts, the accuracy step, a range option and what it gives);
-    None otherwise. ``split`` is ``objectId,value,type`` in any row order."""
+    None otherwise. ``split`` is ``objectId,value,type`` in any row order, keyed by ``key``."""
     classes = pd.unique(split["value"])
     kept = {
         name: int(
@@ -202,7 +261,7 @@ def small_split_warning(split: pd.DataFrame) -> str | None:
         for name, per in kept.items()
     ]
     test, validation, per_test, per_validation = suggest_ranges(
-        split_keys(split["objectId"]), split["value"]
+        split_keys(split["objectId"], choose_key(split["objectId"], key)[0]), split["value"]
     )
     held_out = (per_test + per_validation) * n
     fix = (
@@ -232,6 +291,7 @@ def split_files(
     test_range: tuple[int, int] = DEFAULT_TEST_RANGE,
     validation_range: tuple[int, int] = DEFAULT_VALIDATION_RANGE,
     max_bad_fraction: float = 0.05,
+    key: str = "auto",
 ) -> pd.DataFrame:
     """Read, validate, split and write; returns the split frame.
 
@@ -239,7 +299,8 @@ def split_files(
     for a class folder) every image is checked: missing files are an error; files that
     cannot be decoded are left out and listed in ``<out stem>.excluded.csv``, unless more
     than ``max_bad_fraction`` of them are bad. Writes ``out`` and ``<out stem>.classes.txt``
-    (the class order), each atomically, and only once every check has passed.
+    (the class order), each atomically, and only once every check has passed. ``key``: the
+    split key's rule (:func:`choose_key`); the frame's ``attrs`` say which one was used.
     """
     check_ranges(test_range, validation_range)
     frame, paths = _read_input(Path(labels), images)
@@ -248,7 +309,7 @@ def split_files(
         excluded = _unreadable_rows(frame, paths, max_bad_fraction)
         frame = frame[~frame["objectId"].isin(excluded["objectId"])].reset_index(drop=True)
         ingest.check_classes(frame["value"], f"labels {labels} after leaving out bad images")
-    split = split_frame(frame, test_range, validation_range)
+    split = split_frame(frame, test_range, validation_range, key)
     out = Path(out)
     with atomic_path(out) as tmp:
         write_csv(split, tmp)
@@ -260,6 +321,74 @@ def split_files(
     else:
         report.unlink(missing_ok=True)  # a report from an earlier run would mislead
     return split
+
+
+@dataclass(frozen=True)
+class SearchTable:
+    """What a search reads of its data (:func:`search_table`)."""
+
+    table: pd.DataFrame  # train and validation rows, normalised (ingest.normalise)
+    classes: list[str]
+    facts: dict[str, Any]  # for the search's config: source, images, classes, counts, ranges
+    warning: str | None  # balanced validation or test too small to select on
+    key_line: str | None  # which split key a split made now used, and why
+
+
+def search_table(
+    data: str | os.PathLike[str],
+    images: str | os.PathLike[str] | None,
+    split_path: Path,
+    test_range: tuple[int, int] = DEFAULT_TEST_RANGE,
+    validation_range: tuple[int, int] = DEFAULT_VALIDATION_RANGE,
+    key: str = "auto",
+) -> SearchTable:
+    """The train and validation rows a search reads from ``data``: a split file as it is, or
+    a label file or class folder split into ``split_path`` (once: an existing one is reused),
+    its images checked. The test rows are counted, never returned: export alone reads them."""
+    data = Path(data)
+    images = Path(images) if images else None
+    key_line = None
+    if data.is_dir() or not ingest.is_split_csv(data):
+        if images is None and not data.is_dir():
+            images = data.parent / "images"
+        if not split_path.is_file():
+            made = split_files(
+                data,
+                split_path,
+                images=images if not data.is_dir() else None,
+                test_range=test_range,
+                validation_range=validation_range,
+                key=key,
+            )
+            key_line = made.attrs["key_line"]
+        frame = ingest.read_split_csv(split_path)
+        rule = choose_key(frame["objectId"], key)[0]
+        ranges = [list(test_range), list(validation_range)]
+        images = images or data
+        source = str(split_path)
+    else:
+        frame = ingest.read_split_csv(data)
+        images = images or data.parent / "images"
+        source = str(data)
+        ranges = None  # split by the user
+        rule = choose_key(frame["objectId"])[0]  # for the warning's suggestion
+    warning = small_split_warning(frame, rule)  # counts only: the test rows stay unread
+    frame = frame[frame["type"] != "test"].reset_index(drop=True)
+    classes = ingest.class_names(frame["value"])
+    table = ingest.normalise(frame, ingest.resolve_paths(frame, images), classes)
+    counts = table["type"].value_counts().to_dict()
+    facts: dict[str, Any] = {
+        "data": source,
+        "images": str(images),
+        "classes": classes,
+        "split_counts": {k: int(v) for k, v in counts.items()},
+    }
+    if ranges:
+        facts["split_ranges"] = {"test": ranges[0], "validation": ranges[1]}
+        facts["split_key"] = rule
+    if warning and ranges is None:
+        warning += f" (re-split {source} with python -m data_tools.split and those options)"
+    return SearchTable(table, classes, facts, warning, key_line)
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -345,12 +474,20 @@ def add_range_arguments(parser: argparse.ArgumentParser, note: str = "") -> None
         )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m data_tools.split",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def add_key_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """``--key auto|reference|sha1`` (this CLI's and ``tuner.search``'s)."""
+    parser.add_argument(
+        "--key",
+        choices=KEYS,
+        default="auto",
+        help="how a row's 0..255 key is made: reference (the objectId's last two hex digits), "
+        "sha1 (the last byte of the objectId's SHA-1), or auto: reference when the objectIds "
+        f"look like hashes, else sha1{note}",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser("data_tools.split", __doc__)
     parser.add_argument(
         "--labels",
         required=True,
@@ -359,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="split CSV to write (objectId,value,type)")
     parser.add_argument("--images", help="image folder: check every label has a readable image")
     add_range_arguments(parser)
+    add_key_argument(parser)
     parser.add_argument(
         "--max-bad-fraction",
         type=float,
@@ -377,11 +515,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.test_range,
         args.validation_range,
         args.max_bad_fraction,
+        args.key,
     )
     classes = ingest.class_names(split["value"])
+    print(split.attrs["key_line"])
     print(f"wrote {args.out}: {len(split)} rows, {len(classes)} classes")
     print(counts_table(split, classes).to_string())
-    warning = small_split_warning(split)
+    warning = small_split_warning(split, split.attrs["key"])
     if warning:
         print(warning, file=sys.stderr)
     report = sidecar(Path(args.out), "excluded.csv")

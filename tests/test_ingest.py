@@ -36,7 +36,16 @@ def images_for(tmp_path: Path, ids: list[str], fmt: str = "PNG", ext: str = ".pn
 
 def run_split(tmp_path: Path, capsys, *extra: str, labels: Path | None = None) -> tuple[int, str]:
     out = tmp_path / "out" / "split_label.csv"
-    argv = ["--labels", str(labels or good_labels(tmp_path)), "--out", str(out), *extra]
+    # The objectIds (a00, e80, ...) are chosen for their buckets under the reference key.
+    argv = [
+        "--labels",
+        str(labels or good_labels(tmp_path)),
+        "--out",
+        str(out),
+        "--key",
+        "reference",
+    ]
+    argv += extra
     code = run_cli(split_mod.main, argv)
     return code, capsys.readouterr().err
 

@@ -142,7 +142,10 @@ def test_class_without_validation_images_is_an_error(tmp_path: Path, capsys) -> 
         labels, index=False
     )
     out = tmp_path / "split.csv"
-    assert run_cli(split_mod.main, ["--labels", str(labels), "--out", str(out)]) == 2
+    assert (
+        run_cli(split_mod.main, ["--labels", str(labels), "--out", str(out), "--key", "reference"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert (
         "class(es) b get no test images: no objectId of that class has a key in the test range 0-24"
@@ -292,3 +295,56 @@ def test_the_fast_reader_keeps_every_cell_as_written(tmp_path) -> None:
         split_mod.split_keys(fast["objectId"]), split_mod.split_keys(slow["objectId"])
     )
     assert split_mod.split_keys(fast["objectId"]).tolist() == [0x12, 0x13, 0x14, 0x15]
+
+
+def test_auto_key_keeps_reference_for_hash_names_and_sha1_for_camera_names(tmp_path, capsys):
+    # SHA-1 names: the reference rule, row for row.
+    rng = np.random.default_rng(5)
+    hashed = labels_frame(hex_ids(6000, seed=5), rng.choice(["0", "1"], size=6000).tolist())
+    auto = split_mod.split_frame(hashed, key="auto")
+    assert auto.attrs["key"] == "reference"
+    assert auto["type"].tolist() == split_mod.split_frame(hashed, key="reference")["type"].tolist()
+    # Camera names end in decimal digits: the reference key sends 18% to test, 12% to
+    # validation; keyed by SHA-1, each is within 1 point of its range's 25/256.
+    cameras = labels_frame([f"IMG_{i:04d}.jpg" for i in range(10_000)], ["a", "b"] * 5_000)
+    share = 25 / 256
+    biased = split_mod.split_frame(cameras, key="reference")["type"].value_counts(normalize=True)
+    assert biased["test"] > share + 0.05 and biased["validation"] > share + 0.01
+    fair = split_mod.split_frame(cameras, key="auto")
+    assert fair.attrs["key"] == "sha1"
+    shares = fair["type"].value_counts(normalize=True)
+    assert abs(shares["test"] - share) < 0.01 and abs(shares["validation"] - share) < 0.01
+    # The CLI says which rule it used, and why.
+    labels = tmp_path / "label.csv"
+    cameras.to_csv(labels, index=False)
+    out = tmp_path / "split.csv"
+    assert run_cli(split_mod.main, ["--labels", str(labels), "--out", str(out)]) == 0
+    assert (
+        "split key: sha1 of each objectId (0 of 10,000 objectIds look like hashes"
+        in capsys.readouterr().out
+    )
+    assert (
+        run_cli(split_mod.main, ["--labels", str(labels), "--out", str(out), "--key", "reference"])
+        == 0
+    )
+    assert "split key: reference (--key reference" in capsys.readouterr().out
+    assert pd.read_csv(out)["type"].tolist() == split_mod.split_frame(cameras)["type"].tolist()
+
+
+def test_hash_like_names() -> None:
+    ids = pd.Series(
+        [
+            "0a4d55a8d778e5022fab701977c5d840bbc486d0.jpg",  # SHA-1
+            "3F2504E0-4F89-11D3-9A0C-0305E82C3301.png",  # UUID
+            "IMG_0001.jpg",
+            "20231201.jpg",  # hex digits, but decimal
+            "cafe.jpg",  # too short
+        ]
+    )
+    hexes, letters = split_mod.hex_stems(ids)
+    assert hexes.tolist() == [True, True, False, True, False]
+    assert letters.tolist() == [True, True, False, False, True]
+    dates = pd.Series([f"2023{i:04d}.jpg" for i in range(1000)])
+    assert split_mod.choose_key(dates)[0] == "sha1"  # every stem hex, none with a letter
+    short_hex = pd.Series([f"{i:06d}{i * 2654435761 % 2**32:08x}" for i in range(1000)])
+    assert split_mod.choose_key(short_hex)[0] == "reference"  # some without a letter
