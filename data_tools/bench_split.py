@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data_tools import cli
 from data_tools.split import split_files, split_frame
 
 PLAIN_PANDAS = r"""
@@ -74,11 +75,21 @@ def median_seconds(run, repeats: int) -> float:
     return statistics.median(times)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser("data_tools.bench_split", __doc__)
+    parser.add_argument(
+        "--rows",
+        type=int,
+        nargs="+",
+        default=[10_000, 100_000, 1_000_000],
+        help="label files' sizes",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (median)")
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_tools.bench_split")
-    parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     print(
         f"{'rows':>10} {'split s':>9} {'file->file s':>13} {'rows/s':>12} "
         f"{'CLI process s':>14} {'plain pandas s':>15} {'speed-up':>9}"
@@ -92,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             files_s = median_seconds(
                 lambda p=labels: split_files(p, Path(tmp) / "split.csv"), args.repeats
             )
-            cli, plain = Path(tmp) / "cli.csv", Path(tmp) / "plain.csv"
+            by_cli, plain = Path(tmp) / "cli.csv", Path(tmp) / "plain.csv"
             cli_s = process_seconds(
                 [
                     sys.executable,
@@ -101,14 +112,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "--labels",
                     str(labels),
                     "--out",
-                    str(cli),
+                    str(by_cli),
                 ],
                 args.repeats,
             )
             plain_s = process_seconds(
                 [sys.executable, "-c", PLAIN_PANDAS, str(labels), str(plain)], args.repeats
             )
-            if not filecmp.cmp(cli, plain, shallow=False):
+            if not filecmp.cmp(by_cli, plain, shallow=False):
                 raise SystemExit(f"the CLI and the plain script disagree on {rows} rows")
             print(
                 f"{rows:>10,} {split_s:>9.3f} {files_s:>13.3f} {rows / files_s:>12,.0f} "

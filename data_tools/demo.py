@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from data_tools import cli
 from data_tools.atomic import atomic_path
 from data_tools.errors import InputError, run_cli
 
@@ -65,14 +66,14 @@ def ensure_demo(cache_dir: str | os.PathLike[str]) -> Path:
     return write_demo(labels.parent)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m data_tools.demo",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser("data_tools.demo", __doc__)
     parser.add_argument("--out", required=True, help="folder to write images/ and label.csv to")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     labels = write_demo(args.out)
     print(f"wrote {DIGITS_COUNT} images to {labels.parent / 'images'} and labels to {labels}")
     print(

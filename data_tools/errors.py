@@ -8,16 +8,22 @@ from collections.abc import Callable, Sequence
 EXIT_INPUT_ERROR = 2
 
 
-class InputError(Exception):
+class InputError(ValueError):
     """A mistake in what the user gave us (a file, a folder, an option).
 
     The message is the whole story for the user: what is wrong, where, and how to fix it.
-    CLIs print it as one line and exit with code 2; it is never shown as a traceback.
+    CLIs print it as one line and exit with code 2; it is never shown as a traceback. The
+    Python API (``tuner.search``, ``tuner.load``, ``tuner.Model``) raises it as it is
+    (``tuner.InputError``, a ``ValueError``).
     """
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Call ``main(argv)``; turn an :class:`InputError` into one line on stderr and exit code 2."""
+    """Call ``main(argv)``; turn an :class:`InputError` into one line on stderr and exit code 2.
+    TensorFlow's C++ log stays hidden unless ``--verbose`` is given (:mod:`data_tools.cli`)."""
+    from data_tools.cli import quiet_tensorflow
+
+    quiet_tensorflow(sys.argv[1:] if argv is None else argv)
     try:
         return main(argv)
     except InputError as exc:

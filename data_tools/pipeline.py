@@ -37,6 +37,7 @@ import pandas as pd
 import tensorflow as tf
 from filelock import FileLock
 
+from data_tools import progress
 from data_tools.atomic import atomic_path
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -133,7 +134,11 @@ def find_unreadable(paths: Sequence[str]) -> list[int]:
 
     ok = _indexed_paths(paths).map(probe, num_parallel_calls=AUTOTUNE)
     ok = ok.ignore_errors()
-    readable = {int(i) for i in ok.as_numpy_iterator()}
+    readable = set()
+    with progress.bar("checking images", len(paths)) as advance:
+        for i in ok.batch(256).as_numpy_iterator():
+            readable.update(int(j) for j in i)
+            advance(len(i))  # the unreadable ones count at the end
     return [i for i in range(len(paths)) if i not in readable]
 
 
@@ -254,8 +259,10 @@ def _decode_into(out: np.ndarray, paths: Sequence[str], size: int) -> None:
         num_parallel_calls=AUTOTUNE,
         deterministic=False,
     )
-    for index, images in decoded.batch(256).prefetch(2).as_numpy_iterator():
-        out[index] = images
+    with progress.bar(f"decoding {size}px", len(paths)) as advance:
+        for index, images in decoded.batch(256).prefetch(2).as_numpy_iterator():
+            out[index] = images
+            advance(len(index))
 
 
 def _write_in_background(target: Path, pixels: tf.Tensor, lock: FileLock) -> None:

@@ -198,8 +198,8 @@ def test_an_entry_another_process_evicts_before_it_is_read_is_computed_again(
     maker.disk = disk.Budget(Path(maker.data.cache_dir), 10**9)
     real, runs = features.run_passes, []
 
-    def evicted_once(source, rows, passes):
-        spent = real(source, rows, passes)
+    def evicted_once(source, rows, passes, label="backbone pass"):
+        spent = real(source, rows, passes, label)
         runs.append(passes[0].target)
         if len(runs) == 1:
             passes[0].target.unlink()  # another worker's eviction, between write and read
@@ -211,8 +211,8 @@ def test_an_entry_another_process_evicts_before_it_is_read_is_computed_again(
     result = maker.fit(hp, maker.build(hp))
     assert runs[0] == runs[1] and result["val_accuracy"] > 0.5
 
-    def always_evicted(source, rows, passes):
-        spent = real(source, rows, passes)
+    def always_evicted(source, rows, passes, label="backbone pass"):
+        spent = real(source, rows, passes, label)
         passes[0].target.unlink()
         return spent
 

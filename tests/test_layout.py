@@ -12,6 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY_POINTS = {
+    "api",
+    "cli",
+    "__main__",
     "search",
     "export_best",
     "predict",
@@ -119,3 +122,21 @@ def test_no_module_or_class_is_too_long(package):
                 if size > MAX_CLASS_LINES:
                     long.append(f"{path.relative_to(ROOT)}: class {node.name}, {size} lines")
     assert long == []
+
+
+def test_the_wheel_lists_every_package_folder():
+    """pyproject.toml lists the packages (search_spaces/ ships as tuner.search_spaces): a new
+    package folder missing from the list would be missing from the wheel."""
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapped = {folder: name for name, folder in setup["package-dir"].items()}
+    found = set()
+    for init in [*ROOT.glob("tuner/**/__init__.py"), *ROOT.glob("data_tools/**/__init__.py")]:
+        found.add(".".join(init.parent.relative_to(ROOT).parts))
+    for init in ROOT.glob("search_spaces/**/__init__.py"):
+        folder = init.parent.relative_to(ROOT).as_posix()
+        top, _, rest = folder.partition("/")
+        found.add(".".join([mapped[top], *([rest.replace("/", ".")] if rest else [])]))
+    assert found == set(setup["packages"])
+    assert {"*.yaml"} == set(setup["package-data"]["tuner.search_spaces"])

@@ -7,6 +7,7 @@ import pytest
 
 from data_tools.errors import run_cli
 from tuner import search
+from tuner.model import space as space_mod
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +39,7 @@ def test_real_b0_search_on_the_demo(tmp_path, demo_dir):
         "--budget",
         "20m",
         "--space",
-        str(search.SPACES / "quick.yaml"),
+        str(space_mod.shipped("quick.yaml")),
     ]
     assert run_cli(search.main, argv) == 0
     table = pd.read_csv(tmp_path / "b0" / "trials.csv")

@@ -9,21 +9,25 @@ import pytest
 
 from data_tools.errors import InputError
 from tuner.model import space
-from tuner.search import SPACES
 
 
 @pytest.mark.parametrize("name", ["default.yaml", "quick.yaml", "v2.yaml", "v1_v2.yaml"])
 def test_shipped_spaces_load_and_open_with_their_command(name: str) -> None:
-    path = SPACES / name
+    path = space.shipped() / name
     loaded = space.load(path)
     header = path.read_text().splitlines()[:6]
     assert any("python -m tuner.search" in line for line in header)
     assert any("Expected" in line for line in path.read_text().splitlines()[:10])
     assert loaded.epochs >= 1
+    assert space.load(path.stem) == loaded  # by its name too (--space quick, space="quick")
+
+
+def test_every_shipped_space_is_tested() -> None:
+    assert space.names() == ["default", "quick", "v1_v2", "v2"]
 
 
 def test_default_space_is_the_gpu_search_the_issue_describes() -> None:
-    loaded = space.load(SPACES / "default.yaml")
+    loaded = space.load(space.shipped() / "default.yaml")
     assert loaded.backbones == tuple(f"B{i}" for i in range(8))
     assert loaded.image_size == "native" and loaded.algorithm == "transfer"
     assert min(loaded.head_width) == 0 and max(loaded.head_width) == 1024
@@ -33,10 +37,10 @@ def test_default_space_is_the_gpu_search_the_issue_describes() -> None:
 
 
 def test_v2_spaces_search_v2_alone_and_beside_v1() -> None:
-    assert space.load(SPACES / "v2.yaml").backbones == (
+    assert space.load(space.shipped() / "v2.yaml").backbones == (
         "V2B0", "V2B1", "V2B2", "V2B3", "V2S", "V2M", "V2L"
     )  # fmt: skip
-    mixed = space.load(SPACES / "v1_v2.yaml").backbones
+    mixed = space.load(space.shipped() / "v1_v2.yaml").backbones
     assert {b[:2] == "V2" for b in mixed} == {True, False}
 
 
@@ -81,7 +85,7 @@ def test_bad_space_file_is_one_clear_line(tmp_path: Path, case: str) -> None:
 def test_overrides_are_yaml_and_checked() -> None:
     overrides = space.parse_overrides(["epochs=3", "backbones=[B0, B1]", "dropout=0.25"])
     assert overrides == {"epochs": 3, "backbones": ["B0", "B1"], "dropout": 0.25}
-    loaded = space.load(SPACES / "quick.yaml", overrides)
+    loaded = space.load(space.shipped() / "quick.yaml", overrides)
     assert loaded.epochs == 3 and loaded.backbones == ("B0", "B1")
     with pytest.raises(InputError, match="write --set key=value"):
         space.parse_overrides(["epochs"])

@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data_tools import cli
+
 FINETUNE_FRACTION = 0.2
 AUGMENT, VIEWS = "flip+zoom:0.1", 4
 TARGETS = {
@@ -77,18 +79,18 @@ def timed(run: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser("tuner.bench", __doc__)
+    parser.add_argument("--backbone", default="B0", help="the backbone timed (random weights)")
+    parser.add_argument("--size", type=int, default=128, help="image size in pixels")
+    parser.add_argument("--images", type=int, default=3000, help="images written and trained on")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs of every trial")
+    parser.add_argument("--batch", type=int, default=32, help="training batch")
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tuner.bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--backbone", default="B0")
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--images", type=int, default=3000)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=32)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     import keras
     import keras_tuner as kt

@@ -64,6 +64,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from data_tools import cli
 from data_tools.atomic import write_text
 from data_tools.errors import InputError, run_cli
 from data_tools.split import DEFAULT_TEST_RANGE, DEFAULT_VALIDATION_RANGE, parse_range
@@ -82,11 +83,7 @@ from tuner.report.quality import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m tuner.bench_quality",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.parser("tuner.bench_quality", __doc__)
     parser.add_argument("--data", required=True, help="label.csv or a class folder")
     parser.add_argument("--images", help="image folder (default: images/ beside --data)")
     parser.add_argument("--weights", default="imagenet", help="imagenet or a weights folder")
@@ -97,10 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--folds", type=int, default=3, help="rotations of the ranges (3)")
     parser.add_argument("--test-range", default=range_text(DEFAULT_TEST_RANGE), help="fold 1's")
-    parser.add_argument("--validation-range", default=range_text(DEFAULT_VALIDATION_RANGE))
+    parser.add_argument(
+        "--validation-range",
+        default=range_text(DEFAULT_VALIDATION_RANGE),
+        help="fold 1's (the folds rotate both ranges)",
+    )
     parser.add_argument("--image-size", type=int, help="the recipes' (and searches') size")
     parser.add_argument("--space", help="the searches' space file (default: default.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the searches' space overrides, as tuner.search's --set; repeatable",
+    )
     parser.add_argument("--name", help="results/<name>-quality/ (default: from the data)")
     parser.add_argument("--results", default="results", help="results root folder")
     parser.add_argument("--budget", help="every search's budget (default: the recipes' times)")
@@ -161,12 +168,11 @@ def check_weights(args: argparse.Namespace, recipe_backbone: str) -> None:
     """The recipes' and the searches' backbones have weights (one line naming the fix)."""
     from rich.console import Console
 
-    from tuner import search
     from tuner.engine import session
     from tuner.model import backbones, space
 
     overrides = space.parse_overrides(args.set)
-    searched = space.load(args.space or search.SPACES / "default.yaml", overrides)
+    searched = space.load(args.space or space.shipped("default.yaml"), overrides)
     wanted = space.load(None, {"backbones": [recipe_backbone, *searched.backbones]})
     session.resolve_weights(args.weights, wanted, demo=False, console=Console())
     if args.weights not in ("imagenet", "none"):
@@ -247,9 +253,9 @@ def space_key(space_file: str | None) -> dict:
     version (another search method)."""
     from importlib import metadata
 
-    from tuner import search
+    from tuner.model import space
 
-    path = Path(space_file) if space_file else search.SPACES / "default.yaml"
+    path = space.resolve(space_file) if space_file else space.shipped("default.yaml")
     try:
         version = metadata.version("effnet-tuner")
     except metadata.PackageNotFoundError:  # run from a checkout that was never installed

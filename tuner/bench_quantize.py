@@ -21,17 +21,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from data_tools import cli
 from data_tools.errors import InputError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     from tuner.report import quantize
 
-    parser = argparse.ArgumentParser(
-        prog="python -m tuner.bench_quantize",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.parser("tuner.bench_quantize", __doc__)
     parser.add_argument("--results", required=True, help="a search's results/NAME folder")
     parser.add_argument("--trial", help="trial id (default: the front's most accurate)")
     parser.add_argument(

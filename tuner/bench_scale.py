@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data_tools import cli
+
 IMAGE_SIZE = 256
 RUN_FILE = (
     "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
@@ -192,25 +194,25 @@ def one_search(args: argparse.Namespace, root: Path, photos: pd.DataFrame, count
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--child"]:
-        return run_child(Path(argv[1]), argv[3:])
-    parser = argparse.ArgumentParser(
-        prog="python -m tuner.bench_scale",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--counts", default="500,2000,8000")
-    parser.add_argument("--sizes", default="224,300,380")
-    parser.add_argument("--backbone", default="T0")
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser("tuner.bench_scale", __doc__)
+    parser.add_argument("--counts", default="500,2000,8000", help="image counts, one search each")
+    parser.add_argument("--sizes", default="224,300,380", help="image sizes every search uses")
+    parser.add_argument("--backbone", default="T0", help="the backbone searched (random weights)")
     parser.add_argument("--heads", type=int, default=2, help="heads on each feature set")
     parser.add_argument("--fine-tunes", type=int, default=2, help="0: a frozen search")
     parser.add_argument("--cache-budget", help="e.g. 1GB (default: the search's own)")
     parser.add_argument("--images-dir", type=Path, help="where the photos are kept")
     parser.add_argument("--tree", help="run the searches from this checkout instead")
     parser.add_argument("--out", type=Path, help="write the table as CSV here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--child"]:
+        return run_child(Path(argv[1]), argv[3:])
+    args = build_parser().parse_args(argv)
     args.counts = [int(c) for c in args.counts.split(",")]
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.images_dir = args.images_dir or Path(tempfile.gettempdir()) / "effnet-bench-photos"

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from data_tools import cli
 from data_tools.atomic import write_text
 from data_tools.errors import InputError, run_cli
 from tuner.report.wandb_log import DEFAULT_PROJECT, resolve_mode
@@ -101,14 +102,10 @@ def specification(value: Any) -> Any:
     return str(value)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tuner.dashboard",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser("tuner.dashboard", __doc__)
     parser.add_argument("--search", required=True, help="the search name (its W&B group)")
-    parser.add_argument("--project", default=DEFAULT_PROJECT)
+    parser.add_argument("--project", default=DEFAULT_PROJECT, help="W&B project")
     parser.add_argument("--entity", default="", help="W&B entity (default: your own)")
     parser.add_argument("--results", default="results", help="results root folder")
     parser.add_argument(
@@ -116,7 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=["online", "offline"],
         help="default: online with W&B credentials, else offline",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     out = Path(args.results) / args.search
     if not out.is_dir():
         raise InputError(

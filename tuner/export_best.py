@@ -49,17 +49,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from data_tools import cli
 from data_tools.errors import run_cli
 from tuner.report import export, quantize
 from tuner.report.choose import MNAS_WEIGHT, RULES, WITHIN_SE
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m tuner.export_best",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.parser("tuner.export_best", __doc__)
     parser.add_argument("--results", help="results/NAME (default: the most recent search)")
     parser.add_argument(
         "--rule",
@@ -69,7 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-latency-ms", type=float, help="latency cap (ms per image)")
     parser.add_argument("--min-accuracy", type=float, help="val accuracy floor")
-    parser.add_argument("--time", choices=["latency", "training"], default="latency")
+    parser.add_argument(
+        "--time",
+        choices=["latency", "training"],
+        default="latency",
+        help="the front's time axis: inference latency per image, or training seconds",
+    )
     parser.add_argument("--weight", type=float, default=MNAS_WEIGHT, help="weighted rule's W")
     parser.add_argument("--target-ms", type=float, help="weighted rule's T (default: median)")
     parser.add_argument(
@@ -100,9 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
         "epochs and export that (both models' test figures are reported)",
     )
     parser.add_argument("--out", help="export folder (default: results/NAME/best)")
-    parser.add_argument("--wandb-project")
-    parser.add_argument("--wandb-entity")
-    parser.add_argument("--wandb-mode", choices=["online", "offline", "disabled"])
+    parser.add_argument(
+        "--wandb-project", help="W&B project of the model artifact (default: the search's)"
+    )
+    parser.add_argument("--wandb-entity", help="W&B entity (team or user; default: your own)")
+    parser.add_argument(
+        "--wandb-mode",
+        choices=["online", "offline", "disabled"],
+        help="default: online with W&B credentials, else offline under results/NAME/wandb",
+    )
     return parser
 
 

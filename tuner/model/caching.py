@@ -147,7 +147,8 @@ class FeatureCaching:
                     0, features.feature_pass(make_net(), target, size, plan.pass_batch, augment)
                 )
             source = self.data.paths(split) if pixels is None else {size: pixels}
-            spent = features.run_passes(source, rows, passes)
+            label = f"{plan.backbone} {size}px {split}" + (f" view {view}" if view else "")
+            spent = features.run_passes(source, rows, passes, label)
         finally:
             if self.disk is not None:
                 self.disk.release([t for p in passes for t, _ in p.outputs] + [target])

@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from data_tools import pipeline
+from data_tools import pipeline, progress
 from data_tools.atomic import atomic_path
 from tuner.model import backbones
 
@@ -152,14 +152,18 @@ def load_entry(target: Path, rows: int, dtype=DTYPE) -> np.ndarray | None:
 
 
 def run_passes(
-    source: Sequence[str] | dict[int, np.ndarray], rows: int, passes: Sequence[Pass]
+    source: Sequence[str] | dict[int, np.ndarray],
+    rows: int,
+    passes: Sequence[Pass],
+    label: str = "backbone pass",
 ) -> dict[Path | str, float]:
     """Write every pass in one sweep over the images: ``source`` is the split's image files
     (each read and decoded once for all the passes' sizes: :func:`pipeline.stream_sizes`) or
     decoded pixels per size. Each target is built under its lock (processes sharing the folder
     build it once), into a temporary file renamed at the end; a pass another process finished
     meanwhile is skipped. Returns the seconds each target's forward took, and under
-    ``"decode"`` the seconds spent waiting for pixels."""
+    ``"decode"`` the seconds spent waiting for pixels. ``label`` names the sweep's progress
+    bar (:mod:`data_tools.progress`)."""
     spent: dict[Path | str, float] = {"decode": 0.0}
     with contextlib.ExitStack() as stack:
         for target in sorted({t for p in passes for t, _ in p.outputs}):
@@ -179,16 +183,18 @@ def run_passes(
         sizes = sorted({p.size for p in todo})
         chunk = _chunk(todo)
         start, waited = 0, time.monotonic()
-        for images in _sweep(source, sizes, chunk, rows):
-            spent["decode"] += time.monotonic() - waited
-            count = len(next(iter(images.values())))
-            for pass_, arrays in zip(todo, outputs, strict=True):
-                began = time.monotonic()
-                for out, values in zip(arrays, _apply(pass_, images[pass_.size]), strict=True):
-                    out[start : start + count] = values
-                spent[pass_.target] = spent.get(pass_.target, 0.0) + time.monotonic() - began
-            start += count
-            waited = time.monotonic()
+        with progress.bar(label, rows) as advance:
+            for images in _sweep(source, sizes, chunk, rows):
+                spent["decode"] += time.monotonic() - waited
+                count = len(next(iter(images.values())))
+                for pass_, arrays in zip(todo, outputs, strict=True):
+                    began = time.monotonic()
+                    for out, values in zip(arrays, _apply(pass_, images[pass_.size]), strict=True):
+                        out[start : start + count] = values
+                    spent[pass_.target] = spent.get(pass_.target, 0.0) + time.monotonic() - began
+                start += count
+                advance(count)
+                waited = time.monotonic()
         for arrays in outputs:
             for out in arrays:
                 out.flush()

@@ -116,7 +116,7 @@ def load(
     where = "defaults"
     if path is not None:
         where = str(path)
-        values = _read_yaml(Path(path))
+        values = _read_yaml(resolve(path))
     values.update(overrides or {})
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
@@ -142,10 +142,36 @@ def _canonical_policies(value: Any, where: str) -> Any:
     return tuple(policies) if isinstance(value, tuple | list) else policies[0]
 
 
+def shipped(name: str = "") -> Path:
+    """The folder of the search spaces that ship with the package (``search_spaces/`` in a
+    checkout, ``tuner.search_spaces`` once installed), or one file in it."""
+    from importlib import resources
+
+    try:
+        folder = Path(str(resources.files("tuner.search_spaces")))
+    except ModuleNotFoundError:  # a checkout on PYTHONPATH, not installed
+        folder = Path(__file__).resolve().parents[2] / "search_spaces"
+    return folder / name if name else folder
+
+
+def names() -> list[str]:
+    """The shipped search spaces' names (``default``, ``quick``, ...)."""
+    return sorted(p.stem for p in shipped().glob("*.yaml"))
+
+
+def resolve(space: str | os.PathLike[str]) -> Path:
+    """A search-space file from a shipped space's name (``default``, ``quick``) or a path."""
+    text = str(space)
+    if text in names():
+        return shipped(f"{text}.yaml")
+    return Path(space)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(
-            f"search-space file {path} does not exist: see search_spaces/ for examples"
+            f"search-space file {path} does not exist: pass one of the shipped spaces "
+            f"({', '.join(names())}) or a YAML file (copy one from {shipped()})"
         )
     try:
         data = yaml.safe_load(path.read_text()) or {}

@@ -1,0 +1,1 @@
+"""Cost tables (seconds an image per backbone) for ``--dry-run --costs``."""
