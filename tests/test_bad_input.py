@@ -146,6 +146,15 @@ CASES: list[tuple[str, Callable, Callable[[Path], list[str]], str]] = [
         "--data {box}/nowhere.csv does not exist: pass a split_label.csv, a label.csv",
     ),
     (
+        # The label file is checked before any weights are looked for (B7's are not cached).
+        "search-bad-header-before-weights",
+        search.main,
+        lambda b: search_args(
+            b, "--data", labels(b, "a,1\n", header="id,label"), "--set", "backbones=[B7]"
+        ),
+        "the header must be exactly 'objectId,value'",
+    ),
+    (
         "search-bad-labels",
         search.main,
         lambda b: search_args(b, "--weights", "none", "--data", labels(b, "a1,1\na1,2\n")),
@@ -163,7 +172,8 @@ CASES: list[tuple[str, Callable, Callable[[Path], list[str]], str]] = [
         "search-missing-space",
         search.main,
         lambda b: search_args(b, "--space", str(b / "nowhere.yaml")),
-        "search-space file {box}/nowhere.yaml does not exist: see search_spaces/",
+        "search-space file {box}/nowhere.yaml does not exist: pass one of the shipped spaces "
+        "(default, quick, v1_v2, v2)",
     ),
     (
         "search-space-not-yaml",

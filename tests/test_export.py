@@ -11,8 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from PIL import Image
 from sklearn import metrics as skm
 
+import tuner
 from data_tools.errors import run_cli
 from tests.conftest import frozen, rebuilt_val_accuracy
 from tests.wandb_files import read_runs
@@ -231,9 +233,20 @@ def test_a_pruned_model_is_rebuilt_or_retrained_and_a_refit_trains_on_train_and_
 
 @ON_SEARCHED
 def test_predict_prints_labels_and_a_folder_gives_a_csv(searched, tmp_path, demo_dir, capsys):
+    """Exported through the Python API (tuner.load -> Search.export -> Model), then
+    predicted by the command and by Model.predict from paths, a folder, PIL images and an
+    array: the same probabilities every way."""
     folder = fresh_copy(searched, tmp_path)
-    assert run_cli(export_best.main, ["--results", str(folder), "--wandb-mode", "disabled"]) == 0
-    capsys.readouterr()
+    found = tuner.load(folder)
+    assert len(found.trials) == 3 and found.path == folder
+    front = found.front
+    assert set(front.trial_id) <= set(found.trials.trial_id) and len(front) >= 1
+    assert front.latency_ms.is_monotonic_increasing
+    model = found.export(wandb_mode="disabled")
+    assert isinstance(model, tuner.Model) and model.path == folder / "best"
+    assert model.classes == [str(d) for d in range(10)]
+    assert model.metrics["trial_id"] in set(found.trials.trial_id)
+    assert "chosen: trial" in capsys.readouterr().out  # the command's own lines
     labels = pd.read_csv(demo_dir / "label.csv", dtype=str).head(3)
     files = [str(demo_dir / "images" / f"{oid}.png") for oid in labels.objectId]
     assert run_cli(predict.main, ["--model", str(folder / "best"), *files]) == 0
@@ -257,6 +270,28 @@ def test_predict_prints_labels_and_a_folder_gives_a_csv(searched, tmp_path, demo
     assert table.filter(regex=r"^\d$").shape[1] == 10
     readable = table.dropna(subset=["label"])
     np.testing.assert_allclose(readable.filter(regex=r"^\d$").sum(axis=1), 1.0, atol=1e-5)
+
+    by_paths = model.predict(files)
+    assert by_paths.path.tolist() == files
+    by_folder = model.predict(images).set_index("path")
+    assert len(by_folder) == 4 and by_folder.label.isna().sum() + (by_folder.label == "").sum() == 1
+    pil = [Image.open(f) for f in files]
+    by_pil = model.predict(pil)
+    by_array = model.predict(np.stack([np.asarray(p.convert("RGB")) for p in pil]))
+    assert list(by_array.columns) == ["label", "probability", *model.classes]
+    expected = by_paths[model.classes].to_numpy()
+    for other in (by_pil, by_array, model.predict(pil[0]).iloc[[0]]):
+        np.testing.assert_allclose(
+            other[model.classes].to_numpy()[: len(other)], expected[: len(other)], atol=1e-6
+        )
+    np.testing.assert_allclose(
+        by_folder.loc[[str(images / Path(f).name) for f in files], model.classes].to_numpy(),
+        expected,
+        atol=1e-6,
+    )
+    assert by_paths.label.tolist() == by_array.label.tolist()
+    with pytest.raises(tuner.InputError, match="uint8 \\[N, H, W, 3\\]"):
+        model.predict(np.zeros((1, 8, 8, 3), np.float32))
 
 
 @ON_SEARCHED

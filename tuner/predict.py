@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from data_tools import cli
 from data_tools.errors import InputError, run_cli
 from data_tools.ingest import IMAGE_EXTENSIONS
 
@@ -81,7 +82,8 @@ def image_files(items: Sequence[str]) -> tuple[list[Path], bool]:
 
 
 def predict(serve, classes: list[str], files: Sequence[Path]) -> pd.DataFrame:
-    """One row per file: path, label, probability, then each class's probability."""
+    """One row per file: path, label, probability, then each class's probability (an
+    unreadable file: an empty label and NaN)."""
     import tensorflow as tf
 
     rows = []
@@ -93,29 +95,39 @@ def predict(serve, classes: list[str], files: Sequence[Path]) -> pd.DataFrame:
         except tf.errors.InvalidArgumentError:
             rows.append({"path": str(file), "label": "", "probability": float("nan")})
             continue
-        probs = serve(tf.expand_dims(image, 0))["probabilities"].numpy()[0]
-        best = int(probs.argmax())
-        rows.append(
-            {
-                "path": str(file),
-                "label": classes[best],
-                "probability": float(probs[best]),
-                **{c: float(p) for c, p in zip(classes, probs, strict=True)},
-            }
-        )
+        rows.append({"path": str(file), **_row(serve, classes, image)})
     return pd.DataFrame(rows)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tuner.predict",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def predict_arrays(serve, classes: list[str], images: Sequence) -> pd.DataFrame:
+    """One row per decoded ``uint8 [H, W, 3]`` image: label, probability, each class's."""
+    return pd.DataFrame([_row(serve, classes, image) for image in images])
+
+
+def _row(serve, classes: list[str], image) -> dict[str, object]:
+    """The label, its probability and every class's, for one ``uint8 [H, W, 3]`` image."""
+    import tensorflow as tf
+
+    probs = serve(tf.expand_dims(tf.convert_to_tensor(image, tf.uint8), 0))["probabilities"]
+    probs = probs.numpy()[0]
+    best = int(probs.argmax())
+    return {
+        "label": classes[best],
+        "probability": float(probs[best]),
+        **{c: float(p) for c, p in zip(classes, probs, strict=True)},
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser("tuner.predict", __doc__)
     parser.add_argument("--model", required=True, help="an exported folder (results/NAME/best)")
     parser.add_argument("images", nargs="+", help="image files and/or folders")
     parser.add_argument("--out", help="write the CSV here instead of stdout")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     serve, classes = load(args.model)
     files, any_folder = image_files(args.images)
     table = predict(serve, classes, files)

@@ -21,15 +21,15 @@ import argparse
 import os
 import shutil
 import sys
+import types
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from data_tools import cli
 from data_tools import split as split_mod
 from data_tools.errors import InputError, run_cli
 from tuner.engine.session import SearchRequest, run_search
-
-ROOT = Path(__file__).resolve().parent.parent
-SPACES = ROOT / "search_spaces"
 
 
 def default_cache() -> Path:
@@ -37,16 +37,13 @@ def default_cache() -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m tuner.search",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.parser("tuner.search", __doc__)
     parser.add_argument(
         "--data", help="split_label.csv, label.csv or a class folder (default: the demo digits)"
     )
     parser.add_argument("--images", help="image folder (default: images/ beside --data)")
     split_mod.add_range_arguments(parser, "; used when --data is a label.csv or a class folder")
+    split_mod.add_key_argument(parser, "; used when --data is a label.csv or a class folder")
     parser.add_argument(
         "--space",
         help="search-space YAML (default: search_spaces/default.yaml; quick.yaml for the demo)",
@@ -70,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="imagenet (Keras' cache), none (random init) or a folder holding notop files "
         "(efficientnetb<N>_notop.h5, efficientnetv2-<b0..b3|s|m|l>_notop.h5)",
     )
-    parser.add_argument("--seed", type=int)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help="the search's random seed (heads' initialisation, shuffling, the oracle's draws); "
+        "default: the space's seed",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -158,7 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_request(args: argparse.Namespace) -> SearchRequest:
+def resolve_request(
+    args: argparse.Namespace, overrides: dict[str, Any] | None = None
+) -> SearchRequest:
+    """The parsed command line as a :class:`SearchRequest`; ``overrides`` (the Python API's
+    settings) stand in for ``--set``."""
     from tuner.model import accelerate
 
     # First, before anything loads TensorFlow: once TF has touched the GPU, most of its memory
@@ -179,7 +185,7 @@ def resolve_request(args: argparse.Namespace) -> SearchRequest:
             f"label.csv or a folder with one sub-folder per class"
         )
     name = args.name or ("demo" if demo else _name_from_data(Path(args.data)))
-    default_space = SPACES / ("quick.yaml" if demo else "default.yaml")
+    default_space = space.shipped("quick.yaml" if demo else "default.yaml")
     return SearchRequest(
         data=args.data,
         images=args.images,
@@ -190,7 +196,7 @@ def resolve_request(args: argparse.Namespace) -> SearchRequest:
         algorithm=args.algorithm,
         weights=args.weights,
         seed=args.seed,
-        overrides=space.parse_overrides(args.set),
+        overrides=space.parse_overrides(args.set) if overrides is None else dict(overrides),
         overwrite=args.overwrite,
         cache=args.cache,
         wandb_project=args.wandb_project,
@@ -208,6 +214,7 @@ def resolve_request(args: argparse.Namespace) -> SearchRequest:
         costs=args.costs,
         test_range=args.test_range,
         validation_range=args.validation_range,
+        split_key=args.key,
     )
 
 
@@ -237,6 +244,28 @@ def launch_gpus(args: argparse.Namespace, argv: list[str]) -> int:
     if request.overwrite and out.exists():
         shutil.rmtree(out)  # here, once, before any process uses the folder
     return distribute.launch(distribute.launcher_argv(argv), gpus)
+
+
+class _Command(types.ModuleType):
+    """This module, callable: ``tuner.search(...)`` is :func:`tuner.api.search` while ``python
+    -m tuner.search`` and ``tuner.search.main`` stay the command (the package attribute and
+    the submodule share one name, so the module takes the function's call)."""
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        from tuner import api
+
+        return api.search(*args, **kwargs)
+
+    @property
+    def __signature__(self):  # inspect.signature(tuner.search), help in notebooks
+        import inspect
+
+        from tuner import api
+
+        return inspect.signature(api.search)
+
+
+sys.modules[__name__].__class__ = _Command
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from data_tools import ingest
+from data_tools import progress
 from data_tools import split as split_mod
 from data_tools.atomic import write_text
 from data_tools.errors import InputError
@@ -56,6 +56,7 @@ class SearchRequest:
     costs: str | None = None  # a cost table for the dry run (tuner/engine/plan.py)
     test_range: tuple[int, int] = split_mod.DEFAULT_TEST_RANGE  # when it splits a label.csv
     validation_range: tuple[int, int] = split_mod.DEFAULT_VALIDATION_RANGE
+    split_key: str = "auto"  # the split key's rule when it splits (data_tools/split.py)
 
 
 def run_search(request: SearchRequest) -> int:
@@ -64,7 +65,7 @@ def run_search(request: SearchRequest) -> int:
     from rich.console import Console
 
     from tuner.engine import budget, distribute, plan, trial
-    from tuner.model import accelerate, disk, hypermodel
+    from tuner.model import accelerate, backbones, disk, hypermodel
     from tuner.model import space as space_mod
     from tuner.report.results import FINISHED, Results
     from tuner.report.wandb_log import WandbLogger
@@ -85,28 +86,39 @@ def run_search(request: SearchRequest) -> int:
     if request.seed is not None:
         overrides["seed"] = request.seed
     space = space_mod.load(request.space, overrides)
+    backbones.check_weights_choice(request.weights)  # a typo fails before the data is read
     # The clock starts before the data is read: splitting and caching count against the budget.
     # The chief (or the single process) owns it; workers follow the deadline it writes.
     if role.kind == "worker":
         ledger = budget.Ledger.follow(out / "budget.json", request.budget_s)
     else:
         ledger = budget.Ledger.open(out / "budget.json", request.budget_s)
-    weights, weights_label = (
-        (None if request.weights == "none" else request.weights, request.weights)
-        if request.dry_run  # plans from costs: no weights needed
-        else resolve_weights(request.weights, space, demo=request.data is None, console=console)
-    )
-    if weights is None and space.algorithm == "transfer":
-        # Random features are worth nothing frozen: every trial trains the whole network.
-        console.print(
-            "random weights: nothing to freeze or fine-tune, so the transfer algorithm's "
-            "stages do not apply; searching at random instead (--algorithm random)"
-        )
-        space = dataclasses.replace(space, algorithm="random")
     # Processes of one machine prepare the folder one at a time (demo data, split, config);
     # the lock lives in the temp folder, so a bad input leaves nothing in the results.
     with FileLock(prepare_lock(out)):
-        table, classes, data_facts, split_warning = load_data(request, out)
+        fresh = _new_folder(out)  # what to remove if this run fails before its first trial
+        # The data first: a bad label file is reported before any weights are fetched.
+        quiet = role.kind == "worker"  # the chief (or a lone search) says how it split
+        table, classes, data_facts, split_warning = load_data(
+            request, out, None if quiet else console
+        )
+        try:
+            weights, weights_label = (
+                (None if request.weights == "none" else request.weights, request.weights)
+                if request.dry_run  # plans from costs: no weights needed
+                else resolve_weights(request.weights, space, request.data is None, console)
+            )
+        except InputError:
+            if fresh is not None:  # the split written a moment ago: nothing of it stays
+                shutil.rmtree(fresh, ignore_errors=True)
+            raise
+        if weights is None and space.algorithm == "transfer":
+            # Random features are worth nothing frozen: every trial trains the whole network.
+            console.print(
+                "random weights: nothing to freeze or fine-tune, so the transfer algorithm's "
+                "stages do not apply; searching at random instead (--algorithm random)"
+            )
+            space = dataclasses.replace(space, algorithm="random")
         accelerated = accelerate.apply(request.mixed_precision, request.xla, request.gpu_free_mib)
         cache_dir = Path(request.cache_dir) if request.cache_dir else out / "cache"
         cache_budget = disk.open_budget(cache_dir, request.cache_budget)
@@ -143,6 +155,10 @@ def run_search(request: SearchRequest) -> int:
         console.print(split_warning, markup=False)
 
     results = Results(out)
+    progress.status = lambda: (
+        f"budget {format_seconds(ledger.spent())} spent, "
+        f"{format_seconds(max(ledger.remaining(), 0))} left"
+    )
     logger = WandbLogger(
         request.wandb_mode, request.wandb_project, request.wandb_entity, request.name, out, console
     )
@@ -238,6 +254,17 @@ def run_search(request: SearchRequest) -> int:
     return finish_search(results, logger, config, ledger, console, code)
 
 
+def _new_folder(out: Path) -> Path | None:
+    """The outermost of ``out`` and its parents that does not exist yet (None: ``out``
+    exists)."""
+    new = None
+    for folder in [out, *out.parents]:
+        if folder.exists():
+            break
+        new = folder
+    return new
+
+
 def keep_checkpoints(oracle, results, validation_count: int | None) -> None:
     """After each trial ends (here or on a worker), delete the checkpoints that no export
     could ship (:func:`tuner.report.choose.shippable`) and no later trial continues
@@ -284,69 +311,35 @@ def finish_search(results, logger, config, ledger, console, code: int) -> int:
     return code
 
 
-def load_data(request: SearchRequest, out: Path):
+def load_data(request: SearchRequest, out: Path, console=None):
     """(train+validation table, class names, facts for the config, a warning when the
-    balanced validation or test is too small to select on, else None) from ``--data``."""
-    from data_tools import demo, split
+    balanced validation or test is too small to select on, else None) from ``--data``
+    (:func:`data_tools.split.search_table`). Splitting a label file here prints which split
+    key it used on ``console``."""
+    from data_tools import demo
 
     data = Path(request.data) if request.data else demo.ensure_demo(request.cache)
-    images = Path(request.images) if request.images else None
-    if data.is_dir() or not ingest.is_split_csv(data):
-        if images is None and not data.is_dir():
-            images = data.parent / "images"
-        split_path = out / "split_label.csv"
-        if not split_path.is_file():
-            split.split_files(
-                data,
-                split_path,
-                images=images if not data.is_dir() else None,
-                test_range=request.test_range,
-                validation_range=request.validation_range,
-            )
-        frame = ingest.read_split_csv(split_path)
-        ranges = [list(request.test_range), list(request.validation_range)]
-        images = images or data
-        source = str(split_path)
-    else:
-        frame = ingest.read_split_csv(data)
-        images = images or data.parent / "images"
-        source = str(data)
-        ranges = None  # split by the user
-    warning = split.small_split_warning(frame)  # counts only: the test rows stay unread
-    frame = frame[frame["type"] != "test"].reset_index(drop=True)  # export alone reads test
-    classes = ingest.class_names(frame["value"])
-    table = ingest.normalise(frame, ingest.resolve_paths(frame, images), classes)
-    counts = table["type"].value_counts().to_dict()
-    facts = {
-        "data": source,
-        "images": str(images),
-        "classes": classes,
-        "split_counts": {k: int(v) for k, v in counts.items()},
-    }
-    if ranges:
-        facts["split_ranges"] = {"test": ranges[0], "validation": ranges[1]}
-    if warning and ranges is None:
-        warning += f" (re-split {source} with python -m data_tools.split and those options)"
-    return table, classes, facts, warning
+    found = split_mod.search_table(
+        data,
+        request.images,
+        out / "split_label.csv",
+        request.test_range,
+        request.validation_range,
+        request.split_key,
+    )
+    if found.key_line and console is not None:
+        console.print(found.key_line, markup=False)
+    return found.table, found.classes, found.facts, found.warning
 
 
 def resolve_weights(choice: str, space, demo: bool, console) -> tuple[str | None, str]:
-    """(what the backbone constructors get, a label for the records)."""
+    """(what the backbone constructors get, a label for the records):
+    :func:`tuner.model.backbones.resolve_weights`, except that the demo goes on with random
+    weights, saying so, when ImageNet's cannot be had."""
     from tuner.model import backbones
 
-    if choice.lower() == "none":
-        return None, "none"
-    if choice.lower() != "imagenet":
-        folder = Path(choice)
-        if not folder.is_dir():
-            raise InputError(
-                f"--weights {choice}: not imagenet, none, or a folder holding notop files "
-                f"(efficientnetb0_notop.h5, efficientnetv2-b0_notop.h5, ...)"
-            )
-        return str(folder), str(folder)
     try:
-        for name in space.backbones:
-            backbones.ensure_weights(backbones.get(name))
+        return backbones.resolve_weights(choice, space.backbones)
     except backbones.WeightsUnavailable as exc:
         if not demo:
             raise
@@ -355,9 +348,6 @@ def resolve_weights(choice: str, space, demo: bool, console) -> tuple[str | None
             f"training the whole network"
         )
         return None, "none (imagenet unavailable)"
-    if any(backbones.get(n).constructor in backbones.TINY for n in space.backbones):
-        return None, "none (test backbone)"
-    return "imagenet", "imagenet"
 
 
 def check_resume(out: Path, config: dict[str, Any]) -> None:
@@ -366,9 +356,9 @@ def check_resume(out: Path, config: dict[str, Any]) -> None:
     if not saved_path.is_file():
         return
     saved = yaml.safe_load(saved_path.read_text()) or {}
-    for key in ("space", "data", "weights", "classes", "split_ranges"):
-        if key == "split_ranges" and key not in saved:
-            continue  # a search from before the ranges were recorded: the default ones
+    for key in ("space", "data", "weights", "classes", "split_ranges", "split_key"):
+        if key in ("split_ranges", "split_key") and key not in saved:
+            continue  # a search from before they were recorded: the default ones
         if saved.get(key) != config.get(key):
             raise InputError(
                 f"{out} holds a search with a different {key}: resume with the "

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -392,6 +393,33 @@ def ensure_weights(backbone: Backbone) -> None:
             f"downloaded: put {backbone.weights_file} in {keras_cache_dir()}/ or run with "
             f"--weights none"
         ) from None
+
+
+def resolve_weights(choice: str, names: Sequence[str]) -> tuple[str | None, str]:
+    """``--weights`` for the backbones ``names``: (what the constructors get, a label for the
+    records). ``imagenet`` checks (or downloads) every backbone's file first and raises
+    :class:`WeightsUnavailable` naming where to put it; ``none`` is random init; anything else
+    must be a folder of notop files. A space of test backbones has no ImageNet weights."""
+    check_weights_choice(choice)
+    if choice.lower() == "none":
+        return None, "none"
+    if choice.lower() != "imagenet":
+        return str(Path(choice)), str(Path(choice))
+    for name in names:
+        ensure_weights(get(name))
+    if any(get(n).constructor in TINY for n in names):
+        return None, "none (test backbone)"
+    return "imagenet", "imagenet"
+
+
+def check_weights_choice(choice: str) -> None:
+    """``--weights`` is imagenet, none or an existing folder (checked before any work; whether
+    ImageNet's files can be had is :func:`resolve_weights`'s question, asked later)."""
+    if choice.lower() not in ("imagenet", "none") and not Path(choice).is_dir():
+        raise InputError(
+            f"--weights {choice}: not imagenet, none, or a folder holding notop files "
+            f"(efficientnetb0_notop.h5, efficientnetv2-b0_notop.h5, ...)"
+        )
 
 
 class WeightsUnavailable(InputError):

@@ -252,6 +252,40 @@ class EffNetHyperModel(TrainingPaths, FeatureCaching, kt.HyperModel):
         self.disk: disk.Budget | None = None  # the cache folder's budget (None: no limit)
         self._frozen_fingerprint: tuple[keras.Model, str] | None = None
 
+    @classmethod
+    def from_data(
+        cls,
+        data: str | Path,
+        images: str | Path | None = None,
+        *,
+        space: str | Path = "default",
+        weights: str = "imagenet",
+        directory: str | Path = "results/hypermodel",
+        key: str = "auto",
+        **settings: Any,
+    ) -> EffNetHyperModel:
+        """A hypermodel over a label file, for any Keras Tuner tuner::
+
+            model = EffNetHyperModel.from_data("label.csv", images="images/", space="quick")
+            tuner = kt.RandomSearch(model, objective="val_accuracy", max_trials=10)
+            tuner.search()  # the data is the hypermodel's own: no x, no y
+
+        ``data`` is what ``tuner.search`` takes (a split file, a label file split into
+        ``directory`` as the search splits it, or a class folder); ``space`` a shipped space's
+        name or a YAML file, ``settings`` its keys (``backbones=["B0"]``); ``weights`` as
+        ``--weights``. Decoded pixels are cached under ``directory``. Trials train end to
+        end: each builds its backbone and head and trains phase 1, then phase 2 when it
+        fine-tunes (the ``transfer`` algorithm's stages are ``tuner.search``'s own)."""
+        from data_tools import split
+
+        chosen = space_mod.load(str(space), settings)
+        folder = Path(directory)
+        found = split.search_table(data, images, folder / "split_label.csv", key=key)
+        resolved, _ = backbones.resolve_weights(weights, chosen.backbones)
+        cache = folder / "cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        return cls(chosen, SplitData(found.table, found.classes, cache_dir=str(cache)), resolved)
+
     def plan(self, hp: kt.HyperParameters) -> TrialPlan:
         values = space_mod.declare(hp, self.space)
         entry = backbones.get(values["backbone"])
