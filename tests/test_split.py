@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from data_tools import split as split_mod
 from data_tools.errors import run_cli
@@ -348,3 +349,16 @@ def test_hash_like_names() -> None:
     assert split_mod.choose_key(dates)[0] == "sha1"  # every stem hex, none with a letter
     short_hex = pd.Series([f"{i:06d}{i * 2654435761 % 2**32:08x}" for i in range(1000)])
     assert split_mod.choose_key(short_hex)[0] == "reference"  # some without a letter
+
+
+def test_a_resume_with_another_split_key_is_refused(tmp_path) -> None:
+    import yaml
+
+    from data_tools.errors import InputError
+    from tuner.engine import session
+
+    config = {"space": {}, "data": "d", "weights": "w", "classes": ["a"], "split_key": "sha1"}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    session.check_resume(tmp_path, config)
+    with pytest.raises(InputError, match="a different split_key"):
+        session.check_resume(tmp_path, {**config, "split_key": "reference"})
