@@ -92,3 +92,21 @@ def test_the_quickstart_notebook_runs_top_to_bottom(tmp_path):
     assert (tmp_path / "results" / "quickstart" / "best" / "metrics.json").is_file()
     last = notebook.cells[-1].outputs
     assert last and "label" in json.dumps(last)
+
+
+def test_the_documentation_site_builds_strictly(tmp_path):
+    for module in ("mkdocs", "material", "mkdocstrings"):
+        pytest.importorskip(module, reason='pip install -e ".[docs]"')
+    site = tmp_path / "site"
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    commands = (site / "reference" / "cli" / "index.html").read_text()
+    assert "usage: effnet-tuner search" in commands and "--within-se" in commands
+    api = (site / "reference" / "api" / "index.html").read_text()
+    assert "Run, or resume, a search" in api and "from_data" in api
