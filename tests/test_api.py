@@ -37,9 +37,50 @@ def test_search_runs_in_process_and_resumes(tmp_path, demo_dir, pretrained_t0, c
     assert len(found.trials) == 1 and found.trials.status.iloc[0] == "completed"
     assert found.config["space"]["backbones"] == ["T0"]
     assert len(found.front) == 1
+    sessions = hparams_sessions(found.path / "tensorboard")
+    row = found.trials.iloc[0]
+    assert list(sessions) == [str(row.trial_id)]
+    values, scalars = sessions[str(row.trial_id)]
+    assert values["backbone"] == "T0" and values["stage"] == ""
+    assert "dropout" in values and "finetune_lr_factor" not in values  # unused: left out
+    assert scalars["val_accuracy"] == [pytest.approx(row.val_accuracy)]
+    assert scalars["latency_ms"] == [pytest.approx(row.latency_ms)]
+    assert len(scalars["epoch_val_accuracy"]) == 2  # the epoch curve
+    report = read_report(found.path / "report.html")
+    assert report.rows == [[str(row.trial_id)]] and report.svgs >= 2
+    assert report.external == []  # self-contained: no src=, no href= to anything else
     again = tuner.search(demo_dir / "label.csv", **options)  # resumes: nothing new to run
     assert len(again.trials) == 1 and "1 finished trial(s)" in capsys.readouterr().out
     assert repr(tuner.load(found.path)).endswith("1 finished trial(s))")
+    assert list(hparams_sessions(found.path / "tensorboard")) == [str(row.trial_id)]
+
+
+def hparams_sessions(logdir) -> dict[str, tuple[dict, dict[str, list[float]]]]:
+    """Per HParams session in ``logdir``, read by TensorBoard's own reader: (its
+    hyperparameters, its scalars by tag). A session written twice would fail."""
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.plugins.hparams import metadata
+    from tensorboard.util import tensor_util
+
+    sessions = {}
+    for run in sorted(p for p in logdir.iterdir() if p.is_dir()):
+        events = event_accumulator.EventAccumulator(str(run), size_guidance={"tensors": 0})
+        events.Reload()
+        starts = events.PluginTagToContent(metadata.PLUGIN_NAME)
+        assert len(starts) == 1 and len(list(run.glob("events.*"))) == 1, run
+        info = metadata.parse_session_start_info_plugin_data(next(iter(starts.values())))
+        assert info.group_name not in sessions
+        values = {
+            k: v.string_value if v.HasField("string_value") else v.number_value
+            for k, v in info.hparams.items()
+        }
+        scalars = {
+            tag: [float(tensor_util.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)]
+            for tag in events.Tags()["tensors"]
+            if tag != metadata.SESSION_START_INFO_TAG
+        }
+        sessions[info.group_name] = (values, scalars)
+    return sessions
 
 
 def test_the_hypermodel_under_a_stock_keras_tuner_tuner(tmp_path, demo_dir, pretrained_t0):
@@ -102,3 +143,47 @@ def test_load_and_model_refuse_what_is_not_theirs(tmp_path):
         tuner.load(tmp_path)
     with pytest.raises(tuner.InputError, match="is not an exported model"):
         tuner.Model(tmp_path)
+
+
+def read_report(path):
+    """report.html through an HTML parser: the leaderboard's trial ids (one list per row),
+    the inline SVG plots, and every reference to something outside the file."""
+    from html.parser import HTMLParser
+
+    class Reader(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows, self.svgs, self.external = [], 0, []
+            self.table, self.cells, self.column, self.trial_column = 0, None, 0, None
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            for key in ("src", "href"):
+                if attrs.get(key) and not attrs[key].startswith("#"):
+                    self.external.append(attrs[key])
+            if tag == "link" or (tag == "script" and "src" in attrs):
+                self.external.append(tag)
+            self.svgs += tag == "svg"
+            if tag == "table" and "leaderboard" in attrs.get("class", ""):
+                self.table = 1
+            elif self.table and tag == "tr":
+                self.cells, self.column = [], 0
+            elif self.table and tag in ("td", "th"):
+                self.column += 1
+
+        def handle_endtag(self, tag):
+            if self.table and tag == "tr" and self.cells:
+                self.rows.append(self.cells)
+            if tag == "table":
+                self.table = 0
+
+        def handle_data(self, data):
+            if self.table and self.cells is not None and data.strip():
+                if data.strip() == "trial_id":
+                    self.trial_column = self.column
+                elif self.column == self.trial_column:
+                    self.cells.append(data.strip())
+
+    reader = Reader()
+    reader.feed(path.read_text())
+    return reader

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -247,6 +248,10 @@ def test_predict_prints_labels_and_a_folder_gives_a_csv(searched, tmp_path, demo
     assert model.classes == [str(d) for d in range(10)]
     assert model.metrics["trial_id"] in set(found.trials.trial_id)
     assert "chosen: trial" in capsys.readouterr().out  # the command's own lines
+    # The search's report.html, written again by the export with the shipped trial starred.
+    report = (folder / "report.html").read_text()
+    assert re.search(rf"<td>★</td>\s*<td>{model.metrics['trial_id']}</td>", report)
+    assert report.count("<td>★</td>") == 1
     labels = pd.read_csv(demo_dir / "label.csv", dtype=str).head(3)
     files = [str(demo_dir / "images" / f"{oid}.png") for oid in labels.objectId]
     assert run_cli(predict.main, ["--model", str(folder / "best"), *files]) == 0

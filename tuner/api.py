@@ -91,8 +91,9 @@ def search(
     for key in [k for k in settings if k in vars(args) and k not in ("set", "gpus")]:
         value = settings.pop(key)
         options[key] = tuple(value) if key.endswith("_range") else value
-    if isinstance(options.get("feature_cache"), bool):
-        options["feature_cache"] = "on" if options["feature_cache"] else "off"
+    for switch in ("feature_cache", "tensorboard"):  # on/off options also take a bool
+        if isinstance(options.get(switch), bool):
+            options[switch] = "on" if options[switch] else "off"
     vars(args).update(options)
     request = command.resolve_request(args, overrides=settings)
     code = run_search(request)

@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: online with W&B credentials, else offline under results/<name>/wandb",
     )
     parser.add_argument(
+        "--tensorboard",
+        choices=["on", "off"],
+        default="on",
+        help="one TensorBoard run per finished trial (HParams and epoch curves) under "
+        "results/<name>/tensorboard: tensorboard --logdir results/<name>/tensorboard",
+    )
+    parser.add_argument(
         "--cache", default=str(default_cache()), help="where the demo data is written"
     )
     parser.add_argument(
@@ -215,6 +222,7 @@ def resolve_request(
         test_range=args.test_range,
         validation_range=args.validation_range,
         split_key=args.key,
+        tensorboard=args.tensorboard == "on",
     )
 
 

@@ -44,6 +44,7 @@ class SearchRequest:
     wandb_project: str | None = None
     wandb_entity: str | None = None
     wandb_mode: str | None = None
+    tensorboard: bool = True  # results/<name>/tensorboard (tuner/report/tensorboard_log.py)
     feature_cache: bool = True
     mixed_precision: str = "auto"
     xla: str = "auto"
@@ -170,6 +171,7 @@ def run_search(request: SearchRequest) -> int:
         facts=config,
         wandb=logger,
         role=role.kind,
+        tensorboard=request.tensorboard,
     )
     data = hypermodel.SplitData(table, classes, cache_dir=str(cache_dir))
     model = hypermodel.EffNetHyperModel(
@@ -294,6 +296,7 @@ def prepare_lock(out: Path) -> str:
 
 def finish_search(results, logger, config, ledger, console, code: int) -> int:
     """leaderboard.md, pareto.png, the W&B search run, the closing lines; returns ``code``."""
+    from tuner.report import html_report
     from tuner.report.results import FINISHED, pareto_flags
 
     out = results.dir
@@ -301,6 +304,8 @@ def finish_search(results, logger, config, ledger, console, code: int) -> int:
     finished = int(rows["status"].isin(FINISHED).sum())
     print(leaderboard)
     logger.log_search(rows, pareto_flags(rows), config, leaderboard, out / "pareto.png")
+    if html_report.write(out):
+        console.print(f"report: {out / html_report.NAME} (open it in a browser)")
     if logger.sync_command():
         console.print(f"W&B runs are offline; to upload them: {logger.sync_command()}")
     console.print(

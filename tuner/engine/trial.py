@@ -35,6 +35,7 @@ from tuner.model import checkpoint
 from tuner.model.hypermodel import TrialPlan
 from tuner.model.measure import device_name, measure_latency, model_file_bytes
 from tuner.model.training import best_epoch
+from tuner.report import tensorboard_log
 from tuner.report.results import UNUSED, Results, exact_accuracy
 from tuner.report.text import format_seconds
 from tuner.report.wandb_log import WandbLogger
@@ -76,6 +77,7 @@ class SearchContext:
     wandb: WandbLogger | None = None
     last_row: dict[str, Any] = field(default_factory=dict)
     role: str = "single"  # or "chief" / "worker" of a distributed search
+    tensorboard: bool = True  # a run per finished trial under results/<name>/tensorboard
 
     def callbacks(self) -> list[keras.callbacks.Callback]:
         """Fresh per-fit callbacks (Keras Tuner deep-copies the ones passed to search)."""
@@ -313,6 +315,8 @@ class TrialRunner:
             cache_notes="; ".join(fit.get("cache_notes", [])),
         )
         self.context.record(row)
+        if self.context.tensorboard:
+            tensorboard_log.write_trial(results.dir, row, fit["history"])
         augmented = f", augmented: {row['augment_path']}" if row["augment_path"] else ""
         augmented += f"; cache: {row['cache_notes']}" if row["cache_notes"] else ""
         self.context.console.print(

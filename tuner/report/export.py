@@ -15,7 +15,7 @@ import pandas as pd
 
 from data_tools.atomic import atomic_path
 from data_tools.errors import InputError
-from tuner.report import evaluate, quantize, rebuild
+from tuner.report import evaluate, html_report, quantize, rebuild
 from tuner.report import results as results_mod
 from tuner.report.choose import Choice, choose
 
@@ -260,6 +260,7 @@ def export(args: argparse.Namespace) -> Path:
         f"test{which}: {evaluate.test_line(metrics)}; {latency_ms:.2f} ms/image on {device_name()}"
     )
     console.print(f"exported to {out}/")
+    html_report.write(folder, shipped=str(choice.trial_id))
     _log_artifact(folder, config, out, choice, record, console, args, deployables)
     return out
 
