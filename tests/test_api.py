@@ -187,3 +187,22 @@ def read_report(path):
     reader = Reader()
     reader.feed(path.read_text())
     return reader
+
+
+def test_the_report_is_rewritten_as_trials_end(tmp_path, monkeypatch):
+    """Throttled: a trial's end rewrites report.html only once the last write is old."""
+    from tuner.engine import session
+    from tuner.report import html_report
+
+    written = []
+    monkeypatch.setattr(html_report, "write", lambda folder: written.append(folder))
+
+    class Oracle:
+        def end_trial(self, trial, *args, **kwargs):
+            return trial
+
+    often, seldom = Oracle(), Oracle()
+    session.report_as_it_goes(often, tmp_path, every_s=0.0)
+    session.report_as_it_goes(seldom, tmp_path, every_s=3600.0)
+    assert often.end_trial("t") == "t" and written == [tmp_path]
+    assert seldom.end_trial("u") == "u" and written == [tmp_path]  # written a moment ago

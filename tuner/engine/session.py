@@ -194,6 +194,7 @@ def run_search(request: SearchRequest) -> int:
         plan.plan_cache(model, cache_budget, sets, space, data, None if quiet else console)
     if role.kind != "worker":  # the oracle's process prunes, whoever ran the trial
         keep_checkpoints(tuner.oracle, results, config.get("split_counts", {}).get("validation"))
+        report_as_it_goes(tuner.oracle, out)
     if role.kind == "chief":
         distribute.budget_gate(
             tuner.oracle,
@@ -254,6 +255,28 @@ def run_search(request: SearchRequest) -> int:
         )
         return code
     return finish_search(results, logger, config, ledger, console, code)
+
+
+REPORT_EVERY_S = 60.0
+
+
+def report_as_it_goes(oracle, out: Path, every_s: float = REPORT_EVERY_S) -> None:
+    """After a trial ends, rewrite ``report.html`` when the last write is ``every_s`` old
+    (the search's end writes it anyway): a long search can be looked at while it runs."""
+    import time
+
+    from tuner.report import html_report
+
+    end_trial, last = oracle.end_trial, [time.monotonic()]
+
+    def ended(trial, *args, **kwargs):
+        result = end_trial(trial, *args, **kwargs)
+        if time.monotonic() - last[0] >= every_s:
+            html_report.write(out)
+            last[0] = time.monotonic()
+        return result
+
+    oracle.end_trial = ended
 
 
 def _new_folder(out: Path) -> Path | None:

@@ -1,6 +1,8 @@
 """``results/<name>/report.html``: one self-contained page about a search, for a browser with
 no server, no account and no network. The search writes it when it ends (finished, out of
-budget or interrupted) and ``export_best`` again with the shipped trial marked. It holds:
+budget or interrupted), while it runs at most once a minute as trials end
+(``tuner.engine.session.report_as_it_goes``), and ``export_best`` again with the shipped
+trial marked. It holds:
 
 * the leaderboard: every finished trial, best validation accuracy first;
 * the accuracy/latency front: every finished trial with its latency spread (interquartile
