@@ -143,6 +143,20 @@ def test_load_and_model_refuse_what_is_not_theirs(tmp_path):
         tuner.load(tmp_path)
     with pytest.raises(tuner.InputError, match="is not an exported model"):
         tuner.Model(tmp_path)
+    found = tuner.Search(tmp_path)
+    with pytest.raises(tuner.InputError, match="unknown option\\(s\\) max_latency; valid"):
+        found.export(max_latency=5)
+    with pytest.raises(tuner.InputError, match="rule 'best' is not one of knee"):
+        found.export(rule="best")
+
+
+def test_export_picks_the_commands_default_rule():
+    from tuner.export_best import default_rule
+
+    assert default_rule(None, None) == "knee"
+    assert default_rule(0.9, None) == "fastest"
+    assert default_rule(None, 5.0) == "max-accuracy"
+    assert default_rule(0.9, 5.0) == "knee"
 
 
 def read_report(path):

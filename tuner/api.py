@@ -148,11 +148,13 @@ class Search:
         front = table[pareto_flags(table)] if len(table) else table
         return front.sort_values("latency_ms").reset_index(drop=True)
 
-    def export(self, rule: str = "knee", **options: Any) -> Model:
+    def export(self, rule: str | None = None, **options: Any) -> Model:
         """Choose by ``rule``, evaluate once on test, write ``best/``; ``python -m
         tuner.export_best``'s work. ``options`` are its options by their long names
         (``max_latency_ms=5``, ``min_accuracy=0.9``, ``within_se=0``, ``tflite=True``,
-        ``quantize=True``, ``refit=True``, ``out="folder"``, ...)."""
+        ``quantize=True``, ``refit=True``, ``out="folder"``, ...). ``rule`` as the
+        command's: ``knee`` by default, ``fastest`` with only ``min_accuracy``,
+        ``max-accuracy`` with only ``max_latency_ms``."""
         from tuner import export_best
         from tuner.report import export as export_mod
 
@@ -165,9 +167,10 @@ class Search:
                 f"{', '.join(sorted(k for k in vars(args) if k != 'results'))}"
             )
         rules = next(a.choices for a in parser._actions if a.dest == "rule")
-        if rule not in rules:
+        if rule is not None and rule not in rules:
             raise InputError(f"Search.export: rule {rule!r} is not one of {', '.join(rules)}")
-        vars(args).update(options, rule=rule)
+        vars(args).update(options)
+        args.rule = rule or export_best.default_rule(args.min_accuracy, args.max_latency_ms)
         return Model(export_mod.export(args))
 
 

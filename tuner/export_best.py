@@ -114,12 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_rule(min_accuracy: float | None, max_latency_ms: float | None) -> str:
+    """The rule when none is given: fastest with only a floor, max-accuracy with only a cap,
+    else knee."""
+    if min_accuracy is not None and max_latency_ms is None:
+        return "fastest"
+    return "max-accuracy" if max_latency_ms is not None and min_accuracy is None else "knee"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.rule is None:
-        only_floor = args.min_accuracy is not None and args.max_latency_ms is None
-        only_cap = args.max_latency_ms is not None and args.min_accuracy is None
-        args.rule = "fastest" if only_floor else ("max-accuracy" if only_cap else "knee")
+    args.rule = args.rule or default_rule(args.min_accuracy, args.max_latency_ms)
     export.export(args)
     return 0
 
