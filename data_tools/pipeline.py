@@ -37,7 +37,7 @@ import pandas as pd
 import tensorflow as tf
 from filelock import FileLock
 
-from data_tools import progress
+from data_tools import header, progress
 from data_tools.atomic import atomic_path
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -78,11 +78,14 @@ def _decode_counter() -> tf.Variable:
 
 
 def read_rgb(path: tf.Tensor) -> tf.Tensor:
-    """The package's one decoder: a file's pixels as ``uint8 [H, W, 3]`` RGB."""
+    """The package's one decoder: a file's pixels as ``uint8 [H, W, 3]`` RGB. A file that
+    declares more than ``header.MAX_PIXELS`` pixels fails before it is decoded, with the
+    decoder's own error (``InvalidArgumentError``): :mod:`data_tools.header`."""
     counted = _decode_counter().assign_add(1)
     with tf.control_dependencies([counted]):
         data = tf.io.read_file(path)
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    with tf.control_dependencies([header.check(data)]):
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
 

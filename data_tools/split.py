@@ -439,17 +439,48 @@ def _unreadable_rows(
         {
             "objectId": frame["objectId"].iloc[bad].to_numpy(),
             "path": paths.iloc[bad].to_numpy(),
-            "reason": "TensorFlow cannot decode it (corrupt or not an image)",
+            "reason": [unreadable_reason(path) for path in paths.iloc[bad]],
         }
     )
     if len(bad) > max_bad_fraction * len(frame):
         raise InputError(
-            f"{len(bad)} of {len(frame)} images cannot be decoded "
+            f"{len(bad)} of {len(frame)} images cannot be decoded or are over --max-pixels "
             f"({preview(excluded['path'].tolist(), 3)}), more than the allowed "
             f"{max_bad_fraction:.0%}: fix or remove them, or raise "
             f"--max-bad-fraction"
         )
     return excluded
+
+
+def unreadable_reason(path: str) -> str:
+    """Why an image was left out: over the pixel limit (by its header), or undecodable."""
+    from data_tools import header
+
+    try:
+        with open(path, "rb") as handle:
+            declared = int(header.declared_pixels(handle.read(64 * 1024)).numpy())
+    except Exception:  # noqa: BLE001 - a header that cannot be read: the decoder's reason
+        declared = 0
+    if declared > header.MAX_PIXELS:
+        return (
+            f"declares {declared:,} pixels, over --max-pixels {header.MAX_PIXELS:,} "
+            f"(refused before decoding)"
+        )
+    return "TensorFlow cannot decode it (corrupt or not an image)"
+
+
+def add_max_pixels_argument(parser: argparse.ArgumentParser) -> None:
+    """``--max-pixels`` (every command that decodes images)."""
+    from data_tools.header import DEFAULT_MAX_PIXELS
+
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help="refuse images whose header declares more than N pixels (width x height), "
+        "before decoding them: decompression bombs; they count as unreadable images",
+    )
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -497,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", help="image folder: check every label has a readable image")
     add_range_arguments(parser)
     add_key_argument(parser)
+    add_max_pixels_argument(parser)
     parser.add_argument(
         "--max-bad-fraction",
         type=float,
@@ -507,7 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from data_tools import header
+
     args = build_parser().parse_args(argv)
+    header.set_max_pixels(args.max_pixels)
     split = split_files(
         args.labels,
         args.out,

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from data_tools import cli
+from data_tools import cli, header
+from data_tools import split as split_mod
 from data_tools.errors import InputError, run_cli
 from data_tools.ingest import IMAGE_EXTENSIONS
 
@@ -86,12 +87,12 @@ def predict(serve, classes: list[str], files: Sequence[Path]) -> pd.DataFrame:
     unreadable file: an empty label and NaN)."""
     import tensorflow as tf
 
+    from data_tools.pipeline import read_rgb
+
     rows = []
     for file in files:
-        try:
-            image = tf.io.decode_image(
-                tf.io.read_file(str(file)), channels=3, expand_animations=False
-            )
+        try:  # the training decoder, its pixel limit included
+            image = read_rgb(tf.constant(str(file)))
         except tf.errors.InvalidArgumentError:
             rows.append({"path": str(file), "label": "", "probability": float("nan")})
             continue
@@ -123,11 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="an exported folder (results/NAME/best)")
     parser.add_argument("images", nargs="+", help="image files and/or folders")
     parser.add_argument("--out", help="write the CSV here instead of stdout")
+    split_mod.add_max_pixels_argument(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    header.set_max_pixels(args.max_pixels)
     serve, classes = load(args.model)
     files, any_folder = image_files(args.images)
     table = predict(serve, classes, files)

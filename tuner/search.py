@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", help="image folder (default: images/ beside --data)")
     split_mod.add_range_arguments(parser, "; used when --data is a label.csv or a class folder")
     split_mod.add_key_argument(parser, "; used when --data is a label.csv or a class folder")
+    split_mod.add_max_pixels_argument(parser)
     parser.add_argument(
         "--space",
         help="search-space YAML (default: search_spaces/default.yaml; quick.yaml for the demo)",
@@ -223,6 +224,7 @@ def resolve_request(
         validation_range=args.validation_range,
         split_key=args.key,
         tensorboard=args.tensorboard == "on",
+        max_pixels=args.max_pixels,
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from data_tools import progress
+from data_tools import header, progress
 from data_tools import split as split_mod
 from data_tools.atomic import write_text
 from data_tools.errors import InputError
@@ -58,6 +58,7 @@ class SearchRequest:
     test_range: tuple[int, int] = split_mod.DEFAULT_TEST_RANGE  # when it splits a label.csv
     validation_range: tuple[int, int] = split_mod.DEFAULT_VALIDATION_RANGE
     split_key: str = "auto"  # the split key's rule when it splits (data_tools/split.py)
+    max_pixels: int = 40_000_000  # images declaring more are refused (data_tools/header.py)
 
 
 def run_search(request: SearchRequest) -> int:
@@ -87,6 +88,7 @@ def run_search(request: SearchRequest) -> int:
     if request.seed is not None:
         overrides["seed"] = request.seed
     space = space_mod.load(request.space, overrides)
+    header.set_max_pixels(request.max_pixels)  # before any decode, the split's check included
     backbones.check_weights_choice(request.weights)  # a typo fails before the data is read
     # The clock starts before the data is read: splitting and caching count against the budget.
     # The chief (or the single process) owns it; workers follow the deadline it writes.
@@ -144,6 +146,7 @@ def run_search(request: SearchRequest) -> int:
             "feature_cache": request.feature_cache,
             "cache_dir": str(cache_dir),
             "strategy": request.strategy,
+            "max_pixels": request.max_pixels,
             **accelerated,
             **data_facts,
         }

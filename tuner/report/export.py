@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from data_tools import header
 from data_tools.atomic import atomic_path
 from data_tools.errors import InputError
 from tuner.report import evaluate, html_report, quantize, rebuild
@@ -74,7 +75,8 @@ def float32_model(model):
 
 
 def write_saved_model(model, size: int, target: Path) -> None:
-    """A SavedModel whose ``serving_default`` takes ``uint8 [N, H, W, 3]`` of any H, W."""
+    """A SavedModel whose ``serving_default`` takes ``uint8 [N, H, W, 3]`` of any H, W up to
+    the pixel limit (``header.MAX_PIXELS`` when written; a larger request is an error)."""
     import keras
     import tensorflow as tf
 
@@ -82,7 +84,17 @@ def write_saved_model(model, size: int, target: Path) -> None:
 
     binary = model.output_shape[-1] == 1
 
+    limit = header.MAX_PIXELS  # a request over it is an error, not an out-of-memory resize
+
     def serve(images):
+        shape = tf.shape(images, out_type=tf.int64)
+        over = tf.debugging.assert_less_equal(
+            shape[1] * shape[2],
+            tf.constant(limit, tf.int64),
+            message=f"images over the pixel limit of the model ({limit:,} pixels)",
+        )
+        with tf.control_dependencies([over]):
+            images = tf.identity(images)
         pixels = tf.cast(resize_pixels(images, size), tf.float32)
         out = model(pixels, training=False)
         return {"probabilities": tf.concat([1 - out, out], axis=1) if binary else out}
@@ -137,6 +149,7 @@ def export(args: argparse.Namespace) -> Path:
     console = Console(highlight=False, soft_wrap=True)
     folder = Path(args.results) if args.results else rebuild.most_recent_search()
     config, trials = rebuild.load_search(folder)
+    header.set_max_pixels(config.get("max_pixels", header.DEFAULT_MAX_PIXELS))
     deployables = None
     pool = trials
     if args.quantize:
