@@ -11,6 +11,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -192,3 +193,39 @@ def test_a_real_bomb_never_reaches_memory(tmp_path):
     decoded = peak_mb("--max-pixels", str(10**12))  # no limit: the decoder meets the bomb
     print(f"peak RSS: {refused:.0f} MB refused, {decoded:.0f} MB decoded")
     assert decoded - refused > 1000  # 1.2 GB of RGB (and its 400 MB of gray) never existed
+
+
+def test_image_kinds_of_real_photo_folders_decode_one_way_everywhere(tmp_path):
+    """One decoder (pipeline.read_rgb) serves the split's check, the passes, training, the
+    test evaluation and predict; what it does with each kind (the data guide says so):"""
+    import tensorflow as tf
+
+    from data_tools.pipeline import find_unreadable, read_rgb
+
+    def decoded(path: Path) -> np.ndarray:
+        return read_rgb(tf.constant(str(path))).numpy()
+
+    # 16-bit PNG: scaled to 8 bits (value // 256), not clipped.
+    deep = (np.arange(24 * 24).reshape(24, 24) * 100).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert np.array_equal(decoded(tmp_path / "deep.png")[..., 0], (deep >> 8).astype(np.uint8))
+    # A palette PNG with a transparent colour: its RGB, as Pillow's.
+    palette = Image.fromarray(random_rgb(24, 24)).convert("P")
+    palette.save(tmp_path / "palette.png", transparency=0)
+    rgb = np.asarray(Image.open(tmp_path / "palette.png").convert("RGB"))
+    assert np.array_equal(decoded(tmp_path / "palette.png"), rgb)
+    # EXIF orientation is ignored: the stored pixels, in training and in predict alike.
+    photo = Image.fromarray(random_rgb(20, 30))
+    exif = photo.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees to display"
+    photo.save(tmp_path / "rotated.jpg", exif=exif)
+    assert decoded(tmp_path / "rotated.jpg").shape == (20, 30, 3)
+    # A PNG named .jpg: decoded by its content.
+    Image.fromarray(random_rgb(24, 24)).save(tmp_path / "lying.jpg", format="PNG")
+    assert np.array_equal(decoded(tmp_path / "lying.jpg"), random_rgb(24, 24))
+    # Unreadable, so counted and left out by the split: zero bytes, an animated WebP.
+    (tmp_path / "empty.png").write_bytes(b"")
+    frames = [Image.fromarray(random_rgb(16, 16, seed=s)) for s in (1, 2)]
+    frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:], lossless=True)
+    files = [str(tmp_path / n) for n in ("deep.png", "empty.png", "anim.webp", "lying.jpg")]
+    assert find_unreadable(files) == [1, 2]
