@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -259,6 +260,27 @@ def _index_folder(images: Path) -> tuple[dict[str, str], dict[str, str]]:
             if ext.lower() in IMAGE_EXTENSIONS and rel_dir == ".":
                 by_stem.setdefault(stem, full)
     return by_name, by_stem
+
+
+def file_stamps(paths: Sequence[str]) -> pd.DataFrame:
+    """``path, size, mtime_ns`` of each file (-1, -1 for a missing one): what a resumed
+    search compares with the files it started from (:func:`changed_files`)."""
+    rows = []
+    for path in paths:
+        try:
+            stat = os.stat(path)
+            rows.append((str(path), stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            rows.append((str(path), -1, -1))
+    return pd.DataFrame(rows, columns=["path", "size", "mtime_ns"])
+
+
+def changed_files(before: pd.DataFrame, now: pd.DataFrame) -> list[str]:
+    """The paths of ``before`` that are missing from ``now``, or whose size or modification
+    time differ (two :func:`file_stamps` tables)."""
+    merged = before.merge(now, on="path", how="left", suffixes=("", "_now"))
+    moved = (merged["size"] != merged["size_now"]) | (merged["mtime_ns"] != merged["mtime_ns_now"])
+    return merged.loc[moved, "path"].tolist()
 
 
 def normalise(frame: pd.DataFrame, paths: pd.Series, classes: list[str]) -> pd.DataFrame:

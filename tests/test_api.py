@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import keras_tuner as kt
+import pandas as pd
 import pytest
 
 import tuner
@@ -36,6 +37,8 @@ def test_search_runs_in_process_and_resumes(tmp_path, demo_dir, pretrained_t0, c
     assert "split key: reference" in printed  # the demo's SHA-1 names
     assert len(found.trials) == 1 and found.trials.status.iloc[0] == "completed"
     assert found.config["space"]["backbones"] == ["T0"]
+    stamps = pd.read_csv(found.path / "files.csv")  # what a resume checks the images against
+    assert len(stamps) == sum(found.config["split_counts"].values()) and (stamps["size"] > 0).all()
     assert len(found.front) == 1
     sessions = hparams_sessions(found.path / "tensorboard")
     row = found.trials.iloc[0]

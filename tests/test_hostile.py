@@ -229,3 +229,28 @@ def test_image_kinds_of_real_photo_folders_decode_one_way_everywhere(tmp_path):
     frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:], lossless=True)
     files = [str(tmp_path / n) for n in ("deep.png", "empty.png", "anim.webp", "lying.jpg")]
     assert find_unreadable(files) == [1, 2]
+
+
+def test_a_resume_refuses_images_changed_since_the_search_started(tmp_path):
+    import os
+
+    from tuner.engine import session
+
+    paths = []
+    for i in range(3):
+        Image.fromarray(random_rgb(seed=i)).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    out = tmp_path / "results"
+    out.mkdir()
+    stamps = session.check_files(out, paths)  # the first run: what to record
+    assert stamps.path.tolist() == paths
+    (out / session.FILES).write_text(stamps.to_csv(index=False))
+    assert session.check_files(out, paths) is None  # unchanged: the resume goes on
+    Image.fromarray(random_rgb(seed=9)).save(paths[1])  # a sync client rewrote it
+    os.utime(paths[1], ns=(1, 1))
+    os.remove(paths[2])
+    with pytest.raises(InputError) as refused:
+        session.check_files(out, paths)
+    assert str(refused.value).startswith(
+        f"2 image(s) changed or went missing since this search started ({paths[1]}, {paths[2]})"
+    )

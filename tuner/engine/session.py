@@ -151,9 +151,12 @@ def run_search(request: SearchRequest) -> int:
             **data_facts,
         }
         check_resume(out, config)
+        stamps = check_files(out, table["path"])
         out.mkdir(parents=True, exist_ok=True)
         if role.kind != "worker":
             write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+            if stamps is not None:
+                write_text(out / FILES, stamps.to_csv(index=False))
             ledger.save()  # the deadline, for workers
     if split_warning and role.kind != "worker":
         console.print(split_warning, markup=False)
@@ -379,6 +382,32 @@ def resolve_weights(choice: str, space, demo: bool, console) -> tuple[str | None
             f"training the whole network"
         )
         return None, "none (imagenet unavailable)"
+
+
+FILES = "files.csv"  # path, size, mtime_ns of every train and validation image at the start
+
+
+def check_files(out: Path, paths) -> Any:
+    """A resumed search must read the files it started from: one line naming those changed
+    or missing since (a sync client, a second copy job), before any work. Returns the
+    stamps to record when this is the search's first run, else None."""
+    from data_tools import ingest
+    from data_tools.errors import preview
+
+    now = ingest.file_stamps(list(paths))
+    record = out / FILES
+    if not record.is_file():
+        return now
+    import pandas as pd
+
+    changed = ingest.changed_files(pd.read_csv(record, dtype={"path": str}), now)
+    if changed:
+        raise InputError(
+            f"{len(changed)} image(s) changed or went missing since this search started "
+            f"({preview(changed, 3)}): restore them, or start again with --overwrite or a new "
+            f"--name (its split, caches and trials describe the files as they were)"
+        )
+    return None
 
 
 def check_resume(out: Path, config: dict[str, Any]) -> None:
