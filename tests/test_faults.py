@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from tests.conftest import frozen, run_search, search_argv
 from tests.test_distribute import ROOT, clean_env
@@ -114,3 +115,17 @@ def test_corrupt_feature_cache_is_detected_and_rebuilt(tmp_path):
     assert len(calls) == 6 and np.array_equal(again, first)
     assert np.array_equal(cached(), first)
     assert len(calls) == 6  # whole again: loaded, not computed
+
+
+@pytest.mark.slow
+def test_chaos_ten_kills_lose_nothing_double_nothing_corrupt_nothing(tmp_path, capsys):
+    from tuner import bench_chaos
+
+    assert bench_chaos.main(["--kills", "10", "--seed", "0", "--results", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        printed.strip()
+        .splitlines()[-1]
+        .endswith("kills, 0 lost trials, 0 doubled, 0 corrupt files")
+    )
+    assert printed.count("SIGKILL at") >= 5  # most processes were killed, not finished

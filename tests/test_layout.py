@@ -23,6 +23,7 @@ ENTRY_POINTS = {
     "bench_quality",
     "bench_quantize",
     "bench_scale",
+    "bench_chaos",
 }
 MAX_MODULE_LINES, MAX_CLASS_LINES = 600, 300
 

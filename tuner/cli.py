@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-quality": ("tuner.bench_quality", "the search against the baselines, over folds"),
     "bench-quantize": ("tuner.bench_quantize", "LiteRT variants of a trial"),
     "bench-scale": ("tuner.bench_scale", "cost and disk as the data grows"),
+    "bench-chaos": ("tuner.bench_chaos", "a search killed and resumed, again and again"),
     "bench-split": ("data_tools.bench_split", "the split's speed on a million rows"),
 }
 
