@@ -18,6 +18,12 @@ class InputError(ValueError):
     """
 
 
+class FilesChanged(InputError):
+    """Images the search started from changed or went missing while it ran (a sync client,
+    a second copy job): what was trained on and what would be read now differ, so the run
+    stops with one line naming them, and resumes once they are restored."""
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Call ``main(argv)``; turn an :class:`InputError` into one line on stderr and exit code 2.
     TensorFlow's C++ log stays hidden unless ``--verbose`` is given (:mod:`data_tools.cli`)."""

@@ -47,6 +47,8 @@ _PENDING: dict[Path, threading.Thread] = {}  # cache files being written
 _PENDING_LOCK = threading.Lock()
 # Sets this process decoded, for as long as something (a dataset, a writer) still uses them.
 _DECODED: weakref.WeakValueDictionary[Path, tf.Tensor] = weakref.WeakValueDictionary()
+# path -> (size, mtime_ns) the search started from (files.csv): see expect_files().
+_EXPECTED: dict[str, tuple[int, int]] = {}
 
 
 def decode_image(path: tf.Tensor, size: int) -> tf.Tensor:
@@ -161,18 +163,70 @@ def paths_dataset(paths: Sequence[str], labels: Sequence[int], size: int) -> tf.
     )
 
 
+def expect_files(stamps: pd.DataFrame | None) -> None:
+    """Hold this process's reads to ``stamps`` (``path, size, mtime_ns``: the files a search
+    started from, its files.csv; None: no expectation). From then on every pixel-cache
+    lookup (:func:`cache_file`, which stats each file anyway) raises
+    :class:`~data_tools.errors.FilesChanged` naming the files whose size or modification
+    time differ, or that are gone, instead of decoding changed files into a new cache."""
+    _EXPECTED.clear()
+    if stamps is not None:
+        pairs = zip(stamps["size"].astype(int), stamps["mtime_ns"].astype(int), strict=True)
+        _EXPECTED.update(zip(stamps["path"].astype(str), pairs, strict=True))
+
+
+def check_expected(paths: Sequence[str] | None = None) -> None:
+    """Raise :class:`~data_tools.errors.FilesChanged` when any of ``paths`` (default: every
+    expected file) differs from what :func:`expect_files` recorded."""
+    changed = []
+    for path in _EXPECTED if paths is None else paths:
+        expected = _EXPECTED.get(str(path))
+        if expected is not None and _stamp(path) != expected:
+            changed.append(str(path))
+    _raise_changed(changed)
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (stat.st_size, stat.st_mtime_ns)
+
+
+def _raise_changed(changed: Sequence[str]) -> None:
+    if not changed:
+        return
+    from data_tools.errors import FilesChanged, preview
+
+    described = [f"{path} ({'missing' if _stamp(path)[0] < 0 else 'changed'})" for path in changed]
+    raise FilesChanged(
+        f"{len(changed)} image(s) changed or went missing while the search ran "
+        f"({preview(described, 3)}): restore them and run the same command to resume (the "
+        f"trial that met them runs again), or start again with --overwrite or a new --name"
+    )
+
+
 def cache_file(
     cache_dir: str | os.PathLike[str], split: str, size: int, paths: Sequence[str]
 ) -> Path:
     """Where the decoded pixels of these files at this size live.
 
     The name carries a fingerprint of the file list and each file's size and modification
-    time, so a changed data set gets a new cache instead of stale pixels.
+    time, so a changed data set gets a new cache instead of stale pixels; within a search
+    (:func:`expect_files`) a changed or missing file is an error instead.
     """
     digest = hashlib.sha1(str(size).encode())
+    changed = []
     for path in paths:
-        stat = os.stat(path)
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        stamp = _stamp(path)
+        expected = _EXPECTED.get(str(path))
+        if expected is not None and stamp != expected:
+            changed.append(str(path))
+        elif stamp[0] < 0:
+            os.stat(path)  # the file's own FileNotFoundError, as before
+        digest.update(f"{path}\0{stamp[0]}\0{stamp[1]}\n".encode())
+    _raise_changed(changed)
     return Path(cache_dir) / "decoded" / f"{split}-{size}px-{digest.hexdigest()[:16]}.npy"
 
 
@@ -213,7 +267,7 @@ def decoded_pixels(
             _DECODED[target] = pixels
             _write_in_background(target, pixels, lock)
             return pixels
-        with atomic_path(target) as tmp:
+        with atomic_path(target, "cache") as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=expected)
             _decode_into(out, paths, size)
             out.flush()
@@ -280,7 +334,7 @@ def _write_in_background(target: Path, pixels: tf.Tensor, lock: FileLock) -> Non
         with contextlib.suppress(OSError, AttributeError):  # Linux: this thread only
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # training first
         try:
-            with atomic_path(target) as tmp:
+            with atomic_path(target, "cache") as tmp:
                 save_uncached(tmp, np.asarray(pixels))  # a view of the tensor: no copy
         except OSError as error:
             print(f"warning: could not write the decoded-image cache {target}: {error}")

@@ -298,14 +298,18 @@ def split_files(
     ``labels`` is a label CSV or a folder with one sub-folder per class. With ``images`` (or
     for a class folder) every image is checked: missing files are an error; files that
     cannot be decoded are left out and listed in ``<out stem>.excluded.csv``, unless more
-    than ``max_bad_fraction`` of them are bad. Writes ``out`` and ``<out stem>.classes.txt``
-    (the class order), each atomically, and only once every check has passed. ``key``: the
-    split key's rule (:func:`choose_key`); the frame's ``attrs`` say which one was used.
+    than ``max_bad_fraction`` of them are bad; the checked files' size and modification time
+    go to ``<out stem>.files.csv``, which a search compares with when it starts. Writes
+    ``out`` and ``<out stem>.classes.txt`` (the class order), each atomically, and only once
+    every check has passed. ``key``: the split key's rule (:func:`choose_key`); the frame's
+    ``attrs`` say which one was used.
     """
     check_ranges(test_range, validation_range)
     frame, paths = _read_input(Path(labels), images)
     excluded = pd.DataFrame(columns=["objectId", "path", "reason"])
+    stamps = None
     if paths is not None:
+        stamps = ingest.file_stamps(paths.tolist())  # before the check: a change during it shows
         excluded = _unreadable_rows(frame, paths, max_bad_fraction)
         frame = frame[~frame["objectId"].isin(excluded["objectId"])].reset_index(drop=True)
         ingest.check_classes(frame["value"], f"labels {labels} after leaving out bad images")
@@ -314,6 +318,13 @@ def split_files(
     with atomic_path(out) as tmp:
         write_csv(split, tmp)
     write_text(sidecar(out, "classes.txt"), "\n".join(ingest.class_names(split["value"])) + "\n")
+    stamps_file = sidecar(out, "files.csv")
+    if stamps is not None:  # what was checked, for a search to compare with when it starts
+        kept = stamps[~stamps["path"].isin(excluded["path"])]
+        with atomic_path(stamps_file) as tmp:
+            kept.to_csv(tmp, index=False)
+    else:
+        stamps_file.unlink(missing_ok=True)
     report = sidecar(out, "excluded.csv")
     if len(excluded):
         with atomic_path(report) as tmp:
@@ -332,6 +343,7 @@ class SearchTable:
     facts: dict[str, Any]  # for the search's config: source, images, classes, counts, ranges
     warning: str | None  # balanced validation or test too small to select on
     key_line: str | None  # which split key a split made now used, and why
+    stamps: pd.DataFrame | None = None  # the split's files.csv: path, size, mtime_ns, if any
 
 
 def search_table(
@@ -388,7 +400,9 @@ def search_table(
         facts["split_key"] = rule
     if warning and ranges is None:
         warning += f" (re-split {source} with python -m data_tools.split and those options)"
-    return SearchTable(table, classes, facts, warning, key_line)
+    record = sidecar(Path(source), "files.csv")
+    stamps = pd.read_csv(record, dtype={"path": str}) if record.is_file() else None
+    return SearchTable(table, classes, facts, warning, key_line, stamps)
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:

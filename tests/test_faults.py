@@ -129,3 +129,28 @@ def test_chaos_ten_kills_lose_nothing_double_nothing_corrupt_nothing(tmp_path, c
         .endswith("kills, 0 lost trials, 0 doubled, 0 corrupt files")
     )
     assert printed.count("SIGKILL at") >= 5  # most processes were killed, not finished
+
+
+def test_a_kill_point_kills_the_writer_and_sweep_removes_only_dead_writers_files(tmp_path):
+    from data_tools import atomic
+
+    script = (
+        "import sys; from data_tools.atomic import write_text\n"
+        "for i in range(3): write_text(sys.argv[1], str(i), 'trials')\n"
+    )
+    target = tmp_path / "trials.csv"
+    env = {**clean_env(), atomic.KILL_AT: "trials:2"}
+    done = subprocess.run([sys.executable, "-c", script, str(target)], env=env, cwd=ROOT)
+    assert done.returncode == -signal.SIGKILL
+    assert target.read_text() == "0"  # the second write was killed before its rename
+    left = [p.name for p in tmp_path.iterdir() if p.name != "trials.csv"]
+    assert len(left) == 1 and atomic.temp_target(left[0]) == "trials.csv"
+    assert atomic.is_stale(left[0])
+    env[atomic.KILL_AT] = "trials.renamed:1"
+    done = subprocess.run([sys.executable, "-c", script, str(target)], env=env, cwd=ROOT)
+    assert done.returncode == -signal.SIGKILL and target.read_text() == "0"
+    with atomic.atomic_path(tmp_path / "live.csv") as live:  # this process's: kept
+        live.write_text("x")
+        assert atomic.sweep(tmp_path) == 1
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["trials.csv", live.name])
+    assert (tmp_path / "live.csv").read_text() == "x"

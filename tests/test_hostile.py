@@ -1,6 +1,7 @@
 """Hostile files: decompression bombs refused by their header before any pixel exists, in
-every decode (the split's check, training, predict, the serving signature), and the path
-rule (an objectId never resolves outside the images folder)."""
+every decode (the split's check, training, predict, the serving signature), the path rule
+(an objectId never resolves outside the images folder), image kinds, and images that change
+after the split checked them, between runs, or while a search runs."""
 
 from __future__ import annotations
 
@@ -254,3 +255,71 @@ def test_a_resume_refuses_images_changed_since_the_search_started(tmp_path):
     assert str(refused.value).startswith(
         f"2 image(s) changed or went missing since this search started ({paths[1]}, {paths[2]})"
     )
+
+
+def test_a_search_refuses_images_changed_since_the_split_checked_them(tmp_path, demo_dir, capsys):
+    import os
+    import shutil
+
+    from tuner import search
+
+    data = shutil.copytree(demo_dir, tmp_path / "digits")
+    split_file = tmp_path / "split.csv"
+    labels = ["--labels", str(data / "label.csv"), "--images", str(data / "images")]
+    assert split_mod.main([*labels, "--out", str(split_file)]) == 0
+    stamps = pd.read_csv(split_mod.sidecar(split_file, "files.csv"))
+    assert len(stamps) == 1797 and (stamps["size"] > 0).all()
+    victim = pd.read_csv(split_file).query("type == 'train'").objectId.iloc[0]
+    path = data / "images" / f"{victim}.png"
+    os.utime(path, ns=(1, 1))  # a second copy job touched it
+    argv = ["--data", str(split_file), "--images", str(data / "images"), "--weights", "none"]
+    argv += ["--results", str(tmp_path / "r"), "--set", "backbones=[T0]"]
+    assert run_cli(search.main, argv) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(
+        f"error: 1 image(s) changed or went missing since the split checked them ({path})"
+    )
+    assert not list((tmp_path / "r").rglob("config.yaml"))  # refused before anything is written
+
+
+def test_an_image_gone_mid_search_stops_it_in_one_line_and_the_trial_runs_on_resume(
+    tmp_path, demo_dir, pretrained_t0, capsys, monkeypatch
+):
+    import os
+    import shutil
+
+    from tests.conftest import frozen
+    from tuner import search
+    from tuner.model import hypermodel
+
+    data = shutil.copytree(demo_dir, tmp_path / "digits")
+    real_fit = hypermodel.EffNetHyperModel.fit
+    calls, moved = [], {}
+
+    def sync_client_takes_one(self, hp, model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # between the first trial and the second
+            moved["path"] = self.data.paths("train")[3]
+            os.replace(moved["path"], tmp_path / "held.png")
+        return real_fit(self, hp, model, *args, **kwargs)
+
+    monkeypatch.setattr(hypermodel.EffNetHyperModel, "fit", sync_client_takes_one)
+    argv = [
+        *("--data", str(data / "label.csv"), "--results", str(tmp_path / "r"), "--name", "m"),
+        *("--cache", str(tmp_path / "cache"), "--set", "backbones=[T0]", *frozen(pretrained_t0)),
+        *("--algorithm", "random", "--set", "epochs=1", "--set", "max_trials=2", "--budget", "10m"),
+        *("--wandb-mode", "disabled"),
+    ]
+    assert run_cli(search.main, argv) == 2
+    output = capsys.readouterr().out
+    assert (
+        f"stopped: 1 image(s) changed or went missing while the search ran ({moved['path']} "
+        f"(missing))" in " ".join(output.split())
+    )
+    assert "Traceback" not in output
+    table = pd.read_csv(tmp_path / "r" / "m" / "trials.csv", dtype={"trial_id": str})
+    assert table.trial_id.tolist() == ["0"]  # the second trial is not recorded as failed
+    os.replace(tmp_path / "held.png", moved["path"])  # restored, as it was
+    assert run_cli(search.main, argv) == 0
+    table = pd.read_csv(tmp_path / "r" / "m" / "trials.csv", dtype={"trial_id": str})
+    assert table.trial_id.tolist() == ["0", "1"] and (table.status == "completed").all()

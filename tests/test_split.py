@@ -266,11 +266,11 @@ def test_search_takes_the_split_ranges_and_warns_when_they_leave_too_few(
         out = tmp_path / ("-".join(ranges) or "default")
         return session.load_data(request, out), out
 
-    (table, _, facts, warning), _ = load()
+    (table, _, facts, warning, _), _ = load()
     assert warning.startswith("warning: balanced to the rarest class, validation keeps 14 ")
     assert facts["split_ranges"] == {"test": [0, 24], "validation": [25, 49]}
     fix = warning.split(". ", 1)[1].split(" would give")[0].split()
-    (table, _, facts, warning), out = load(*fix)
+    (table, _, facts, warning, _), out = load(*fix)
     assert warning is None
     written = pd.read_csv(out / "split_label.csv", dtype=str)
     keys = split_mod.split_keys(written.objectId)

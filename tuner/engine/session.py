@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rich.markup import escape
 
-from data_tools import header, progress
+from data_tools import atomic, header, progress
 from data_tools import split as split_mod
 from data_tools.atomic import write_text
-from data_tools.errors import InputError
+from data_tools.errors import EXIT_INPUT_ERROR, InputError
 from tuner.engine.distribute import Role
 from tuner.report.text import format_seconds
 
@@ -102,7 +103,7 @@ def run_search(request: SearchRequest) -> int:
         fresh = _new_folder(out)  # what to remove if this run fails before its first trial
         # The data first: a bad label file is reported before any weights are fetched.
         quiet = role.kind == "worker"  # the chief (or a lone search) says how it split
-        table, classes, data_facts, split_warning = load_data(
+        table, classes, data_facts, split_warning, split_stamps = load_data(
             request, out, None if quiet else console
         )
         try:
@@ -125,6 +126,9 @@ def run_search(request: SearchRequest) -> int:
         accelerated = accelerate.apply(request.mixed_precision, request.xla, request.gpu_free_mib)
         cache_dir = Path(request.cache_dir) if request.cache_dir else out / "cache"
         cache_budget = disk.open_budget(cache_dir, request.cache_budget)
+        if role.kind != "worker":  # what killed processes left half-written
+            atomic.sweep(out)
+            atomic.sweep(cache_dir)
         if request.dry_run:
             table_costs = plan.load_costs(request.costs) if request.costs else None
             train_rows = int((table["type"] == "train").sum())
@@ -151,13 +155,17 @@ def run_search(request: SearchRequest) -> int:
             **data_facts,
         }
         check_resume(out, config)
-        stamps = check_files(out, table["path"])
+        stamps = check_files(out, table["path"], split_stamps)
         out.mkdir(parents=True, exist_ok=True)
         if role.kind != "worker":
             write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
             if stamps is not None:
                 write_text(out / FILES, stamps.to_csv(index=False))
             ledger.save()  # the deadline, for workers
+        # From here every read is held to those stamps: a file changed mid-search stops it.
+        from data_tools import pipeline
+
+        pipeline.expect_files(stamps if stamps is not None else read_stamps(out / FILES))
     if split_warning and role.kind != "worker":
         console.print(split_warning, markup=False)
 
@@ -234,6 +242,9 @@ def run_search(request: SearchRequest) -> int:
                 f"[yellow]interrupted[/yellow]: the running trial {again}; finished trials are kept"
             )
             code = EXIT_INTERRUPTED
+        except trial.DataChanged as exc:
+            console.print(f"[red]stopped:[/red] {escape(str(exc))}", highlight=False)
+            code = EXIT_INPUT_ERROR
         except trial.DiskFull as exc:
             console.print(
                 f"[red]stopped: the disk is full[/red] ({exc}); the results written so far "
@@ -347,9 +358,9 @@ def finish_search(results, logger, config, ledger, console, code: int) -> int:
 
 def load_data(request: SearchRequest, out: Path, console=None):
     """(train+validation table, class names, facts for the config, a warning when the
-    balanced validation or test is too small to select on, else None) from ``--data``
-    (:func:`data_tools.split.search_table`). Splitting a label file here prints which split
-    key it used on ``console``."""
+    balanced validation or test is too small to select on, else None, the split's record of
+    its checked files or None) from ``--data`` (:func:`data_tools.split.search_table`).
+    Splitting a label file here prints which split key it used on ``console``."""
     from data_tools import demo
 
     data = Path(request.data) if request.data else demo.ensure_demo(request.cache)
@@ -363,7 +374,7 @@ def load_data(request: SearchRequest, out: Path, console=None):
     )
     if found.key_line and console is not None:
         console.print(found.key_line, markup=False)
-    return found.table, found.classes, found.facts, found.warning
+    return found.table, found.classes, found.facts, found.warning, found.stamps
 
 
 def resolve_weights(choice: str, space, demo: bool, console) -> tuple[str | None, str]:
@@ -387,27 +398,40 @@ def resolve_weights(choice: str, space, demo: bool, console) -> tuple[str | None
 FILES = "files.csv"  # path, size, mtime_ns of every train and validation image at the start
 
 
-def check_files(out: Path, paths) -> Any:
-    """A resumed search must read the files it started from: one line naming those changed
-    or missing since (a sync client, a second copy job), before any work. Returns the
-    stamps to record when this is the search's first run, else None."""
+def check_files(out: Path, paths, split_stamps=None) -> Any:
+    """A resumed search must read the files it started from, and a new one the files its
+    split checked (``split_stamps``, the split's ``files.csv`` when it wrote one): one line
+    naming those changed or missing since (a sync client, a second copy job), before any
+    work. Returns the stamps to record when this is the search's first run, else None."""
     from data_tools import ingest
     from data_tools.errors import preview
 
     now = ingest.file_stamps(list(paths))
     record = out / FILES
-    if not record.is_file():
-        return now
-    import pandas as pd
-
-    changed = ingest.changed_files(pd.read_csv(record, dtype={"path": str}), now)
+    before = read_stamps(record)
+    since = "this search started"
+    if before is None:
+        if split_stamps is None:
+            return now
+        before = split_stamps[split_stamps["path"].isin(now["path"])]
+        since = "the split checked them"
+    changed = ingest.changed_files(before, now)
     if changed:
         raise InputError(
-            f"{len(changed)} image(s) changed or went missing since this search started "
+            f"{len(changed)} image(s) changed or went missing since {since} "
             f"({preview(changed, 3)}): restore them, or start again with --overwrite or a new "
             f"--name (its split, caches and trials describe the files as they were)"
         )
-    return None
+    return now if since != "this search started" else None
+
+
+def read_stamps(path: Path) -> Any:
+    """A ``files.csv`` (path, size, mtime_ns) as a table, or None when there is none."""
+    if not path.is_file():
+        return None
+    import pandas as pd
+
+    return pd.read_csv(path, dtype={"path": str})
 
 
 def check_resume(out: Path, config: dict[str, Any]) -> None:

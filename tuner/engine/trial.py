@@ -58,6 +58,12 @@ class DiskFull(kt.errors.FatalError):
     write is write-then-rename) and the trial that could not be recorded runs on resume."""
 
 
+class DataChanged(kt.errors.FatalError):
+    """Images the search started from changed or went missing under it: stop with one line
+    naming them (:class:`data_tools.errors.FilesChanged`); the trial that met them is
+    discarded, not recorded as failed, and runs again on resume once they are restored."""
+
+
 def disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
@@ -170,6 +176,11 @@ class TrialRunner:
         except Exception as exc:  # noqa: BLE001 - any trial failure is recorded, search goes on
             if disk_full(exc):
                 raise DiskFull(f"{failure_reason(exc)}: {getattr(exc, 'filename', '')}") from None
+            changed = files_changed(exc)
+            if changed:
+                if ctx.wandb:
+                    ctx.wandb.finish_trial({"status": "interrupted"}, failed=True)
+                raise DataChanged(changed) from None
             reason = failure_reason(exc)
             ctx.console.print(f"  [red]trial {trial.trial_id} failed:[/red] {reason}")
             row = self._row(
@@ -469,6 +480,22 @@ def _best_epoch(history: dict[str, list[float]], validation_count: int) -> dict[
         "train_loss": history["loss"][best],
         "best_epoch": best + 1,
     }
+
+
+def files_changed(exc: BaseException) -> str:
+    """The one line when a trial failed because the images it read changed or went missing
+    during the search (what it raised, or a check of every file it started from, made
+    after any other failure: a file deleted mid-decode fails inside TensorFlow), else ''."""
+    from data_tools import pipeline
+    from data_tools.errors import FilesChanged
+
+    if isinstance(exc, FilesChanged):
+        return str(exc)
+    try:
+        pipeline.check_expected()
+    except FilesChanged as changed:
+        return str(changed)
+    return ""
 
 
 def failure_reason(exc: BaseException) -> str:

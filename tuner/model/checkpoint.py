@@ -87,7 +87,7 @@ def save(model: keras.Model, path: str | Path, whole: bool) -> int:
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+    with atomic_path(path, "checkpoint") as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **arrays)
     return path.stat().st_size
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from data_tools import atomic
 from data_tools.errors import InputError
 
 DEFAULT_SHARE = 0.5  # of the free space on the cache's disk at start
@@ -69,7 +70,6 @@ def format_bytes(count: float, up: bool = False) -> str:
 # The .npy header of a cache entry (numpy's format 1.0 pads it to 128 bytes for our shapes).
 NPY_HEADER_BYTES = 128
 RESERVED = ".reserved"  # a reservation's placeholder: ``<entry>.reserved``
-_TEMP = re.compile(r"^\.(.+)\.[^.]+\.tmp$")  # data_tools.atomic's temporary files
 
 
 def entry_bytes(rows: int, values: int, itemsize: int = 4) -> int:
@@ -112,8 +112,7 @@ class Budget:
                     name.endswith(RESERVED) and name[: -len(RESERVED)] not in live
                 ):
                     continue
-                temp = _TEMP.match(name)
-                if temp and temp.group(1) in live:
+                if atomic.temp_target(name) in live:
                     continue
                 with contextlib.suppress(OSError):
                     total += os.stat(os.path.join(root, name)).st_size

@@ -177,7 +177,7 @@ def run_passes(
         for pass_ in todo:
             arrays = []
             for target, shape in pass_.outputs:
-                tmp = stack.enter_context(atomic_path(target))
+                tmp = stack.enter_context(atomic_path(target, "cache"))
                 arrays.append(np.lib.format.open_memmap(tmp, "w+", pass_.dtype, (rows, *shape)))
             outputs.append(arrays)
         sizes = sorted({p.size for p in todo})

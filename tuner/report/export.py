@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data_tools import header
+from data_tools import atomic, header
 from data_tools.atomic import atomic_path
 from data_tools.errors import InputError
 from tuner.report import evaluate, html_report, quantize, rebuild
@@ -149,6 +149,7 @@ def export(args: argparse.Namespace) -> Path:
     console = Console(highlight=False, soft_wrap=True)
     folder = Path(args.results) if args.results else rebuild.most_recent_search()
     config, trials = rebuild.load_search(folder)
+    atomic.sweep(folder)  # an export or a search killed mid-write left these
     header.set_max_pixels(config.get("max_pixels", header.DEFAULT_MAX_PIXELS))
     deployables = None
     pool = trials
@@ -210,7 +211,7 @@ def export(args: argparse.Namespace) -> Path:
         deployable = quantize.record(chosen)
         latency_ms, images_per_s = deployable["latency_ms"], None
     out = Path(args.out) if args.out else folder / "best"
-    with atomic_path(out) as tmp:
+    with atomic_path(out, "export") as tmp:
         tmp.mkdir(parents=True)
         model.save(tmp / "model.keras")
         write_saved_model(model, size, tmp / "saved_model")
@@ -266,7 +267,7 @@ def export(args: argparse.Namespace) -> Path:
         finished = pool[pool["status"].isin(results_mod.FINISHED)]
         results_mod.plot_pareto(finished, tmp / "pareto.png", exported=choice.trial_id)
     # The search's own plot gets the star too: the trial this export shipped.
-    with atomic_path(folder / "pareto.png") as tmp:
+    with atomic_path(folder / "pareto.png", "export") as tmp:
         shutil.copyfile(out / "pareto.png", tmp)
     which = "" if refit_facts is None else ", the refit model (exported)"
     console.print(
@@ -310,7 +311,7 @@ def quantize_front(
     leaderboard = results_mod.leaderboard_markdown(trials)
     leaderboard += "\n## Deployable variants (LiteRT, `deployables.csv`)\n\n"
     leaderboard += quantize.markdown(table)
-    with atomic_path(folder / "leaderboard.md") as tmp:
+    with atomic_path(folder / "leaderboard.md", "export") as tmp:
         tmp.write_text(leaderboard)
     return table
 

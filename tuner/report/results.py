@@ -148,7 +148,7 @@ class Results:
             table = table[table["trial_id"] != str(row["trial_id"])]
             new = pd.DataFrame([{column: row.get(column, "") for column in COLUMNS}])
             table = new if table.empty else pd.concat([table, new], ignore_index=True)
-            with atomic_path(self.trials_csv) as tmp:
+            with atomic_path(self.trials_csv, "trials") as tmp:
                 table[COLUMNS].to_csv(tmp, index=False)
 
     def lock(self) -> FileLock:
