@@ -283,6 +283,37 @@ def changed_files(before: pd.DataFrame, now: pd.DataFrame) -> list[str]:
     return merged.loc[moved, "path"].tolist()
 
 
+def check_stamps(
+    record: Path, paths: Sequence[str], split_stamps: pd.DataFrame | None = None
+) -> pd.DataFrame | None:
+    """A resumed search must read the files it started from (``record``, its files.csv),
+    and a new one the files its split checked (``split_stamps``, the split's ``files.csv``
+    when it wrote one): one line naming those changed or missing since (a sync client, a
+    second copy job), before any work. Returns the stamps to record when this is the
+    search's first run, else None."""
+    now = file_stamps(list(paths))
+    before = read_stamps(record)
+    since = "this search started"
+    if before is None:
+        if split_stamps is None:
+            return now
+        before = split_stamps[split_stamps["path"].isin(now["path"])]
+        since = "the split checked them"
+    changed = changed_files(before, now)
+    if changed:
+        raise InputError(
+            f"{len(changed)} image(s) changed or went missing since {since} "
+            f"({preview(changed, 3)}): restore them, or start again with --overwrite or a new "
+            f"--name (its split, caches and trials describe the files as they were)"
+        )
+    return None if since == "this search started" else now
+
+
+def read_stamps(path: Path) -> pd.DataFrame | None:
+    """A ``files.csv`` (path, size, mtime_ns) as a table, or None when there is none."""
+    return pd.read_csv(path, dtype={"path": str}) if path.is_file() else None
+
+
 def normalise(frame: pd.DataFrame, paths: pd.Series, classes: list[str]) -> pd.DataFrame:
     """The table every later stage reads: objectId, path, value, class_index (+ type)."""
     index_of = {name: i for i, name in enumerate(classes)}

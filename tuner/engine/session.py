@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from rich.markup import escape
 
-from data_tools import atomic, header, progress
+from data_tools import atomic, header, ingest, progress
 from data_tools import split as split_mod
 from data_tools.atomic import write_text
 from data_tools.errors import EXIT_INPUT_ERROR, InputError
@@ -155,7 +155,7 @@ def run_search(request: SearchRequest) -> int:
             **data_facts,
         }
         check_resume(out, config)
-        stamps = check_files(out, table["path"], split_stamps)
+        stamps = ingest.check_stamps(out / FILES, table["path"], split_stamps)
         out.mkdir(parents=True, exist_ok=True)
         if role.kind != "worker":
             write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
@@ -165,7 +165,7 @@ def run_search(request: SearchRequest) -> int:
         # From here every read is held to those stamps: a file changed mid-search stops it.
         from data_tools import pipeline
 
-        pipeline.expect_files(stamps if stamps is not None else read_stamps(out / FILES))
+        pipeline.expect_files(stamps if stamps is not None else ingest.read_stamps(out / FILES))
     if split_warning and role.kind != "worker":
         console.print(split_warning, markup=False)
 
@@ -396,42 +396,6 @@ def resolve_weights(choice: str, space, demo: bool, console) -> tuple[str | None
 
 
 FILES = "files.csv"  # path, size, mtime_ns of every train and validation image at the start
-
-
-def check_files(out: Path, paths, split_stamps=None) -> Any:
-    """A resumed search must read the files it started from, and a new one the files its
-    split checked (``split_stamps``, the split's ``files.csv`` when it wrote one): one line
-    naming those changed or missing since (a sync client, a second copy job), before any
-    work. Returns the stamps to record when this is the search's first run, else None."""
-    from data_tools import ingest
-    from data_tools.errors import preview
-
-    now = ingest.file_stamps(list(paths))
-    record = out / FILES
-    before = read_stamps(record)
-    since = "this search started"
-    if before is None:
-        if split_stamps is None:
-            return now
-        before = split_stamps[split_stamps["path"].isin(now["path"])]
-        since = "the split checked them"
-    changed = ingest.changed_files(before, now)
-    if changed:
-        raise InputError(
-            f"{len(changed)} image(s) changed or went missing since {since} "
-            f"({preview(changed, 3)}): restore them, or start again with --overwrite or a new "
-            f"--name (its split, caches and trials describe the files as they were)"
-        )
-    return now if since != "this search started" else None
-
-
-def read_stamps(path: Path) -> Any:
-    """A ``files.csv`` (path, size, mtime_ns) as a table, or None when there is none."""
-    if not path.is_file():
-        return None
-    import pandas as pd
-
-    return pd.read_csv(path, dtype={"path": str})
 
 
 def check_resume(out: Path, config: dict[str, Any]) -> None:
