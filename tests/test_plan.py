@@ -9,7 +9,7 @@ import pytest
 
 from data_tools.errors import InputError
 from tests.conftest import run_search
-from tuner.engine import costmodel, plan
+from tuner.engine import costmodel, plan, widening
 from tuner.model import space
 
 TABLE = """
@@ -53,10 +53,23 @@ def test_a_long_budget_plays_out_to_fine_tunes_then_ends_with_time_left(tmp_path
     tuned = [m for m in moves if m.stage == costmodel.FINE_TUNE]
     assert {m.feature_set.backbone for m in frozen} == {"B0", "B1"}
     assert {m.feature_set.backbone for m in tuned} == {"B0", "B1"}
-    assert max(m.epochs for m in tuned) == searched.epochs  # rungs up to the space's limit
-    assert why.startswith("nothing left worth trying")  # and it says so, with time left
-    spent = sum(m.estimate_s for m in moves)
+    bracketed = [m for m in tuned if m.bracket != widening.WIDENING]
+    assert max(m.epochs for m in bracketed) == searched.epochs  # rungs up to the space's limit
+    # The space exhausted, it widens from the best fine-tune (the play assumes a longer one
+    # scores higher), each a trial with its reason; then it ends and says why, with figures.
+    widened = [m for m in tuned if m.bracket == widening.WIDENING]
+    longer = widening.LONGER * searched.epochs
+    assert (widened[0].initial_epoch, widened[0].epochs, widened[0].fraction) == (
+        searched.epochs,
+        longer,
+        0.2,
+    )
+    assert f"continued from {searched.epochs} to {longer} epochs" in widened[0].why
+    assert why.startswith("nothing left that validation could detect: best validation accuracy")
+    assert "standard error" in why and "on 1000 images" in why
     lines = "\n".join(plan.summary(setting, moves, why))
+    assert f"widening: {len(widened)} trials" in lines
+    spent = sum(m.estimate_s for m in moves)
     assert f"dry run: {len(moves)} trials" in lines and "expected end" in lines
     assert spent < setting.budget_s
 

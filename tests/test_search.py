@@ -220,30 +220,22 @@ def test_out_of_memory_halves_the_batch_then_fails_at_the_floor(
     assert table.reason[0] == ("FailedTrialError: out of memory at batch size 16 (the floor is 16)")
 
 
-def test_hyperband_continues_trials_from_checkpoints(tmp_path, demo_dir, pretrained_t0):
+def test_hyperband_continues_trials_from_checkpoints_and_runs_its_brackets_again(
+    tmp_path, demo_dir, pretrained_t0, capsys, monkeypatch
+):
     # Frozen heads on cached features: the continuation is Keras Tuner's, whatever trains.
-    code = run(
-        tmp_path,
-        demo_dir,
-        "hb",
-        "--weights",
-        str(pretrained_t0),
-        "--set",
-        "finetune_fraction=0.0",
-        "--set",
-        "head_width=16",
-        "--algorithm",
-        "hyperband",
-        "--set",
-        "epochs=2",
-        "--set",
-        "hyperband_factor=2",
-        "--budget",
-        "10m",
-        "--wandb-mode",
-        "disabled",
-    )
-    assert code == 0
+    common = [
+        *("--weights", str(pretrained_t0), "--set", "finetune_fraction=0.0"),
+        *("--set", "head_width=16", "--algorithm", "hyperband", "--set", "epochs=2"),
+        *("--set", "hyperband_factor=2", "--wandb-mode", "disabled", "--budget", "10m"),
+    ]
+    # By default (0) its brackets run again until the budget ends the search; with at most
+    # two iterations here, it ends after the second: twice the 5 trials of its brackets
+    # (max_epochs 2, factor 2: 2 trials at 1 epoch, 1 promoted to 2; 2 at 2 epochs).
+    monkeypatch.setattr(session, "UNTIL_BUDGET", 2)
+    assert run(tmp_path, demo_dir, "hb", *common) == 0
+    assert "search finished" in capsys.readouterr().out
+    assert len(trials(tmp_path, "hb")) == 10
     table = trials(tmp_path, "hb")
     assert (table.status == "completed").all()
     # --wandb-mode disabled: no W&B files, no run ids.

@@ -252,3 +252,39 @@ def test_what_may_still_be_continued_keeps_its_checkpoint():
     # A running trial's parent is what a resume needs.
     running = TrialFacts(**{**promoted.__dict__, "status": "RUNNING", "score": None})
     assert "11" in strategy.continuable(one, [*trials, *rung, running])
+
+
+def test_widening_starts_from_the_best_within_two_standard_errors_then_says_why_it_stops():
+    plain = setting(feature_sets=(B0,), fractions=(0.1,), factors=(0.1,), head_trials=2)
+    trials = [head("0", pass_s=40.0, score=0.78), head("1", score=0.5)]  # 100 validation images
+    trials += [head(str(i), score=0.4) for i in range(2, 6)]  # 3x the heads
+    trials += [fine("6", "0", 0.1, 0.1, 3, score=0.7), fine("7", "6", 0.1, 0.1, 9, 3, score=0.8)]
+    trials += [fine("8", "1", 0.1, 0.1, 3, score=0.65), fine("9", "8", 0.1, 0.1, 9, 3, score=0.6)]
+    move = strategy.next_move(plain, trials, 72_000)
+    assert (move.parent, move.initial_epoch, move.epochs, move.bracket) == ("7", 9, 27, -1)
+    assert move.why == (
+        "widening: trial 7 (top 10% at lr x0.1, val accuracy 0.8000) continued from 9 to 27 epochs"
+    )
+    # Widening will still read 7; 9 starts 0.2 below the best (2 SE: 0.08), so it never will.
+    assert "7" in strategy.continuable(plain, trials)
+    assert "9" not in strategy.continuable(plain, trials)
+    trials.append(fine("10", "7", 0.1, 0.1, 27, 9, score=0.81, bracket=-1))
+    whole = strategy.next_move(plain, trials, 72_000)  # 0.78: within 2 SE of 0.81
+    assert (whole.parent, whole.fraction, whole.factor, whole.epochs) == ("0", 1.0, 0.1, 9)
+    trials.append(fine("11", "0", 1.0, 0.1, 9, score=0.7, bracket=-1))
+    why = strategy.next_move(plain, trials, 72_000)
+    assert why == (
+        "nothing left that validation could detect: best validation accuracy 0.8100 (trial 10), "
+        "its standard error 0.0392 on 100 images; a remaining move could gain at most 0.1900; "
+        "the 2 widening move(s) left start more than 2 standard errors below it (from 0.6000 "
+        "at best): each would have to gain more than the export's noise band just to tie"
+    )
+
+
+def test_a_best_accuracy_within_one_standard_error_of_100_percent_ends_the_search():
+    plain = setting(feature_sets=(B0,), fractions=(), head_trials=2, images=1000)  # 100 val
+    trials = [head("0", pass_s=40.0, score=0.995)] + [head(str(i), score=0.9) for i in (1, 2)]
+    trials += [head(str(i), score=0.9) for i in (3, 4, 5)]
+    why = strategy.next_move(plain, trials, 72_000)
+    assert why.startswith("nothing left that validation could detect: best validation ")
+    assert "accuracy 0.9950 (trial 0), its standard error 0.0071 on 100 images" in why

@@ -20,7 +20,7 @@ validation 64-127, then 64-127 / 128-191, 128-191 / 192-255 and, for ``--folds 4
   on the train batches; Adam at 1e-2 for 25 epochs of batch 64; then its last 20 layers
   unfrozen (BatchNormalization kept frozen) and Adam at 1e-5 for 4 epochs;
 * ``hyperband``: ``python -m tuner.search --set algorithm=hyperband`` over the same space,
-  with the same budget as ours;
+  with the same budget as ours (its brackets again until the budget is spent);
 * ``longer`` (not in ``all``: it is slow): our own search at 4x the budget; its test
   accuracy minus ours is the **regret**, what the budget left on the table;
 * ours: ``python -m tuner.search`` (the space's own algorithm) then ``export_best`` (knee

@@ -113,6 +113,11 @@ class Setting:
     # a dry run plans from instead of this machine's calibration.
     table: object | None = None
 
+    @property
+    def validation_count(self) -> int:
+        """Validation images (the share of ``images`` that is not train)."""
+        return round(self.images * (1.0 - self.train_share))
+
     def shares_pass(self, fs: FeatureSet) -> bool:
         """Whether ``fs``'s pass comes free with another set's: the pooled top of a backbone
         and size whose stage features are searched too (stages come first, and their one

@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from data_tools.errors import InputError
-from tuner.engine import costmodel, strategy
+from tuner.engine import costmodel, strategy, widening
 from tuner.model import backbones
 from tuner.report.text import format_seconds
 
@@ -129,7 +129,7 @@ def _finished(setting, costs, move, trial_id, ranks, trials) -> costmodel.TrialF
     fs = move.feature_set
     overhead = costs.overhead()
     train = max(move.estimate_s - overhead, 0.0)
-    base = 0.7 + 0.02 * ranks.get(fs.plain(), 0)
+    base = 0.7 + 0.15 * ranks.get(fs.plain(), 0) / max(len(ranks) - 1, 1)  # 0.70..0.85
     if move.stage == costmodel.FROZEN:
         first = not costs.measured(fs) and move.head_index == 0
         solver = "exact" if move.head_index < math.ceil(setting.head_trials / 2) else "adam"
@@ -173,7 +173,8 @@ def summary(setting: costmodel.Setting, moves: list[costmodel.Move], why: str) -
     for m in moves:
         if m.stage == costmodel.FROZEN:
             head_time[m.feature_set.label] += m.estimate_s
-    tunes = [m for m in moves if m.stage == costmodel.FINE_TUNE]
+    tunes = [m for m in moves if m.stage == costmodel.FINE_TUNE and m.bracket != widening.WIDENING]
+    widened = [m for m in moves if m.bracket == widening.WIDENING]
     total = sum(m.estimate_s for m in moves)
     lines = [f"dry run: {len(moves)} trials in ~{format_seconds(total)} of the budget"]
     frozen = sum(head_time.values())
@@ -199,6 +200,14 @@ def summary(setting: costmodel.Setting, moves: list[costmodel.Move], why: str) -
             lines.append(f"    {label:<16} {count:>4} fine-tunes (top {tops})")
     else:
         lines.append("  fine-tune stage: none")
+    if widened:
+        lines.append(
+            f"  widening: {len(widened)} trials, "
+            f"~{format_seconds(sum(m.estimate_s for m in widened))}"
+        )
+        lines += [
+            f"    {m.feature_set.label:<16} {m.why.removeprefix('widening: ')}" for m in widened
+        ]
     lines.append(
         f"  expected end: after ~{format_seconds(total)} of {format_seconds(setting.budget_s)}: "
         f"{why}"

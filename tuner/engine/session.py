@@ -24,6 +24,7 @@ from tuner.engine.distribute import Role
 from tuner.report.text import format_seconds
 
 EXIT_INTERRUPTED = 130
+UNTIL_BUDGET = 10**6  # Hyperband iterations when hyperband_iterations is 0
 
 
 @dataclass(frozen=True)
@@ -537,7 +538,9 @@ def make_tuner(cls: type, model, space, out: Path, distribution_strategy=None):
         return cls(
             max_epochs=space.epochs,
             factor=space.hyperband_factor,
-            hyperband_iterations=space.hyperband_iterations,
+            # Keras Tuner runs its brackets this many times, then ends; 0 asks for as many as
+            # the budget holds (the budget gate ends it), so it spends its budget like the rest.
+            hyperband_iterations=space.hyperband_iterations or UNTIL_BUDGET,
             **common,
         )
     return cls(max_trials=space.max_trials, **common)

@@ -14,7 +14,11 @@ heads on a smaller one. So the budget goes, in this order:
    a cut (and so one activation pass) come together; successive halving over fine-tune
    epochs (rungs ``epochs / factor ** k``), as many candidates as the budget left affords;
 3. **what is left**: the next feature set when its pass and heads fit, another bracket of
-   fine-tunes, then more heads on the best feature set; nothing when nothing fits.
+   fine-tunes, then more heads on the best feature set;
+4. **widening** (:mod:`tuner.engine.widening`), once the space is exhausted and budget is
+   left: the best fine-tunes continued to 3x their epochs and the best parents' whole network
+   fine-tuned, from those within two standard errors of the best validation accuracy; it
+   ends, saying so with the figures, when no remaining move could be told from noise.
 
 Every estimate comes from measured costs of earlier trials of this search (pass seconds per
 feature set, seconds per head by solver, seconds per fine-tune epoch per cut), else from the
@@ -27,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from tuner.engine import widening
 from tuner.engine.costmodel import FINE_TUNE, FROZEN, Costs, FeatureSet, Move, Setting, TrialFacts
 from tuner.report.results import pareto_front
 from tuner.report.text import format_seconds
@@ -51,19 +56,28 @@ def next_move(setting: Setting, trials: Sequence[TrialFacts], remaining_s: float
         found = step(setting, trials, costs, remaining_s)
         if isinstance(found, Move):
             return found
+    parents = _parents(trials)
+    stop = widening.undetectable(setting, trials, parents)
+    if stop:
+        return stop
+    found = widening.widen(setting, trials, parents, costs, remaining_s)
+    if isinstance(found, Move):
+        return found
     if not trials:
         first = setting.feature_sets[0]
         return (
             f"the budget cannot pay for {first.label}'s features and a head "
             f"(about {format_seconds(_feature_set_cost(setting, costs, first))})"
         )
-    unbounded = (step(setting, trials, costs, math.inf) for step in (_fine_tune_stage, _leftover))
+    unbounded = [step(setting, trials, costs, math.inf) for step in (_fine_tune_stage, _leftover)]
+    unbounded.append(widening.widen(setting, trials, parents, costs, math.inf))
     if not any(isinstance(move, Move) for move in unbounded):
         return (
             "nothing left worth trying: every feature set has its heads, the front's trials "
-            "have their fine-tunes at every fraction and factor of the space, and the best "
-            f"feature set has {EXTRA_HEADS}x its heads; {format_seconds(max(remaining_s, 0))} "
-            "of the budget is left unspent"
+            "have their fine-tunes at every fraction and factor of the space, the best "
+            f"feature set has {EXTRA_HEADS}x its heads, and the widening steps ran "
+            f"({widening.figures(setting, trials)}); {format_seconds(max(remaining_s, 0))} of the "
+            "budget is left unspent"
         )
     return f"nothing more fits in the {format_seconds(max(remaining_s, 0))} left"
 
@@ -186,7 +200,11 @@ def _fine_tune_stage(
 ) -> Move | None:
     if not setting.fractions:
         return None
-    fine = [t for t in trials if t.stage == FINE_TUNE]
+    fine = [
+        t
+        for t in trials
+        if t.stage == FINE_TUNE and int(t.values.get("tuner/bracket", 0)) != widening.WIDENING
+    ]
     bracket = 0
     if fine:
         bracket = max(int(t.values.get("tuner/bracket", 0)) for t in fine)
@@ -361,8 +379,9 @@ def continuable(setting: Setting, trials: Sequence[TrialFacts]) -> set[str]:
     The checkpoints of the others are only needed for an export (:mod:`tuner.engine.trial`)."""
     live = {t.values.get("tuner/trial_id") for t in trials if t.status == "RUNNING"}
     live |= {parent.trial_id for parent, _, _ in _candidates(setting, trials)}
+    live |= widening.to_widen(setting, trials, _parents(trials))
     fine = [t for t in trials if t.stage == FINE_TUNE]
-    for bracket in {int(t.values.get("tuner/bracket", 0)) for t in fine}:
+    for bracket in {int(t.values.get("tuner/bracket", 0)) for t in fine} - {widening.WIDENING}:
         size, steps, by_rung = _bracket(setting, fine, bracket)
         for rung in range(len(steps) - 1):
             if len(by_rung[rung + 1]) < max(1, size // setting.eta ** (rung + 1)):

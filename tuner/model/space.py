@@ -86,7 +86,7 @@ class SearchSpace:
     patience: int = 10
     frozen_share: float = 0.5
     hyperband_factor: int = 3  # also the successive-halving factor of `transfer`
-    hyperband_iterations: int = 1
+    hyperband_iterations: int = 0  # 0: Hyperband's brackets again until the budget is spent
     max_trials: int = 500  # the budget usually ends the search first
     max_consecutive_failures: int = 5
     min_batch_size: int = 8  # out-of-memory retries halve the batch down to this
@@ -237,7 +237,6 @@ def check(space: SearchSpace, where: str) -> None:
         "head_epochs",
         "patience",
         "hyperband_factor",
-        "hyperband_iterations",
         "max_trials",
         "max_consecutive_failures",
         "min_batch_size",
@@ -246,6 +245,12 @@ def check(space: SearchSpace, where: str) -> None:
         value = getattr(space, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise InputError(f"{where}: {key} must be a whole number >= 1, got {value!r}")
+    iterations = space.hyperband_iterations
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
+        raise InputError(
+            f"{where}: hyperband_iterations must be a whole number >= 0 (0: until the budget "
+            f"is spent), got {iterations!r}"
+        )
     if space.hyperband_factor < 2:
         raise InputError(f"{where}: hyperband_factor must be >= 2, got {space.hyperband_factor}")
     if not isinstance(space.finetune_epochs, int) or not 0 <= space.finetune_epochs < space.epochs:

@@ -1,0 +1,207 @@
+"""Widening: what the ``transfer`` algorithm does once its space is exhausted and budget is
+left (:mod:`tuner.engine.strategy`, step 4), and when it stops for good.
+
+Each move starts from a finished trial, the best validated first: a fine-tune that reached
+the top rung continued from ``epochs`` to ``LONGER`` x ``epochs``, or a fine-tune parent with
+its whole network unfrozen at the smallest learning-rate factor (a linear probe, then a full
+fine-tune: Kumar et al., ICLR 2022). Only trials within ``WIDEN_WITHIN`` binomial standard
+errors of the best validation accuracy are widened (the export's noise model); when the best
+is within one standard error of 100%, or every move left starts further below it, nothing
+left could be told from noise on the validation split, and the search ends saying so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from tuner.engine.costmodel import FINE_TUNE, Costs, Move, Setting, TrialFacts
+
+LONGER = 3  # the best fine-tunes continued to this many times `epochs`
+WIDEN_WITHIN = 2.0  # widening starts only from trials within this many standard errors of the best
+WIDENING = -1  # the `tuner/bracket` of a widening trial: in no successive-halving bracket
+
+
+def standard_error(accuracy: float, count: int) -> float:
+    """The binomial standard error of an accuracy measured on ``count`` images (the export's
+    noise model: :mod:`tuner.report.choose`)."""
+    return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / max(count, 1))
+
+
+def best_trial(trials: Sequence[TrialFacts]) -> TrialFacts | None:
+    done = [t for t in trials if t.done and t.score is not None]
+    return max(done, key=lambda t: (t.score or 0.0, -int(t.trial_id)), default=None)
+
+
+def figures(setting: Setting, trials: Sequence[TrialFacts]) -> str:
+    best = best_trial(trials)
+    if best is None:
+        return "no finished trial"
+    count = setting.validation_count
+    se = standard_error(best.score or 0.0, count)
+    return (
+        f"best validation accuracy {best.score:.4f} (trial {best.trial_id}), its standard "
+        f"error {se:.4f} on {count} images; a remaining move could gain at most "
+        f"{1.0 - (best.score or 0.0):.4f}"
+    )
+
+
+def lowest_start(setting: Setting, trials: Sequence[TrialFacts]) -> float:
+    """The lowest validation accuracy a widening move may start from: ``WIDEN_WITHIN``
+    standard errors below the best (a move from further down would have to gain more than
+    the export's noise band just to tie)."""
+    best = best_trial(trials)
+    if best is None:
+        return math.inf
+    score = best.score or 0.0
+    return score - WIDEN_WITHIN * standard_error(score, setting.validation_count)
+
+
+def undetectable(
+    setting: Setting, trials: Sequence[TrialFacts], parents: Sequence[TrialFacts]
+) -> str:
+    """Why to stop once the space is exhausted, when no remaining move could be told from
+    noise: the best validation accuracy is within one standard error of 100%, or every
+    widening move left starts more than ``WIDEN_WITHIN`` standard errors below the best.
+    Else ''."""
+    best = best_trial(trials)
+    if best is None or not setting.validation_count:
+        return ""
+    score = best.score or 0.0
+    se = standard_error(score, setting.validation_count)
+    if 1.0 - score <= max(se, 0.5 / setting.validation_count):
+        return (
+            f"nothing left that validation could detect: {figures(setting, trials)}, within "
+            "one standard error of 100%"
+        )
+    moves = open_moves(setting, trials, parents)
+    if moves and all(start < lowest_start(setting, trials) for start, _ in moves):
+        return (
+            f"nothing left that validation could detect: {figures(setting, trials)}; the "
+            f"{len(moves)} widening move(s) left start more than {WIDEN_WITHIN:g} standard "
+            f"errors below it (from {max(start for start, _ in moves):.4f} at best): each "
+            "would have to gain more than the export's noise band just to tie"
+        )
+    return ""
+
+
+def made(trials: Sequence[TrialFacts]) -> set[tuple[str, float]]:
+    """(parent, fraction) of the widening trials so far."""
+    return {
+        (str(t.values.get("tuner/trial_id")), t.fine_tune[0])
+        for t in trials
+        if t.stage == FINE_TUNE and int(t.values.get("tuner/bracket", 0)) == WIDENING
+    }
+
+
+def open_moves(
+    setting: Setting, trials: Sequence[TrialFacts], parents: Sequence[TrialFacts]
+) -> list[tuple[float, tuple[str, TrialFacts]]]:
+    """Every widening move not yet made, as (the validation accuracy it starts from, (kind,
+    the trial it starts from)): each top-rung fine-tune continued ``longer``, and each
+    fine-tune parent's ``whole`` network (when the space stops short of it)."""
+    if not setting.fractions:
+        return []
+    widened = made(trials)
+    moves = [
+        (t.score or 0.0, ("longer", t))
+        for t in trials
+        if t.stage == FINE_TUNE
+        and t.done
+        and int(t.values.get("tuner/epochs", 0)) == setting.epochs
+        and int(t.values.get("tuner/bracket", 0)) != WIDENING
+        and (t.trial_id, t.fine_tune[0]) not in widened
+    ]
+    if max(setting.fractions) < 1.0:
+        moves += [
+            (p.score or 0.0, ("whole", p))
+            for p in parents
+            if p.feature_set.finetunable and (p.trial_id, 1.0) not in widened
+        ]
+    return sorted(moves, key=lambda m: (-m[0], m[1][0], m[1][1].trial_id))
+
+
+def to_widen(
+    setting: Setting, trials: Sequence[TrialFacts], parents: Sequence[TrialFacts]
+) -> set[str]:
+    """The fine-tunes widening may still continue (their checkpoints stay): those within
+    ``WIDEN_WITHIN`` standard errors of the best, which only ever rises."""
+    floor = lowest_start(setting, trials)
+    return {
+        t.trial_id
+        for start, (kind, t) in open_moves(setting, trials, parents)
+        if kind == "longer" and start >= floor
+    }
+
+
+def widen(
+    setting: Setting,
+    trials: Sequence[TrialFacts],
+    parents: Sequence[TrialFacts],
+    costs: Costs,
+    remaining_s: float,
+) -> Move | None:
+    """Once the space is exhausted, the widening move that starts from the best validated
+    trial (ties: a continuation first), among those within ``WIDEN_WITHIN`` standard
+    errors of the best: a top-rung fine-tune continued from ``epochs`` to ``LONGER`` x
+    ``epochs``, or a parent's whole network unfrozen at the smallest learning-rate factor
+    for ``epochs``. None when the best of them does not fit."""
+    found = open_moves(setting, trials, parents)
+    if not found or found[0][0] < lowest_start(setting, trials):
+        return None
+    kind, start = found[0][1]
+    if kind == "longer":
+        return longer_move(setting, costs, start, remaining_s)
+    return whole_move(setting, costs, start, remaining_s)
+
+
+def longer_move(setting: Setting, costs: Costs, t: TrialFacts, remaining_s: float) -> Move | None:
+    fraction, factor = t.fine_tune
+    longer = setting.epochs * LONGER
+    estimate = (longer - setting.epochs) * costs.epoch_seconds(
+        t.feature_set, fraction
+    ) + costs.overhead()
+    if estimate > remaining_s:
+        return None
+    return Move(
+        FINE_TUNE,
+        t.feature_set,
+        estimate,
+        f"widening: trial {t.trial_id} (top {fraction:.0%} at lr x{factor:g}, val accuracy "
+        f"{t.score:.4f}) continued from {setting.epochs} to {longer} epochs",
+        parent=t.trial_id,
+        fraction=fraction,
+        factor=factor,
+        initial_epoch=setting.epochs,
+        epochs=longer,
+        bracket=WIDENING,
+        bracket_size=1,
+        bracket_rungs=1,
+    )
+
+
+def whole_move(
+    setting: Setting, costs: Costs, parent: TrialFacts, remaining_s: float
+) -> Move | None:
+    factor = min(setting.factors)
+    estimate = (
+        setting.epochs * costs.epoch_seconds(parent.feature_set, 1.0)
+        + costs.activation_pass(parent.feature_set, 1.0)
+        + costs.overhead()
+    )
+    if estimate > remaining_s:
+        return None
+    return Move(
+        FINE_TUNE,
+        parent.feature_set,
+        estimate,
+        f"widening: the whole network of trial {parent.trial_id} (val accuracy "
+        f"{parent.score:.4f}) fine-tuned at lr x{factor:g} for {setting.epochs} epochs",
+        parent=parent.trial_id,
+        fraction=1.0,
+        factor=factor,
+        epochs=setting.epochs,
+        bracket=WIDENING,
+        bracket_size=1,
+        bracket_rungs=1,
+    )
