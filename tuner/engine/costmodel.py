@@ -241,6 +241,12 @@ class Costs:
         # image): about 3x its share of a forward pass.
         return 3 * fraction * self.pass_seconds(fs.plain()) * self.setting.train_share
 
+    def fine_tune(self, fs: FeatureSet, fraction: float, epochs: int, fresh: bool) -> float:
+        """A fine-tune trial of ``epochs`` epochs of the top ``fraction``: a ``fresh`` one (from
+        a frozen parent) pays its cut's activation pass, a continued one does not."""
+        passed = self.activation_pass(fs, fraction) if fresh else 0.0
+        return epochs * self.epoch_seconds(fs, fraction) + passed + self.overhead()
+
     def activation_pass(self, fs: FeatureSet, fraction: float) -> float:
         """The pass that caches the activations at this fraction's cut (0 once done)."""
         done = any(

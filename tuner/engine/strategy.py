@@ -274,9 +274,8 @@ def _bracket_move(
             continue
         best = ranked[0]
         fraction, factor = best.fine_tune
-        estimate = (steps[rung] - steps[rung - 1]) * costs.epoch_seconds(
-            best.feature_set, fraction
-        ) + costs.overhead()
+        epochs = steps[rung] - steps[rung - 1]
+        estimate = costs.fine_tune(best.feature_set, fraction, epochs, fresh=False)
         if estimate > remaining_s:
             return None
         return Move(
@@ -326,11 +325,7 @@ def _start(
     """A rung-1 trial: ``parent`` (a frozen trial) fine-tuned for the first rung's epochs of
     a bracket of ``size`` candidates and ``count`` rungs."""
     steps = rungs(setting.epochs, setting.eta)[:count]
-    estimate = (
-        steps[0] * costs.epoch_seconds(parent.feature_set, fraction)
-        + costs.activation_pass(parent.feature_set, fraction)
-        + costs.overhead()
-    )
+    estimate = costs.fine_tune(parent.feature_set, fraction, steps[0], fresh=True)
     if estimate > remaining_s:
         return None
     return Move(

@@ -158,9 +158,7 @@ def widen(
 def longer_move(setting: Setting, costs: Costs, t: TrialFacts, remaining_s: float) -> Move | None:
     fraction, factor = t.fine_tune
     longer = setting.epochs * LONGER
-    estimate = (longer - setting.epochs) * costs.epoch_seconds(
-        t.feature_set, fraction
-    ) + costs.overhead()
+    estimate = costs.fine_tune(t.feature_set, fraction, longer - setting.epochs, fresh=False)
     if estimate > remaining_s:
         return None
     return Move(
@@ -184,11 +182,7 @@ def whole_move(
     setting: Setting, costs: Costs, parent: TrialFacts, remaining_s: float
 ) -> Move | None:
     factor = min(setting.factors)
-    estimate = (
-        setting.epochs * costs.epoch_seconds(parent.feature_set, 1.0)
-        + costs.activation_pass(parent.feature_set, 1.0)
-        + costs.overhead()
-    )
+    estimate = costs.fine_tune(parent.feature_set, 1.0, setting.epochs, fresh=True)
     if estimate > remaining_s:
         return None
     return Move(
