@@ -25,6 +25,7 @@ def read_trials(out) -> pd.DataFrame:
     return pd.read_csv(out / "trials.csv", dtype={"trial_id": str})
 
 
+@pytest.mark.slow  # the chaos test below kills ten times, at chosen moments too
 def test_kill_9_mid_trial_loses_only_that_trials_progress(tmp_path, demo_dir, pretrained_t0):
     # Frozen heads, 200 epochs each: long enough to be killed inside the second trial.
     slow_heads = [*frozen(pretrained_t0), *COMMON, "--set", "epochs=200"]
