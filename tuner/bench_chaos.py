@@ -16,9 +16,9 @@ search runs to its end, and after it ``export_best`` runs again. Then:
 * trials.csv parses after every kill, and no trial id appears twice (doubled);
 * no completed trial seen before a kill is missing after it (lost);
 * every completed trial whose checkpoint was kept rebuilds and scores the validation
-  accuracy its row records, to 1e-6; the budget spent is within the budget; the export
-  succeeds; no temporary file of a killed writer is left (corrupt counts what fails of
-  these).
+  accuracy its row records, to 1e-6; the budget spent is within the budget plus 60 s (a
+  trial stops at its next epoch's end); the export succeeds; no temporary file of a killed
+  writer is left (corrupt counts what fails of these).
 
 It ends with one line: ``chaos: K kills, L lost trials, D doubled, C corrupt files``.
 """
