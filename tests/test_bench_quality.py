@@ -98,6 +98,11 @@ def test_the_interval_is_the_corrected_resampled_t_and_lines_say_when_time_was_u
     )
     assert high - low > student[1] - student[0]  # wider than Student's
     assert all(math.isnan(x) for x in quality.paired_interval([0.1]))
+    # Folds that all differ by the same amount have no spread: the interval is that amount,
+    # not "n/a", and a regret of zero prints as +0.000.
+    assert quality.paired_interval([0.0, 0.0], test_train=0.5) == (0.0, 0.0)
+    line = quality.quality_line("longer", {"mean": 0.0, "ci95": (0.0, 0.0), "folds": 2})
+    assert line.startswith("regret vs longer: +0.000 (95% CI +0.000..+0.000) over 2 folds")
 
     folds = [
         {"comparisons": {"keras-example": _row(d, equal=True)}, "split_ranges": ranges}

@@ -80,6 +80,8 @@ def paired_interval(
     mean = sum(differences) / n
     variance = sum((d - mean) ** 2 for d in differences) / (n - 1)
     scale = math.sqrt((1 / n + test_train) * variance)
+    if scale == 0:  # every fold the same difference: no spread to widen it
+        return mean, mean
     low, high = stats.t.interval(level, n - 1, loc=mean, scale=scale)
     return float(low), float(high)
 
@@ -176,10 +178,10 @@ def quality_line(name: str, row: dict) -> str:
     interval = "95% CI n/a: one fold" if math.isnan(low) else f"95% CI {low:+.3f}..{high:+.3f}"
     folds = f"over {row['folds']} fold{'s' if row['folds'] != 1 else ''}"
     if name == "longer":
-        low, high = -high, -low
+        low, high = 0.0 - high, 0.0 - low
         interval = interval if math.isnan(low) else f"95% CI {low:+.3f}..{high:+.3f}"
         return (
-            f"regret vs longer: {-row['mean']:+.3f} ({interval}) {folds}: test accuracy a "
+            f"regret vs longer: {0.0 - row['mean']:+.3f} ({interval}) {folds}: test accuracy a "
             f"search at {LONGER}x the budget gained"
         )
     line = f"quality vs {name}: {row['mean']:+.3f} ({interval}) {folds}"
