@@ -262,16 +262,19 @@ def _index_folder(images: Path) -> tuple[dict[str, str], dict[str, str]]:
     return by_name, by_stem
 
 
+def stamp(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """A file's ``(size, mtime_ns)``; ``(-1, -1)`` when it is missing or unreadable."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (stat.st_size, stat.st_mtime_ns)
+
+
 def file_stamps(paths: Sequence[str]) -> pd.DataFrame:
-    """``path, size, mtime_ns`` of each file (-1, -1 for a missing one): what a resumed
-    search compares with the files it started from (:func:`changed_files`)."""
-    rows = []
-    for path in paths:
-        try:
-            stat = os.stat(path)
-            rows.append((str(path), stat.st_size, stat.st_mtime_ns))
-        except OSError:
-            rows.append((str(path), -1, -1))
+    """``path, size, mtime_ns`` of each file (:func:`stamp`): what a resumed search compares
+    with the files it started from (:func:`changed_files`)."""
+    rows = [(str(path), *stamp(path)) for path in paths]
     return pd.DataFrame(rows, columns=["path", "size", "mtime_ns"])
 
 

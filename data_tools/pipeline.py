@@ -37,7 +37,7 @@ import pandas as pd
 import tensorflow as tf
 from filelock import FileLock
 
-from data_tools import header, progress
+from data_tools import header, ingest, progress
 from data_tools.atomic import atomic_path
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -175,23 +175,17 @@ def expect_files(stamps: pd.DataFrame | None) -> None:
         _EXPECTED.update(zip(stamps["path"].astype(str), pairs, strict=True))
 
 
-def check_expected(paths: Sequence[str] | None = None) -> None:
-    """Raise :class:`~data_tools.errors.FilesChanged` when any of ``paths`` (default: every
-    expected file) differs from what :func:`expect_files` recorded."""
-    changed = []
-    for path in _EXPECTED if paths is None else paths:
-        expected = _EXPECTED.get(str(path))
-        if expected is not None and _stamp(path) != expected:
-            changed.append(str(path))
-    _raise_changed(changed)
+def check_expected() -> None:
+    """Raise :class:`~data_tools.errors.FilesChanged` when any expected file differs from
+    what :func:`expect_files` recorded."""
+    _raise_changed([path for path in _EXPECTED if _differs(path, ingest.stamp(path))])
 
 
-def _stamp(path: str) -> tuple[int, int]:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return (-1, -1)
-    return (stat.st_size, stat.st_mtime_ns)
+def _differs(path: str, stamp: tuple[int, int]) -> bool:
+    """Whether ``stamp`` is not what :func:`expect_files` recorded for ``path`` (a path it
+    did not record never differs)."""
+    expected = _EXPECTED.get(str(path))
+    return expected is not None and stamp != expected
 
 
 def _raise_changed(changed: Sequence[str]) -> None:
@@ -199,7 +193,9 @@ def _raise_changed(changed: Sequence[str]) -> None:
         return
     from data_tools.errors import FilesChanged, preview
 
-    described = [f"{path} ({'missing' if _stamp(path)[0] < 0 else 'changed'})" for path in changed]
+    described = [
+        f"{path} ({'missing' if ingest.stamp(path)[0] < 0 else 'changed'})" for path in changed
+    ]
     raise FilesChanged(
         f"{len(changed)} image(s) changed or went missing while the search ran "
         f"({preview(described, 3)}): restore them and run the same command to resume (the "
@@ -219,9 +215,8 @@ def cache_file(
     digest = hashlib.sha1(str(size).encode())
     changed = []
     for path in paths:
-        stamp = _stamp(path)
-        expected = _EXPECTED.get(str(path))
-        if expected is not None and stamp != expected:
+        stamp = ingest.stamp(path)
+        if _differs(path, stamp):
             changed.append(str(path))
         elif stamp[0] < 0:
             os.stat(path)  # the file's own FileNotFoundError, as before

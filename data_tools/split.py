@@ -400,8 +400,7 @@ def search_table(
         facts["split_key"] = rule
     if warning and ranges is None:
         warning += f" (re-split {source} with python -m data_tools.split and those options)"
-    record = sidecar(Path(source), "files.csv")
-    stamps = pd.read_csv(record, dtype={"path": str}) if record.is_file() else None
+    stamps = ingest.read_stamps(sidecar(Path(source), "files.csv"))
     return SearchTable(table, classes, facts, warning, key_line, stamps)
 
 
