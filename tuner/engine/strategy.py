@@ -200,11 +200,7 @@ def _fine_tune_stage(
 ) -> Move | None:
     if not setting.fractions:
         return None
-    fine = [
-        t
-        for t in trials
-        if t.stage == FINE_TUNE and int(t.values.get("tuner/bracket", 0)) != widening.WIDENING
-    ]
+    fine = [t for t in trials if t.stage == FINE_TUNE and not widening.is_widening(t)]
     bracket = 0
     if fine:
         bracket = max(int(t.values.get("tuner/bracket", 0)) for t in fine)

@@ -85,13 +85,14 @@ def undetectable(
     return ""
 
 
+def is_widening(t: TrialFacts) -> bool:
+    """Whether ``t`` is a widening trial (in no successive-halving bracket)."""
+    return t.stage == FINE_TUNE and int(t.values.get("tuner/bracket", 0)) == WIDENING
+
+
 def made(trials: Sequence[TrialFacts]) -> set[tuple[str, float]]:
     """(parent, fraction) of the widening trials so far."""
-    return {
-        (str(t.values.get("tuner/trial_id")), t.fine_tune[0])
-        for t in trials
-        if t.stage == FINE_TUNE and int(t.values.get("tuner/bracket", 0)) == WIDENING
-    }
+    return {(str(t.values.get("tuner/trial_id")), t.fine_tune[0]) for t in trials if is_widening(t)}
 
 
 def open_moves(
@@ -109,7 +110,7 @@ def open_moves(
         if t.stage == FINE_TUNE
         and t.done
         and int(t.values.get("tuner/epochs", 0)) == setting.epochs
-        and int(t.values.get("tuner/bracket", 0)) != WIDENING
+        and not is_widening(t)
         and (t.trial_id, t.fine_tune[0]) not in widened
     ]
     if max(setting.fractions) < 1.0:
