@@ -152,6 +152,36 @@ def test_successive_halving_promotes_the_best_of_a_complete_rung():
     assert "continues trial 11" in move.why
 
 
+def test_promotion_treats_accuracies_within_a_standard_error_as_ties_and_takes_the_simpler():
+    trials = [head(str(i), score=0.6 + i / 100, pass_s=40.0 if i == 0 else 0.0) for i in range(4)]
+    rung = [
+        fine("10", "3", 0.2, 0.1, epochs=1, score=0.72, size=3),
+        fine("11", "3", 0.1, 0.1, epochs=1, score=0.70, size=3),
+        fine("12", "3", 0.1, 0.01, epochs=1, score=0.55, size=3),
+    ]
+    # 100 validation images: 0.72's standard error is 0.045, so 0.70 ties with it, and the
+    # export would ship the top 10% over the top 20% at a tie: that one goes on.
+    move = strategy.next_move(setting(feature_sets=(B0,)), trials + rung, 900)
+    assert move.parent == "11" and (move.initial_epoch, move.epochs) == (1, 3)
+    # 10,000 validation images (standard error 0.0045): 0.02 is a difference; the best goes on.
+    many = setting(feature_sets=(B0,), images=100_000)
+    assert strategy.next_move(many, trials + rung, 900).parent == "10"
+
+
+def test_fine_tune_parents_within_a_standard_error_go_narrowest_head_first():
+    # A 256-wide head at 0.62 and a linear one at 0.60 (a bit faster: both on the front).
+    trials = [
+        head("0", score=0.62, width=256, latency=10.0, pass_s=40.0),
+        head("1", score=0.60, width=0, latency=9.0),
+    ]
+    one = setting(feature_sets=(B0,), head_trials=2)
+    assert [t.trial_id for t in strategy._front(one, trials)] == ["1", "0"]
+    assert strategy.next_move(one, trials, 900).parent == "1"
+    # Told apart by a big validation split: the more accurate one first.
+    many = setting(feature_sets=(B0,), head_trials=2, images=100_000)
+    assert [t.trial_id for t in strategy._front(many, trials)] == ["0", "1"]
+
+
 def test_promotion_waits_while_its_rung_is_still_running():
     trials = [head(str(i), pass_s=40.0 if i == 0 else 0.0) for i in range(4)]
     running = fine("11", "3", 0.1, 0.01, epochs=1, size=2)
@@ -222,7 +252,7 @@ def test_heads_on_stage_features_are_no_fine_tune_parents():
         head("003", fs=B0, score=0.50),
     ]
     s = setting(feature_sets=(STAGES, B0), head_trials=2)
-    assert [t.trial_id for t in strategy._front(trials)] == ["000"]
+    assert [t.trial_id for t in strategy._front(s, trials)] == ["000"]
     parents = {parent.trial_id for parent, _, _ in strategy._candidates(s, trials)}
     assert parents == {"002"}
     move = strategy.next_move(s, trials, 900.0)

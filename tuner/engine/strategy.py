@@ -20,6 +20,12 @@ heads on a smaller one. So the budget goes, in this order:
    fine-tuned, from those within two standard errors of the best validation accuracy; it
    ends, saying so with the figures, when no remaining move could be told from noise.
 
+"Best" is at the export's resolution throughout (:func:`export_order`): validation
+accuracies within one binomial standard error of the best are ties, as for the export's
+one-standard-error rule, and the simpler trial (the one the export would ship) comes first:
+fine-tune parents the narrowest head, then the fastest; promotions the fewest units trained;
+the extra heads go to the first parent's feature set.
+
 Every estimate comes from measured costs of earlier trials of this search (pass seconds per
 feature set, seconds per head by solver, seconds per fine-tune epoch per cut), else from the
 backbone table's FLOPs scaled by a calibration measured at start (:class:`Costs`, with the
@@ -29,10 +35,11 @@ facts it reads, is in :mod:`tuner.engine.costmodel`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tuner.engine import widening
 from tuner.engine.costmodel import FINE_TUNE, FROZEN, Costs, FeatureSet, Move, Setting, TrialFacts
+from tuner.report.choose import WITHIN_SE
 from tuner.report.results import pareto_front
 from tuner.report.text import format_seconds
 
@@ -56,7 +63,7 @@ def next_move(setting: Setting, trials: Sequence[TrialFacts], remaining_s: float
         found = step(setting, trials, costs, remaining_s)
         if isinstance(found, Move):
             return found
-    parents = _parents(trials)
+    parents = _parents(setting, trials)
     stop = widening.undetectable(setting, trials, parents)
     if stop:
         return stop
@@ -129,12 +136,41 @@ def _frozen_stage(
     return None
 
 
-def _front(trials: Sequence[TrialFacts]) -> list[TrialFacts]:
-    """Finished frozen trials that no other beats on validation accuracy and latency, best
-    first (ties in accuracy: the faster). Latencies closer than their measured spread are
-    ties, as in the export's choice (:func:`tuner.report.results.pareto_front`): a weaker
-    head "faster" by timing noise is no front trial, and so no fine-tune parent ahead of
-    the runner-up."""
+def export_order(
+    setting: Setting, trials: Sequence[TrialFacts], simpler: Callable[[TrialFacts], tuple]
+) -> list[TrialFacts]:
+    """``trials`` best first at the export's resolution: those within ``WITHIN_SE`` binomial
+    standard errors (on the validation count) of the most accurate are ties, as for the
+    one-standard-error rule (:mod:`tuner.report.choose`), and come first, the simplest by
+    ``simpler`` first (what the export would ship of them), then the more accurate; the
+    rest follow by accuracy. No search decision ranks on a difference the export treats as
+    noise."""
+    if not trials:
+        return []
+    top = max(t.score or 0.0 for t in trials)
+    floor = top - WITHIN_SE * widening.standard_error(top, setting.validation_count)
+
+    def key(t: TrialFacts) -> tuple:
+        score = t.score or 0.0
+        if score >= floor - 1e-12:
+            return (0, *simpler(t), -score, t.trial_id)
+        return (1, -score, t.trial_id)
+
+    return sorted(trials, key=key)
+
+
+def _head_first(t: TrialFacts) -> tuple:
+    """A frozen trial's simplicity as the export orders it: the narrowest head, then the
+    fastest."""
+    return (int(t.values.get("head_width", 0)), t.latency_ms or 0.0)
+
+
+def _front(setting: Setting, trials: Sequence[TrialFacts]) -> list[TrialFacts]:
+    """Finished frozen trials that no other beats on validation accuracy and latency, in
+    :func:`export_order` (ties in accuracy: the narrower head, then the faster). Latencies
+    closer than their measured spread are ties, as in the export's choice
+    (:func:`tuner.report.results.pareto_front`): a weaker head "faster" by timing noise is
+    no front trial, and so no fine-tune parent ahead of the runner-up."""
     done = [t for t in trials if t.stage == FROZEN and t.done]
     on_front = pareto_front(
         [t.score or 0.0 for t in done],
@@ -142,18 +178,19 @@ def _front(trials: Sequence[TrialFacts]) -> list[TrialFacts]:
         [t.latency_spread_ms or 0.0 for t in done],
     )
     front = [t for t, kept in zip(done, on_front, strict=True) if kept]
-    return sorted(front, key=lambda t: (-(t.score or 0), t.latency_ms or 0, t.trial_id))
+    return export_order(setting, front, _head_first)
 
 
-def _parents(trials: Sequence[TrialFacts]) -> list[TrialFacts]:
-    """Fine-tune parents in order: the front, then the best other head of each feature set."""
-    front = _front(trials)
+def _parents(setting: Setting, trials: Sequence[TrialFacts]) -> list[TrialFacts]:
+    """Fine-tune parents in order: the front, then the best other head of each feature set
+    (each in :func:`export_order`)."""
+    front = _front(setting, trials)
     chosen = {t.trial_id for t in front}
     others: dict[FeatureSet, TrialFacts] = {}
     done = [t for t in trials if t.stage == FROZEN and t.done and t.trial_id not in chosen]
-    for t in sorted(done, key=lambda t: (-(t.score or 0), t.trial_id)):
+    for t in export_order(setting, done, _head_first):
         others.setdefault(t.feature_set, t)
-    return front + sorted(others.values(), key=lambda t: (-(t.score or 0), t.trial_id))
+    return front + export_order(setting, list(others.values()), _head_first)
 
 
 def _candidates(
@@ -171,7 +208,7 @@ def _candidates(
     }
     return [
         (parent, fraction, factor)
-        for parent in _parents(trials)
+        for parent in _parents(setting, trials)
         if parent.feature_set.finetunable  # not a head on stage features, nor a hub's
         for fraction in sorted(setting.fractions)
         for factor in setting.factors
@@ -262,9 +299,8 @@ def _bracket_move(
         if any(t.status == "RUNNING" for t in below):
             return None  # promotion needs the whole rung below
         promoted = {str(t.values.get("tuner/trial_id")) for t in by_rung[rung]}
-        ranked = sorted(
-            (t for t in below if t.done and t.trial_id not in promoted),
-            key=lambda t: (-(t.score or 0), t.trial_id),
+        ranked = export_order(
+            setting, [t for t in below if t.done and t.trial_id not in promoted], _fewest_units
         )
         if not ranked:
             continue
@@ -291,6 +327,12 @@ def _bracket_move(
             bracket_rungs=count,
         )
     return False
+
+
+def _fewest_units(t: TrialFacts) -> tuple:
+    """A fine-tune's simplicity as the export orders it: the fewest units trained (the
+    smallest fraction), then the narrowest head."""
+    return (t.fine_tune[0], int(t.values.get("head_width", 0)))
 
 
 def _bracket(
@@ -350,7 +392,7 @@ def _leftover(
         if _heads_on(trials, fs) == 0 and _feature_set_cost(setting, costs, fs) <= remaining_s:
             move, _ = _head_move(setting, costs, fs, 0, f"time left: frozen stage on {fs.label}")
             return move
-    front = _front(trials)
+    front = _front(setting, trials)
     if not front:
         return None
     fs = front[0].feature_set
@@ -370,7 +412,7 @@ def continuable(setting: Setting, trials: Sequence[TrialFacts]) -> set[str]:
     The checkpoints of the others are only needed for an export (:mod:`tuner.engine.trial`)."""
     live = {t.values.get("tuner/trial_id") for t in trials if t.status == "RUNNING"}
     live |= {parent.trial_id for parent, _, _ in _candidates(setting, trials)}
-    live |= widening.to_widen(setting, trials, _parents(trials))
+    live |= widening.to_widen(setting, trials, _parents(setting, trials))
     fine = [t for t in trials if t.stage == FINE_TUNE]
     for bracket in {int(t.values.get("tuner/bracket", 0)) for t in fine} - {widening.WIDENING}:
         size, steps, by_rung = _bracket(setting, fine, bracket)
