@@ -318,3 +318,5 @@ def test_a_best_accuracy_within_one_standard_error_of_100_percent_ends_the_searc
     why = strategy.next_move(plain, trials, 72_000)
     assert why.startswith("nothing left that validation could detect: best validation ")
     assert "accuracy 0.9950 (trial 0), its standard error 0.0071 on 100 images" in why
+    # With a head still to try, the end of the budget is the budget's, not the space's.
+    assert strategy.next_move(plain, trials[:-1], 1.0) == "nothing more fits in the 1s left"

@@ -64,9 +64,15 @@ def next_move(setting: Setting, trials: Sequence[TrialFacts], remaining_s: float
         if isinstance(found, Move):
             return found
     parents = _parents(setting, trials)
-    stop = widening.undetectable(setting, trials, parents)
-    if stop:
-        return stop
+    # The space is exhausted when no in-space move is left at any budget; only then may the
+    # statistical reason end the search (a move that does not fit in the time left is the
+    # budget's end, not the space's).
+    in_space = [step(setting, trials, costs, math.inf) for step in (_fine_tune_stage, _leftover)]
+    exhausted = bool(trials) and not any(isinstance(move, Move) for move in in_space)
+    if exhausted:
+        stop = widening.undetectable(setting, trials, parents)
+        if stop:
+            return stop
     found = widening.widen(setting, trials, parents, costs, remaining_s)
     if isinstance(found, Move):
         return found
@@ -76,9 +82,9 @@ def next_move(setting: Setting, trials: Sequence[TrialFacts], remaining_s: float
             f"the budget cannot pay for {first.label}'s features and a head "
             f"(about {format_seconds(_feature_set_cost(setting, costs, first))})"
         )
-    unbounded = [step(setting, trials, costs, math.inf) for step in (_fine_tune_stage, _leftover)]
-    unbounded.append(widening.widen(setting, trials, parents, costs, math.inf))
-    if not any(isinstance(move, Move) for move in unbounded):
+    if exhausted and not isinstance(
+        widening.widen(setting, trials, parents, costs, math.inf), Move
+    ):
         return (
             "nothing left worth trying: every feature set has its heads, the front's trials "
             "have their fine-tunes at every fraction and factor of the space, the best "
