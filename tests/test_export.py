@@ -469,6 +469,36 @@ def test_a_retrain_or_refit_trains_as_its_search_did_with_the_feature_cache_off(
         assert maker.feature_cache is cached
 
 
+def test_a_shipped_int8_mixed_variant_names_its_float_layers_in_metrics_and_card():
+    from tuner.report import card, quantize
+
+    row = pd.Series(
+        {
+            "variant": quantize.MIXED,
+            "calibration_images": 200,
+            "val_accuracy": 0.58,
+            "float_val_accuracy": 0.60,
+            "latency_ms": 3.0,
+            "latency_spread_ms": 0.1,
+            "float_latency_ms": 5.0,
+            "file_bytes": 6_000_000,
+            "float_layers": 2,
+            "kept_float": "block6a_se/mul;top_activation",
+        }
+    )
+    deployable = quantize.record(row)
+    assert deployable["kept_float"] == ["block6a_se/mul", "top_activation"]
+    text = "\n".join(card.speed_lines({"deployable": deployable, "device": "a CPU"}))
+    assert "Kept in float (2 layer(s)" in text and "- `block6a_se/mul`" in text
+    assert "- `top_activation`" in text
+    # Other variants keep nothing in float and say nothing of it.
+    plain = quantize.record(row.replace(quantize.MIXED, "int8"))
+    assert "kept_float" not in plain
+    assert "Kept in float" not in "\n".join(
+        card.speed_lines({"deployable": plain, "device": "a CPU"})
+    )
+
+
 def test_the_card_marks_what_a_trial_did_not_use():
     """An exact linear head takes no rate, dropout or epochs; a frozen trial no phase-2
     factor; one view without augmentation is no choice. trials.csv keeps the epochs that
@@ -501,6 +531,39 @@ def test_the_card_marks_what_a_trial_did_not_use():
 
 
 @ON_SEARCHED
+def test_int8_mixed_keeps_the_named_layers_float_and_calibrates_on_train_only(searched):
+    """Selective quantization: the debugger's worst layer, named, stays float in the
+    converted model (int8 otherwise); calibration images are train images only."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from tuner.report import quantize
+
+    config, trials = rebuild.load_search(searched)
+    row = trials[trials.status == "completed"].iloc[0]
+    model, _ = rebuild.trial_model(searched, row, config)
+    size = int(row.image_size)
+    calibration = quantize.calibration_pixels(config, size, 40)
+    train, _, _ = evaluate.split_pixels(config, size, "train")
+    validation, _, _ = evaluate.split_pixels(config, size, "validation")
+
+    def images(pixels):
+        return {x.astype("uint8").tobytes() for x in pixels}
+
+    assert len(calibration) == 40 and images(calibration) <= images(train)
+    assert not images(calibration) & images(validation)
+    errors = quantize.layer_errors(model, size, calibration)
+    assert len(errors) > 3 and errors.error.is_monotonic_decreasing
+    worst = errors.tensor_name[0]
+
+    def dtype(content: bytes) -> np.dtype:
+        details = Interpreter(model_content=content).get_tensor_details()
+        return {d["name"]: d["dtype"] for d in details}[worst]
+
+    assert dtype(quantize.convert_mixed(model, size, calibration)) == np.int8
+    assert dtype(quantize.convert_mixed(model, size, calibration, [worst])) == np.float32
+
+
+@ON_SEARCHED
 def test_quantize_measures_every_variant_of_the_front_and_can_ship_one(searched, tmp_path, capsys):
     """--quantize: four LiteRT variants of each front trial in deployables.csv, measured
     with the interpreter on validation; the fastest rule then ships a deployable, evaluated
@@ -520,7 +583,13 @@ def test_quantize_measures_every_variant_of_the_front_and_can_ship_one(searched,
         (t, v) for t in front for v in quantize.VARIANTS
     )
     assert (table.status == "completed").all(), table.reason
-    assert (table.calibration_images == np.where(table.variant == "int8", 40, 0)).all()
+    calibrated = table.variant.isin(["int8", quantize.MIXED])
+    assert (table.calibration_images == np.where(calibrated, 40, 0)).all()
+    mixed = table[table.variant == quantize.MIXED]
+    assert len(mixed) == len(front)
+    for row in mixed.itertuples():  # the layers kept in float: counted and named
+        assert len(quantize.kept_float(row)) == row.float_layers
+        assert row.reason == "" or pd.isna(row.reason) or "not within 0.02" in row.reason
     assert table.val_accuracy.between(0, 1).all() and (table.latency_ms > 0).all()
     # The float32 variant computes what the Keras model computes: the same val accuracy.
     same = table[table.variant == "float32"]

@@ -3,13 +3,16 @@
     python -m tuner.bench_quantize --results results/NAME [--trial ID] [--calibration-images 200]
 
 For the trial (default: the most accurate of the search's front), on this machine, in one
-process: the Keras model's latency (:func:`tuner.model.measure.measure_latency`: batch 1, 3 warm-up
-runs, the median of 10) and validation accuracy, then each variant of
-:mod:`tuner.report.quantize` (``float32``, ``float16``, ``dynamic``, ``int8``) converted, run in
-the LiteRT interpreter on the same validation images, and timed by the same rule on the
-same pixels. Prints one row a variant (validation accuracy, its change against Keras,
-latency, speed-up, file size) and ends with ``int8 latency: N.Nx`` (Keras latency over int8
-LiteRT latency). Nothing is written to the search's folder; test is never read.
+process: the Keras model's latency (:func:`tuner.model.measure.measure_latency`: batch 1, 3
+warm-up runs, the median of 10) and validation accuracy, then each variant of
+:mod:`tuner.report.quantize` (``float32``, ``float16``, ``dynamic``, ``int8``,
+``int8-mixed``) converted, run in the LiteRT interpreter on the same validation images, and
+timed by the same rule on the same pixels. Prints one row a variant (validation accuracy,
+its change against Keras, latency, speed-up, file size) and ends with ``int8 latency:
+N.Nx`` (Keras latency over int8 LiteRT latency), ``int8 accuracy: -0.0XX against float32``
+(LiteRT's) and int8-mixed's line: the layers it kept in float, its latency against LiteRT
+float32's and its accuracy change. Nothing is written to the search's folder; test is never
+read.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     calibration = quantize.calibration_pixels(config, size, args.calibration_images)
     with tempfile.TemporaryDirectory() as tmp:
         measured = quantize.measure_variants(
-            model, row, (pixels, labels), calibration, Path(tmp), report=lambda _: None
+            model, row, (pixels, labels), calibration, Path(tmp), report=_steps
         )
     print(
         f"trial {row['trial_id']}: {row['backbone']} {size}px ({how}); {len(labels)} "
@@ -99,7 +102,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("int8 latency: n/a (the int8 conversion failed)")
         return 1
     print(f"int8 latency: {ratios['int8']:.1f}x")
+    by_variant = {line["variant"]: line for line in measured if line["status"] == "completed"}
+    lite = by_variant.get("float32")
+    if lite is not None:
+        change = by_variant["int8"]["val_accuracy"] - lite["val_accuracy"]
+        print(f"int8 accuracy: {change:+.3f} against float32")
+    mixed = by_variant.get(quantize.MIXED)
+    if mixed is not None and lite is not None:
+        within = (
+            f"within {quantize.MIXED_TOLERANCE:g}"
+            if not mixed["reason"]
+            else f"not within {quantize.MIXED_TOLERANCE:g}"
+        )
+        print(
+            f"int8-mixed: {mixed['float_layers']} layer(s) in float; latency "
+            f"{lite['latency_ms'] / mixed['latency_ms']:.1f}x LiteRT float32's; accuracy "
+            f"{mixed['val_accuracy'] - lite['val_accuracy']:+.3f} against float32 ({within} of "
+            "the float model's)"
+        )
     return 0
+
+
+def _steps(line: str) -> None:
+    """int8-mixed's search, as it goes (the variants' own lines come in the table)."""
+    if line.lstrip().startswith("int8-mixed"):
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

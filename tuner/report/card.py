@@ -43,6 +43,22 @@ def speed_lines(record: dict[str, Any]) -> list[str]:
         f"batch 1 in the LiteRT interpreter against the Keras model's "
         f"{d['float_latency_ms']:.2f} ms ({d['float_latency_ms'] / d['latency_ms']:.1f}x), on "
         f"{record['device']}. The test metrics above are the `{d['variant']}` model's.",
+        *_kept_float_lines(d),
+    ]
+
+
+def _kept_float_lines(d: dict[str, Any]) -> list[str]:
+    """int8-mixed's layers kept in float (selective quantization), one per line."""
+    if "kept_float" not in d:
+        return []
+    kept = d["kept_float"]
+    if not kept:
+        return ["", "Every layer is int8 (none needed to stay float)."]
+    return [
+        "",
+        f"Kept in float ({len(kept)} layer(s), the worst by int8 error on the calibration images):",
+        "",
+        *[f"- `{name}`" for name in kept],
     ]
 
 

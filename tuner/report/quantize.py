@@ -3,7 +3,7 @@
     python -m tuner.export_best --quantize [--calibration-images 200]
 
 For every trial on the search's front (validation accuracy against Keras latency), the
-LiteRT converter builds four files from the trial's float32 model (pixels 0..255 at its
+LiteRT converter builds five files from the trial's float32 model (pixels 0..255 at its
 size in, class probabilities out):
 
 * ``float32``: no optimisation (what ``--tflite`` writes);
@@ -12,7 +12,17 @@ size in, class probabilities out):
 * ``int8``: full integer, int8 ops only, calibrated on ``--calibration-images`` train
   images (a seeded draw; never validation or test); it takes uint8 pixels (the
   calibration gives the input a scale of ~1 and a zero point of 0) and gives uint8
-  probabilities, which :class:`Runner` quantizes and dequantizes.
+  probabilities, which :class:`Runner` quantizes and dequantizes;
+* ``int8-mixed``: int8 with the layers whose int8 error costs the accuracy kept in float
+  (selective quantization). LiteRT's ``QuantizationDebugger`` measures each quantized
+  layer's error on the calibration images (train only): its root mean square error in
+  units of its quantization step. The worst 0, 1, 2, 4, ... layers are kept in float in
+  turn until the variant's validation accuracy is within ``MIXED_TOLERANCE`` of the float
+  model's or ``MIXED_MOST`` layers are (then the most accurate of those tried ships, and
+  its row's reason says the tolerance was not met). Float pixels in, float probabilities
+  out; the row records how many layers stayed float and which (``kept_float``), as do the
+  card and metrics.json when it ships. The step is chosen on validation accuracy, as every
+  row of the front is.
 
 Each is measured with the LiteRT interpreter (XNNPACK, its default): accuracy on the
 validation images, latency at batch 1 by the rule of the Keras latency (3 warm-up runs, the
@@ -27,7 +37,7 @@ the same rules and noise-aware ties (a deployable's ``trial_id`` is ``<trial>:<v
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +46,12 @@ import pandas as pd
 
 from data_tools.atomic import atomic_path
 
-VARIANTS = ("float32", "float16", "dynamic", "int8")
+MIXED = "int8-mixed"
+VARIANTS = ("float32", "float16", "dynamic", "int8", MIXED)
 CALIBRATION_IMAGES = 200
+MIXED_TOLERANCE = 0.02  # int8-mixed: validation accuracy at most this far below the float model's
+MIXED_MOST = 128  # int8-mixed: at most this many layers kept in float
+DEBUG_IMAGES = 64  # calibration images the debugger measures each layer's error on
 COLUMNS = [
     "trial_id",
     "variant",
@@ -53,7 +67,10 @@ COLUMNS = [
     "file_bytes",
     "calibration_images",
     "train_seconds",
+    "float_layers",
+    "kept_float",
 ]
+KEPT_SEPARATOR = ";"  # between the kept_float layer names in deployables.csv
 SEPARATOR = ":"
 FOLDER = "deployables"  # the .tflite files, beside deployables.csv
 
@@ -70,8 +87,14 @@ def split_id(candidate: str) -> tuple[str, str | None]:
 
 def convert(model, size: int, variant: str, calibration: np.ndarray | None = None) -> bytes:
     """The ``.tflite`` bytes of ``model`` (float pixels 0..255 at ``size``) as ``variant``;
-    ``int8`` needs ``calibration`` (uint8 train pixels). The function is frozen first: left
-    as resource variables, Keras 3's weights are read uninitialised by the interpreter."""
+    ``int8`` needs ``calibration`` (uint8 train pixels). ``int8-mixed`` is
+    :func:`convert_mixed`'s, with the layers to keep in float chosen by :func:`select_mixed`."""
+    return _converter(model, size, variant, calibration).convert()
+
+
+def _converter(model, size: int, variant: str, calibration: np.ndarray | None = None):
+    """LiteRT's converter for ``variant``. The function is frozen first: left as resource
+    variables, Keras 3's weights are read uninitialised by the interpreter."""
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_v2,
@@ -87,22 +110,96 @@ def convert(model, size: int, variant: str, calibration: np.ndarray | None = Non
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if variant == "float16":
         converter.target_spec.supported_types = [tf.float16]
-    elif variant == "int8":
+    elif variant in ("int8", MIXED):
         if calibration is None or not len(calibration):
-            raise ValueError("full-integer int8 needs calibration images")
-        samples = calibration.astype("float32")
-
-        def representative():
-            for i in range(len(samples)):
-                yield [samples[i : i + 1]]
-
-        converter.representative_dataset = representative
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.uint8
-        converter.inference_output_type = tf.uint8
+            raise ValueError(f"{variant} needs calibration images")
+        converter.representative_dataset = _samples(calibration)
+        if variant == "int8":  # int8 ops only; int8-mixed falls back to float where kept
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = tf.uint8
+            converter.inference_output_type = tf.uint8
     elif variant not in ("float32", "dynamic"):
         raise ValueError(f"unknown variant {variant}: one of {', '.join(VARIANTS)}")
-    return converter.convert()
+    return converter
+
+
+def _samples(pixels: np.ndarray) -> Callable[[], Any]:
+    samples = pixels.astype("float32")
+
+    def representative():
+        for i in range(len(samples)):
+            yield [samples[i : i + 1]]
+
+    return representative
+
+
+def _debugger(model, size: int, calibration: np.ndarray, keep_float: Sequence[str] = ()):
+    import tensorflow as tf
+
+    options = tf.lite.experimental.QuantizationDebugOptions(
+        denylisted_nodes=list(keep_float) or None
+    )
+    return tf.lite.experimental.QuantizationDebugger(
+        converter=_converter(model, size, MIXED, calibration),
+        debug_dataset=_samples(calibration[:DEBUG_IMAGES]),
+        debug_options=options,
+    )
+
+
+def layer_errors(model, size: int, calibration: np.ndarray) -> pd.DataFrame:
+    """Each quantized layer of ``model``'s int8 conversion (``tensor_name``, ``op_name``)
+    with its error on up to ``DEBUG_IMAGES`` calibration images: ``error``, the root mean
+    square error against float in units of the layer's quantization step (LiteRT's
+    ``QuantizationDebugger``); worst first."""
+    import io
+
+    debugger = _debugger(model, size, calibration)
+    debugger.run()
+    buffer = io.StringIO()
+    debugger.layer_statistics_dump(buffer)
+    buffer.seek(0)
+    stats = pd.read_csv(buffer)
+    stats["error"] = np.sqrt(stats["mean_squared_error"]) / stats["scale"]
+    stats = stats.sort_values("error", ascending=False, kind="stable")
+    return stats[["tensor_name", "op_name", "error"]].reset_index(drop=True)
+
+
+def convert_mixed(
+    model, size: int, calibration: np.ndarray, keep_float: Sequence[str] = ()
+) -> bytes:
+    """``model`` in int8 (float fallback, float pixels in and probabilities out), but the
+    layers named in ``keep_float`` (tensor names of :func:`layer_errors`) in float."""
+    return _debugger(model, size, calibration, keep_float).get_nondebug_quantized_model()
+
+
+def select_mixed(
+    model,
+    size: int,
+    calibration: np.ndarray,
+    validation: tuple[np.ndarray, np.ndarray],
+    float_accuracy: float,
+    report: Callable[[str], None] = print,
+) -> tuple[bytes, list[str], float, bool]:
+    """The ``int8-mixed`` conversion: the worst 0, 1, 2, 4, ... layers by
+    :func:`layer_errors` kept in float, until the validation accuracy is within
+    ``MIXED_TOLERANCE`` of ``float_accuracy`` (or ``MIXED_MOST`` layers, or all of them,
+    are kept: then the most accurate tried). Returns (the bytes, the layers kept in float,
+    its validation accuracy, whether the tolerance was met)."""
+    pixels, labels = validation
+    ranked = layer_errors(model, size, calibration)["tensor_name"].tolist()
+    most = min(MIXED_MOST, len(ranked))
+    counts = [0] + [2**k for k in range(most.bit_length()) if 2**k < most] + [most]
+    best: tuple[float, int, bytes] | None = None
+    for count in dict.fromkeys(counts):
+        content = convert_mixed(model, size, calibration, ranked[:count])
+        accuracy = float((Runner(content).probabilities(pixels).argmax(1) == labels).mean())
+        report(f"  int8-mixed, {count} layer(s) in float: val acc {accuracy:.4f}")
+        if best is None or accuracy > best[0]:
+            best = (accuracy, count, content)
+        if accuracy >= float_accuracy - MIXED_TOLERANCE:
+            return content, ranked[:count], accuracy, True
+    accuracy, count, content = best
+    return content, ranked[:count], accuracy, False
 
 
 class Runner:
@@ -196,13 +293,28 @@ def measure_variants(
             "image_size": size,
             "float_val_accuracy": float(row["val_accuracy"]),
             "float_latency_ms": float(row["latency_ms"]),
-            "calibration_images": len(calibration) if variant == "int8" else 0,
+            "calibration_images": len(calibration) if variant in ("int8", MIXED) else 0,
             "train_seconds": float(row["train_seconds"]),
         }
+        extra: dict[str, Any] = {"reason": ""}
         try:
-            content = convert(model, size, variant, calibration)
+            if variant == MIXED:
+                content, kept, accuracy, met = select_mixed(
+                    model, size, calibration, validation, float(row["val_accuracy"]), report
+                )
+                extra = {
+                    "reason": ""
+                    if met
+                    else f"not within {MIXED_TOLERANCE:g} of the float model's validation "
+                    f"accuracy with up to {len(kept)} layer(s) in float",
+                    "float_layers": len(kept),
+                    "kept_float": KEPT_SEPARATOR.join(kept),
+                }
+            else:
+                content = convert(model, size, variant, calibration)
             runner = Runner(content)
-            accuracy = float((runner.probabilities(pixels).argmax(1) == labels).mean())
+            if variant != MIXED:
+                accuracy = float((runner.probabilities(pixels).argmax(1) == labels).mean())
             latency, spread = runner.latency(size)
         except Exception as exc:  # noqa: BLE001 - any refusal keeps the float row
             reason = one_line(exc)
@@ -216,7 +328,7 @@ def measure_variants(
             {
                 **base,
                 "status": "completed",
-                "reason": "",
+                **extra,
                 "val_accuracy": accuracy,
                 "latency_ms": latency,
                 "latency_spread_ms": spread,
@@ -240,7 +352,9 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> pd.DataFrame:
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"trial_id": str, "reason": str}, keep_default_na=True)
+    return pd.read_csv(
+        path, dtype={"trial_id": str, "reason": str, "kept_float": str}, keep_default_na=True
+    )
 
 
 def candidates(trials: pd.DataFrame, deployables: pd.DataFrame) -> pd.DataFrame:
@@ -276,8 +390,13 @@ def markdown(deployables: pd.DataFrame) -> str:
         if row.status != "completed":
             lines.append(f"| {row.trial_id} | {row.variant} | failed: {row.reason} | | | |")
             continue
+        variant = row.variant
+        if variant == MIXED:
+            variant += f" ({int(row.float_layers)} layer(s) in float)"
+        if isinstance(row.reason, str) and row.reason:
+            variant += f": {row.reason}"
         lines.append(
-            f"| {row.trial_id} | {row.variant} | {row.val_accuracy:.4f} "
+            f"| {row.trial_id} | {variant} | {row.val_accuracy:.4f} "
             f"({row.float_val_accuracy:.4f}) | {row.latency_ms:.2f} ms "
             f"({row.float_latency_ms:.2f} ms) | {row.file_bytes / 1e6:.2f} MB | "
             f"{int(row.calibration_images) or '-'} |"
@@ -285,9 +404,17 @@ def markdown(deployables: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kept_float(row) -> list[str]:
+    """The layers a deployables.csv row kept in float (int8-mixed's; else none)."""
+    names = getattr(row, "kept_float", None)
+    return str(names).split(KEPT_SEPARATOR) if isinstance(names, str) and names else []
+
+
 def record(row) -> dict[str, Any]:
     """What metrics.json and the card say of a chosen deployable (a deployables.csv row)."""
+    extra = {"kept_float": kept_float(row)} if row.variant == MIXED else {}
     return {
+        **extra,
         "variant": row.variant,
         "calibration_images": int(row.calibration_images),
         "val_accuracy": float(row.val_accuracy),

@@ -353,7 +353,7 @@ def plot_pareto(done: pd.DataFrame, path: Path, exported: str | None = None) -> 
     plt.close(fig)
 
 
-VARIANT_MARKERS = {"float32": "s", "float16": "D", "dynamic": "^", "int8": "v"}
+VARIANT_MARKERS = {"float32": "s", "float16": "D", "dynamic": "^", "int8": "v", "int8-mixed": "P"}
 
 
 def pareto_figure(done: pd.DataFrame, exported: str | None = None):
