@@ -139,13 +139,20 @@ def test_a_head_faster_only_by_timing_noise_is_not_a_fine_tune_parent():
     assert move.stage == FINE_TUNE and move.parent == "1"
 
 
+def rising_heads() -> list[TrialFacts]:
+    """Four heads on B0, 0.60 to 0.63 (the first paying the pass)."""
+    return [head(str(i), score=0.6 + i / 100, pass_s=40.0 if i == 0 else 0.0) for i in range(4)]
+
+
 def test_successive_halving_promotes_the_best_of_a_complete_rung():
-    trials = [head(str(i), score=0.6 + i / 100, pass_s=40.0 if i == 0 else 0.0) for i in range(4)]
-    rung = [
-        fine("10", "3", 0.1, 0.1, epochs=1, score=0.70, size=3),
-        fine("11", "3", 0.1, 0.01, epochs=1, score=0.72, size=3),
-        fine("12", "3", 0.2, 0.1, epochs=1, score=0.64, size=3),
-    ]
+    trials, rung = (
+        rising_heads(),
+        [
+            fine("10", "3", 0.1, 0.1, epochs=1, score=0.70, size=3),
+            fine("11", "3", 0.1, 0.01, epochs=1, score=0.72, size=3),
+            fine("12", "3", 0.2, 0.1, epochs=1, score=0.64, size=3),
+        ],
+    )
     move = strategy.next_move(setting(feature_sets=(B0,)), trials + rung, 900)
     assert move.stage == FINE_TUNE and move.parent == "11"
     assert (move.initial_epoch, move.epochs) == (1, 3)
@@ -153,12 +160,14 @@ def test_successive_halving_promotes_the_best_of_a_complete_rung():
 
 
 def test_promotion_treats_accuracies_within_a_standard_error_as_ties_and_takes_the_simpler():
-    trials = [head(str(i), score=0.6 + i / 100, pass_s=40.0 if i == 0 else 0.0) for i in range(4)]
-    rung = [
-        fine("10", "3", 0.2, 0.1, epochs=1, score=0.72, size=3),
-        fine("11", "3", 0.1, 0.1, epochs=1, score=0.70, size=3),
-        fine("12", "3", 0.1, 0.01, epochs=1, score=0.55, size=3),
-    ]
+    trials, rung = (
+        rising_heads(),
+        [
+            fine("10", "3", 0.2, 0.1, epochs=1, score=0.72, size=3),
+            fine("11", "3", 0.1, 0.1, epochs=1, score=0.70, size=3),
+            fine("12", "3", 0.1, 0.01, epochs=1, score=0.55, size=3),
+        ],
+    )
     # 100 validation images: 0.72's standard error is 0.045, so 0.70 ties with it, and the
     # export would ship the top 10% over the top 20% at a tie: that one goes on.
     move = strategy.next_move(setting(feature_sets=(B0,)), trials + rung, 900)
