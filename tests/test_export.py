@@ -667,18 +667,31 @@ def test_bench_quantize_prints_each_variant_and_ends_with_the_int8_speed_up(sear
     from tuner import bench_quantize
 
     assert bench_quantize.main(["--results", str(searched), "--calibration-images", "20"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[:2] for line in lines[2:7]] == [
+    printed = capsys.readouterr().out.splitlines()
+    steps = [line for line in printed if line.startswith("  int8-mixed, ")]
+    assert steps and steps[0].startswith("  int8-mixed, 0 layer(s) in float: val acc ")
+    lines = [line for line in printed if line not in steps]
+    assert [line.split()[:2] for line in lines[2:8]] == [
         ["Keras", "float32"],
         ["LiteRT", "float32"],
         ["LiteRT", "float16"],
         ["LiteRT", "dynamic"],
         ["LiteRT", "int8"],
+        ["LiteRT", "int8-mixed"],
     ]
     keras_ms, int8_ms = float(lines[2].split()[3]), float(lines[6].split()[4])
-    last = lines[-1]
-    assert last.startswith("int8 latency: ") and last.endswith("x")
-    ratio = float(last.split()[-1][:-1])  # within the rounding of the two printed times
+    speed, accuracy, mixed = lines[-3:]
+    assert speed.startswith("int8 latency: ") and speed.endswith("x")
+    ratio = float(speed.split()[-1][:-1])  # within the rounding of the two printed times
     low = (keras_ms - 0.005) / (int8_ms + 0.005) - 0.05
     assert low <= ratio <= (keras_ms + 0.005) / max(int8_ms - 0.005, 1e-3) + 0.05
+    # int8's accuracy against LiteRT float32's, as the table printed them.
+    change = float(lines[6].split()[2]) - float(lines[3].split()[2])
+    assert accuracy.startswith("int8 accuracy: ") and accuracy.endswith(" against float32")
+    assert float(accuracy.split()[2]) == pytest.approx(change, abs=0.0006)
+    assert re.fullmatch(
+        r"int8-mixed: \d+ layer\(s\) in float; latency \d+\.\dx LiteRT float32's; accuracy "
+        r"[+-]\d\.\d{3} against float32 \((not )?within 0\.02 of the float model's\)",
+        mixed,
+    )
     assert not (searched / "deployables.csv").exists()  # nothing written to the search
