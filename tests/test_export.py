@@ -644,19 +644,25 @@ def test_a_variant_the_converter_refuses_keeps_the_float_row_and_the_export_succ
             raise RuntimeError("pages of MLIR\nerror: 'tfl.hard_swish' op is not supported\n...")
         return real(model, size, variant, calibration)
 
+    def refusing_mixed(*args, **kwargs):
+        raise RuntimeError("error: 'tfl.hard_swish' op is not supported")
+
     monkeypatch.setattr(quantize, "convert", refusing)
+    monkeypatch.setattr(quantize, "select_mixed", refusing_mixed)
     folder = fresh_copy(searched, tmp_path)
     argv = ["--results", str(folder), "--quantize", "--calibration-images", "20"]
     assert run_cli(export_best.main, [*argv, "--wandb-mode", "disabled"]) == 0
     out = capsys.readouterr().out
     table = quantize.read_table(folder / "deployables.csv")
     failed = table[table.status == "failed"]
+    refused = {"int8", quantize.MIXED}
     assert (
-        set(failed.variant) == {"int8"}
-        and (table.status[table.variant != "int8"] == "completed").all()
+        set(failed.variant) == refused
+        and (table.status[~table.variant.isin(refused)] == "completed").all()
     )
     assert set(failed.reason) == {"RuntimeError: error: 'tfl.hard_swish' op is not supported"}
     assert "int8 failed (RuntimeError: error: 'tfl.hard_swish' op is not supported)" in out
+    assert "int8-mixed failed (RuntimeError: error: 'tfl.hard_swish'" in out
     assert (folder / "best" / "metrics.json").is_file()
     assert run_cli(export_best.main, [*argv, "--refit"]) == 2
     assert "error: --quantize with --refit" in capsys.readouterr().err
