@@ -104,6 +104,7 @@ def test_a_budget_too_small_or_an_unwritable_cache_dir_is_one_line_before_any_tr
     assert err.startswith(f"error: --cache-dir {blocked} cannot be written") and "\n" not in err
 
 
+@pytest.mark.slow  # 47 s of the fast tier (two searches); the refusal naming it is tested above
 def test_the_smallest_workable_budget_it_prints_runs_a_search_with_no_trial_failed(
     tmp_path, demo_dir, pretrained_t0, capsys
 ):

@@ -184,6 +184,7 @@ def test_consecutive_failures_end_with_a_clear_message(tmp_path, demo_dir, capsy
     assert (table.reason == "ValueError: cannot decode image x.jpg").all() and len(table) == 2
 
 
+@pytest.mark.slow  # 35 s of the fast tier (two searches)
 def test_out_of_memory_halves_the_batch_then_fails_at_the_floor(
     tmp_path, demo_dir, pretrained_t0, capsys, monkeypatch
 ):
