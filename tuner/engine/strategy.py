@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 
 from tuner.engine import widening
 from tuner.engine.costmodel import FINE_TUNE, FROZEN, Costs, FeatureSet, Move, Setting, TrialFacts
-from tuner.report.choose import WITHIN_SE
+from tuner.report.choose import WITHIN_SE, standard_error
 from tuner.report.results import pareto_front
 from tuner.report.text import format_seconds
 
@@ -154,7 +154,7 @@ def export_order(
     if not trials:
         return []
     top = max(t.score or 0.0 for t in trials)
-    floor = top - WITHIN_SE * widening.standard_error(top, setting.validation_count)
+    floor = top - WITHIN_SE * standard_error(top, setting.validation_count)
 
     def key(t: TrialFacts) -> tuple:
         score = t.score or 0.0

@@ -16,16 +16,11 @@ import math
 from collections.abc import Sequence
 
 from tuner.engine.costmodel import FINE_TUNE, Costs, Move, Setting, TrialFacts
+from tuner.report.choose import standard_error
 
 LONGER = 3  # the best fine-tunes continued to this many times `epochs`
 WIDEN_WITHIN = 2.0  # widening starts only from trials within this many standard errors of the best
 WIDENING = -1  # the `tuner/bracket` of a widening trial: in no successive-halving bracket
-
-
-def standard_error(accuracy: float, count: int) -> float:
-    """The binomial standard error of an accuracy measured on ``count`` images (the export's
-    noise model: :mod:`tuner.report.choose`)."""
-    return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / max(count, 1))
 
 
 def best_trial(trials: Sequence[TrialFacts]) -> TrialFacts | None:

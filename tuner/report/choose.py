@@ -228,6 +228,13 @@ def _spread(pool: pd.DataFrame, column: str) -> pd.Series | None:
     return None
 
 
+def standard_error(accuracy: float, count: int) -> float:
+    """The binomial standard error of an accuracy measured on ``count`` images,
+    ``sqrt(p (1 - p) / n)``: the noise model of the one-standard-error rule, and of the
+    search's decisions (:mod:`tuner.engine.strategy`, :mod:`tuner.engine.widening`)."""
+    return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / max(count, 1))
+
+
 def _band(
     pool: pd.DataFrame,
     at: int,
@@ -241,7 +248,7 @@ def _band(
     trial trained)."""
     pick = pool.iloc[at]
     accuracy = float(pick["val_accuracy"])
-    se = math.sqrt(max(accuracy * (1 - accuracy), 0.0) / validation_count)
+    se = standard_error(accuracy, validation_count)
     noise = np.zeros(len(pool)) if spread is None else np.nan_to_num(spread.to_numpy(float))
     close = pool["val_accuracy"] >= accuracy - within_se * se - 1e-12
     no_slower = no_costlier(pool[column].to_numpy(float), noise, at)
