@@ -12,9 +12,9 @@ import keras
 import keras_tuner as kt
 import numpy as np
 import pytest
-from keras_tuner.src.engine import tuner_utils as kt_tuner_utils
 
 from tests.test_hypermodel import demo_data
+from tuner.engine import adapter
 from tuner.model import backbones, features, hypermodel, space, training
 
 
@@ -192,7 +192,6 @@ def test_official_notop_file_in_a_folder_computes_what_imagenet_computes(tmp_pat
 def test_the_kept_epoch_is_the_same_in_the_record_the_weights_and_the_checkpoint():
     """The epoch a trial reports (best validation accuracy, the first on ties) is the one
     whose weights the hypermodel restores and the one Keras Tuner's checkpoint writes."""
-    from tuner.model import checkpoint
 
     history = {
         "val_accuracy": [0.40, 0.61, 0.61, 0.52],  # a tie: the first is kept
@@ -217,8 +216,8 @@ def test_the_kept_epoch_is_the_same_in_the_record_the_weights_and_the_checkpoint
     keeper.restore()
     assert float(variable.numpy()) == 1.0
     objective = kt.Objective(training.BEST_EPOCH_METRIC, "max")  # the search's objective
-    saver = checkpoint.SaveTrained.replacing(
-        kt_tuner_utils.SaveBestEpoch(objective, "unused"), whole=False
+    saver = adapter.SaveTrained.replacing(
+        adapter.tuner_utils.SaveBestEpoch(objective, "unused"), whole=False
     )
     saved = []
     saver._save_model = lambda: saved.append(len(saved))

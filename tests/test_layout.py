@@ -141,3 +141,59 @@ def test_the_wheel_lists_every_package_folder():
         found.add(".".join([mapped[top], *([rest.replace("/", ".")] if rest else [])]))
     assert found == set(setup["packages"])
     assert {"*.yaml"} == set(setup["package-data"]["tuner.search_spaces"])
+
+
+ADAPTER = "tuner/engine/adapter.py"
+
+
+def relied_on_privates(root: Path) -> set[str]:
+    """The private Keras Tuner names the adapter declares (its ``*_PRIVATE`` tuples)."""
+    names = set()
+    for node in ast.parse((root / ADAPTER).read_text()).body:
+        target = node.targets[0] if isinstance(node, ast.Assign) else None
+        if isinstance(target, ast.Name) and target.id.endswith("_PRIVATE"):
+            names.update(ast.literal_eval(node.value))
+    return names
+
+
+def keras_tuner_internals(root: Path, private: set[str]) -> list[str]:
+    """Uses of Keras Tuner's internals outside the adapter: imports of ``keras_tuner.src``,
+    and the private names the adapter relies on, defined or read anywhere else."""
+    found = []
+    for path in sorted([*root.glob("tuner/**/*.py"), *root.glob("data_tools/**/*.py")]):
+        where = path.relative_to(root).as_posix()
+        if where == ADAPTER:
+            continue
+        for name in sorted(imported(path)):
+            if name == "keras_tuner.src" or name.startswith("keras_tuner.src."):
+                found.append(f"{where} imports {name}")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in private:
+                found.append(f"{where}:{node.lineno} uses {node.attr}")
+            if isinstance(node, ast.FunctionDef) and node.name in private:
+                found.append(f"{where}:{node.lineno} defines {node.name}")
+    return found
+
+
+def test_keras_tuner_internals_are_used_in_the_adapter_alone():
+    private = relied_on_privates(ROOT)
+    assert {"_build_and_fit_model", "_retry_queue", "_try_build"} <= private
+    assert keras_tuner_internals(ROOT, private) == []
+
+
+def test_a_keras_tuner_internal_outside_the_adapter_is_caught(tmp_path):
+    (tmp_path / "tuner/engine").mkdir(parents=True)
+    (tmp_path / ADAPTER).write_text('TUNER_PRIVATE = ("_try_build",)\nORACLE_PRIVATE = ()\n')
+    (tmp_path / "tuner/engine/trial.py").write_text(
+        "from keras_tuner.src.engine import tuner_utils\n"
+        "class Runner:\n"
+        "    def _try_build(self, hp):\n"
+        "        return self.oracle._try_build(hp)\n"
+    )
+    private = relied_on_privates(tmp_path)
+    assert keras_tuner_internals(tmp_path, private) == [
+        "tuner/engine/trial.py imports keras_tuner.src.engine",
+        "tuner/engine/trial.py imports keras_tuner.src.engine.tuner_utils",
+        "tuner/engine/trial.py:3 defines _try_build",
+        "tuner/engine/trial.py:4 uses _try_build",
+    ]

@@ -125,8 +125,11 @@ def budget_gate(oracle, refuse: Callable[[object], str | None], report: Callable
     interrupted trials when it reloads), so a resumed search runs it first; the worker gets
     a STOPPED trial and exits, and the chief exits when the last worker has.
     """
-    from keras_tuner.src.engine import trial as trial_module
+    import keras_tuner as kt
 
+    from tuner.engine import adapter
+
+    trial_module = kt.engine.trial
     create_trial = oracle.create_trial
     closed: list[str] = []
 
@@ -148,8 +151,7 @@ def budget_gate(oracle, refuse: Callable[[object], str | None], report: Callable
             return trial
         closed.append(reason)
         report(f"budget reached: {reason}; no more trials")
-        oracle.ongoing_trials.pop(tuner_id, None)
-        oracle._retry_queue.append(trial.trial_id)
+        adapter.requeue(oracle, tuner_id, trial.trial_id)
         oracle.save()
         return stopped(tuner_id)
 

@@ -26,11 +26,12 @@ from typing import Any
 
 import keras_tuner as kt
 import numpy as np
-from keras_tuner.src.engine import trial as trial_module
 
 from tuner.engine import costmodel, strategy
 from tuner.model import augment, backbones
 from tuner.model.space import SearchSpace, _as_list
+
+Status = kt.engine.trial.TrialStatus
 
 HEAD_KEYS = ("head_width", "dropout", "learning_rate", "l2", "class_weight", "train_batch_size")
 # A linear head fitted by Newton-CG has no learning rate; its fine-tunes scale Adam's default.
@@ -104,9 +105,9 @@ class TransferOracle(kt.Oracle):
         facts = [f for f in self.facts() if f.trial_id != trial_id]
         move = strategy.next_move(self.setting, facts, self.remaining())
         if isinstance(move, str):
-            running = any(f.status == trial_module.TrialStatus.RUNNING for f in facts)
+            running = any(f.status == Status.RUNNING for f in facts)
             self.reason = move
-            status = trial_module.TrialStatus.IDLE if running else trial_module.TrialStatus.STOPPED
+            status = Status.IDLE if running else Status.STOPPED
             return {"status": status}
         values = self._values(move, facts)
         values.update(
@@ -116,7 +117,7 @@ class TransferOracle(kt.Oracle):
                 "tuner/why": move.why,
             }
         )
-        return {"status": trial_module.TrialStatus.RUNNING, "values": values}
+        return {"status": Status.RUNNING, "values": values}
 
     def plan(self) -> list[str]:
         return strategy.plan_lines(self.setting, self.facts(), self.remaining())
@@ -233,7 +234,7 @@ def continued_from(oracle: kt.Oracle) -> set[str]:
     strategy's parents and promotable rungs (:func:`strategy.continuable`), Keras Tuner
     Hyperband's open brackets, and the parents of the running trials (what a resume needs);
     random and Bayesian search continue nothing."""
-    running = trial_module.TrialStatus.RUNNING
+    running = Status.RUNNING
     live = {
         str(t.hyperparameters.values.get("tuner/trial_id"))
         for t in oracle.trials.values()
@@ -309,7 +310,7 @@ class TransferTuner(kt.Tuner):
     """Runs the oracle's trials; a continued trial (``tuner/trial_id``) trains from
     ``tuner/initial_epoch`` to ``tuner/epochs`` (Keras Tuner's Hyperband does the same),
     from its parent's best-epoch checkpoint (loaded by the trial runner:
-    :meth:`tuner.engine.trial.TrialRunner._build_hypermodel`)."""
+    :meth:`tuner.engine.trial.TrialRunner.build_model`)."""
 
     def run_trial(self, trial, *fit_args, **fit_kwargs):
         hp = trial.hyperparameters

@@ -68,12 +68,13 @@ def run_search(request: SearchRequest) -> int:
     from filelock import FileLock
     from rich.console import Console
 
-    from tuner.engine import budget, distribute, plan, trial
+    from tuner.engine import adapter, budget, distribute, plan, trial
     from tuner.model import accelerate, backbones, disk, hypermodel
     from tuner.model import space as space_mod
     from tuner.report.results import FINISHED, Results
     from tuner.report.wandb_log import WandbLogger
 
+    adapter.require()  # a Keras Tuner that changed its internals stops here, in one line
     console = Console(highlight=False, soft_wrap=True)
     out = Path(request.results) / request.name
     role = request.role

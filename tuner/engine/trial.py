@@ -19,17 +19,14 @@ import errno
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import keras
 import keras_tuner as kt
 import tensorflow as tf
-from keras_tuner.src import config as kt_config
-from keras_tuner.src.engine import tuner as kt_tuner
-from keras_tuner.src.engine import tuner_utils as kt_tuner_utils
 from rich.console import Console
 
+from tuner.engine import adapter
 from tuner.engine import budget as budget_mod
 from tuner.model import checkpoint
 from tuner.model.hypermodel import TrialPlan
@@ -39,10 +36,6 @@ from tuner.report import tensorboard_log
 from tuner.report.results import UNUSED, Results, exact_accuracy
 from tuner.report.text import format_seconds
 from tuner.report.wandb_log import WandbLogger
-
-# Keras Tuner ships with DEBUG on, which prints every failed trial's traceback mid-search;
-# our runner reports each failure as one line and records it in trials.csv instead.
-kt_config.DEBUG = False
 
 
 class BudgetExhausted(kt.errors.FatalError):
@@ -139,7 +132,7 @@ class EpochProgress(keras.callbacks.Callback):
         )
 
 
-class TrialRunner:
+class TrialRunner(adapter.TunerHooks):
     """Mixin for a Keras Tuner tuner; see the module docstring."""
 
     context: SearchContext
@@ -213,22 +206,17 @@ class TrialRunner:
             "search": facts.get("name"),
         } | {name: UNUSED for name in plan.unused()}
 
-    def _try_run_and_update_trial(self, trial, *args, **kwargs):
-        super()._try_run_and_update_trial(trial, *args, **kwargs)
-        if trial.message:  # Keras Tuner stores a whole traceback: keep our one-line reason
-            trial.message = trial.message.strip().splitlines()[-1]
-
-    def _get_checkpoint_fname(self, trial_id) -> str:
+    def checkpoint_file(self, trial_id: str) -> str:
         return os.path.join(self.get_trial_dir(trial_id), checkpoint.FILE)
 
-    def _build_hypermodel(self, hp: kt.HyperParameters) -> keras.Model:
+    def build_model(self, hp: kt.HyperParameters) -> keras.Model:
         """The trial's model; a continued trial (``tuner/trial_id``: a Hyperband or transfer
         continuation) starts from its parent's best-epoch checkpoint, assembled onto the
         freshly built model (:mod:`tuner.model.checkpoint`)."""
-        model = kt.Tuner._build_hypermodel(self, hp)  # not the parents': they load whole models
+        model = self.plain_build(hp)  # not Hyperband's: it loads whole parent models
         parent = hp.values.get("tuner/trial_id")
         if parent:
-            with kt_tuner.maybe_distribute(self.distribution_strategy):
+            with kt.engine.tuner.maybe_distribute(self.distribution_strategy):
                 checkpoint.load(model, self.checkpoint_of(parent))
         return model
 
@@ -236,28 +224,23 @@ class TrialRunner:
         """A trial's checkpoint to read: ours, else Keras Tuner's whole-model ``.h5`` of a
         search from before this format (:func:`checkpoint.find`)."""
         found = checkpoint.find(self.get_trial_dir(trial_id))
-        return str(found) if found is not None else self._get_checkpoint_fname(trial_id)
+        return str(found) if found is not None else self.checkpoint_file(trial_id)
 
     def load_model(self, trial: kt.engine.trial.Trial) -> keras.Model:
-        model = self._try_build(trial.hyperparameters)
-        with kt_tuner.maybe_distribute(self.distribution_strategy):
+        model = self.try_build(trial.hyperparameters)
+        with kt.engine.tuner.maybe_distribute(self.distribution_strategy):
             checkpoint.load(model, self.checkpoint_of(trial.trial_id))
         return model
 
-    def _build_and_fit_model(self, trial: kt.engine.trial.Trial, *args, **kwargs):
+    def build_and_fit(self, trial: kt.engine.trial.Trial, *args, **kwargs):
         hp = trial.hyperparameters
         self.hypermodel.batch_override = None
         # Keras Tuner's best-epoch checkpoint writes what the trial trains, not the backbone.
         whole = not self.hypermodel.plan(hp).pretrained
-        kwargs["callbacks"] = [
-            checkpoint.SaveTrained.replacing(c, whole)
-            if type(c) is kt_tuner_utils.SaveBestEpoch
-            else c
-            for c in kwargs.get("callbacks", [])
-        ]
+        kwargs["callbacks"] = adapter.save_trained(kwargs.get("callbacks", []), whole)
         while True:
             keras.backend.clear_session()  # free the previous trial's graphs and memory
-            model = self._try_build(hp)
+            model = self.try_build(hp)
             started = time.monotonic()
             try:
                 results = self.hypermodel.fit(hp, model, *args, **kwargs)
@@ -274,7 +257,7 @@ class TrialRunner:
                     f"  out of memory at batch {plan.batch_size}: retrying at {half}"
                 )
                 self.hypermodel.batch_override = half
-                forget_attempt(kwargs.get("callbacks", []))
+                adapter.forget_best_epoch(kwargs.get("callbacks", []))
         train_seconds = time.monotonic() - started
         row = self._record_completed(trial, model, train_seconds)
         # What the transfer oracle budgets by (other oracles ignore them).
@@ -394,17 +377,6 @@ class TrialRunner:
             f"left {format_seconds(self.context.ledger.remaining())}",
             highlight=False,
         )
-
-
-def forget_attempt(callbacks) -> None:
-    """Before an out-of-memory retry: Keras Tuner's best-epoch checkpoint of the abandoned
-    attempt is deleted and its callback forgets that attempt's best value, so the retry's
-    own best epoch is what gets saved (and what a Hyperband continuation loads)."""
-    for callback in callbacks:
-        if isinstance(callback, kt_tuner_utils.SaveBestEpoch):
-            maximise = callback.objective.direction == "max"
-            callback.best_value = float("-inf") if maximise else float("inf")
-            Path(callback.filepath).unlink(missing_ok=True)
 
 
 def trial_epochs(hp: kt.HyperParameters, space) -> int:

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from keras_tuner.src.engine import tuner_utils
 
 from data_tools.atomic import atomic_path
 from data_tools.errors import InputError
@@ -136,24 +135,6 @@ def find(trial_dir: str | Path) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-class SaveTrained(tuner_utils.SaveBestEpoch):
-    """Keras Tuner's best-epoch checkpoint callback, writing :func:`save`'s file instead of
-    the whole model."""
-
-    def __init__(self, objective, filepath: str, whole: bool) -> None:
-        super().__init__(objective, filepath)
-        self.whole = whole
-
-    @classmethod
-    def replacing(cls, callback: tuner_utils.SaveBestEpoch, whole: bool) -> SaveTrained:
-        made = cls(callback.objective, callback.filepath, whole)
-        made.best_value = callback.best_value
-        return made
-
-    def _save_model(self) -> None:
-        save(self.model, self.filepath, self.whole)
 
 
 def _has(model: keras.Model, name: str) -> bool:
