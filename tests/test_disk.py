@@ -54,13 +54,14 @@ def test_under_a_tight_budget_a_fine_tune_evicts_then_falls_back_to_end_to_end(
         space.load(None, values), demo_data(demo_dir, tmp_path), str(pretrained_t0)
     )
     cache = Path(maker.data.cache_dir)
-    maker.disk = disk.Budget(cache, int(2.3e6))
-    maker.planned = [("T0", 32, "top")]
+    maker.store.disk = disk.Budget(cache, int(2.3e6))
+    maker.store.planned = [("T0", 32, "top")]
     hp = kt.HyperParameters()
     hp.values["tuner/stage"] = "frozen"
     maker.fit(hp, maker.build(hp))
     pooled = sorted((cache / "features").glob("*.npy"))
-    assert len(pooled) == 2 and maker.disk.used() <= maker.disk.limit  # train, validation
+    budget = maker.store.disk
+    assert len(pooled) == 2 and budget.used() <= budget.limit  # train, validation
     assert not maker.last_fit.get("cache_notes")
 
     # The activations at the cut do not fit beside the pooled features: the least recently
@@ -69,12 +70,12 @@ def test_under_a_tight_budget_a_fine_tune_evicts_then_falls_back_to_end_to_end(
     maker.fit(hp, maker.build(hp), epochs=1)
     notes = maker.last_fit["cache_notes"]
     assert any(n.startswith("evicted features/train-T0-32px") for n in notes), notes
-    assert maker.last_fit["activation_cut"] and maker.disk.used() <= maker.disk.limit
+    assert maker.last_fit["activation_cut"] and maker.store.disk.used() <= maker.store.disk.limit
     assert not (cache / "decoded").exists()
 
     # A deeper cut cannot fit at all: the fine-tune trains end to end, decoding the files
     # every epoch (no pixel cache either), and says both.
-    maker.disk.limit = maker.disk.used() + 10_000
+    maker.store.disk.limit = maker.store.disk.used() + 10_000
     hp.values["finetune_fraction"] = 0.5
     model = maker.build(hp)
     maker.fit(hp, model, epochs=1)
@@ -82,7 +83,7 @@ def test_under_a_tight_budget_a_fine_tune_evicts_then_falls_back_to_end_to_end(
     assert "so the fine-tune trains end to end" in notes
     assert "so they are decoded from the files every epoch" in notes
     assert "activation_cut" not in maker.last_fit and maker.last_fit["epochs_run"] == 1
-    assert not (cache / "decoded").exists() and maker.disk.used() <= maker.disk.limit
+    assert not (cache / "decoded").exists() and maker.store.disk.used() <= maker.store.disk.limit
 
 
 def test_a_budget_too_small_or_an_unwritable_cache_dir_is_one_line_before_any_trial(
@@ -196,7 +197,7 @@ def test_an_entry_another_process_evicts_before_it_is_read_is_computed_again(
     maker = hypermodel.EffNetHyperModel(
         space.load(None, values), demo_data(demo_dir, tmp_path), str(pretrained_t0)
     )
-    maker.disk = disk.Budget(Path(maker.data.cache_dir), 10**9)
+    maker.store.disk = disk.Budget(Path(maker.data.cache_dir), 10**9)
     real, runs = features.run_passes, []
 
     def evicted_once(source, rows, passes, label="backbone pass"):

@@ -260,4 +260,4 @@ def test_a_worker_sweeps_ahead_as_its_chief_plans(tmp_path, demo_dir, pretrained
     assert set(chief) == {(b, s, k) for b in ["T0"] for s in (32, 48) for k in ("top", "stages")}
     model = hypermodel.EffNetHyperModel(searched, data, str(pretrained_t0))
     plan.plan_cache(model, disk.Budget(tmp_path / "cache", 10**9), worker, searched, data)
-    assert model.planned == worker and model.cut_fractions == (0.5,)
+    assert model.store.planned == worker and model.store.cut_fractions == (0.5,)

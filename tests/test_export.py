@@ -466,7 +466,7 @@ def test_a_retrain_or_refit_trains_as_its_search_did_with_the_feature_cache_off(
     for cached in (False, True):
         config = {"space": {"backbones": ["T0"]}, "weights": "none", "feature_cache": cached}
         maker = rebuild.search_hypermodel(tmp_path, config, data.train, data.classes)
-        assert maker.feature_cache is cached
+        assert maker.store.enabled is cached
 
 
 def test_a_shipped_int8_mixed_variant_names_its_float_layers_in_metrics_and_card():

@@ -71,7 +71,7 @@ def test_fit_leaves_the_model_at_the_best_epoch_it_reports(
 ):
     cache = values.pop("feature_cache", True)
     maker = maker_for(demo_dir, tmp_path, pretrained_t0, **values)
-    maker.feature_cache = cache
+    maker.store.enabled = cache
     hp = kt.HyperParameters()
     model = maker.build(hp)
     maker.callbacks_factory = lambda: [RuinLastEpoch(model, 4)]
@@ -129,9 +129,10 @@ def test_a_continued_fine_tune_stays_in_phase_2(demo_dir, tmp_path, pretrained_t
     hp = kt.HyperParameters()
     plan = maker.plan(hp)
     # A parent of 2 epochs ran 1 frozen and 1 fine-tuning: its continuation fine-tunes on.
-    assert maker.phase1_end(plan, 6, initial_epoch=2) == 1
-    assert maker.phase1_end(plan, 6) == 3  # a new trial: half frozen, half fine-tuning
-    assert maker.phase1_end(plan, 6, initial_epoch=1) == 3  # its parent never fine-tuned
+    assert training.phase1_end(maker.space, plan, 6, initial_epoch=2) == 1
+    # A new trial: half frozen, half fine-tuning; the same when its parent never fine-tuned.
+    assert training.phase1_end(maker.space, plan, 6) == 3
+    assert training.phase1_end(maker.space, plan, 6, initial_epoch=1) == 3
     model = maker.build(hp)
     head_before = [v.numpy().copy() for v in model.get_layer("head").weights]
     maker.fit(hp, model, epochs=6, initial_epoch=2)

@@ -256,7 +256,7 @@ def test_a_head_on_stage_features_stays_frozen_and_caches_apart_from_the_top(
     assert plan.finetune_fraction == 0.0 and not plan.fine_tunes
     assert "finetune_fraction" in plan.unused() and plan.solver == "exact"
     # The search plans both kinds: one sweep (one forward) writes stage features and the top.
-    maker.planned = [("T0", 32, "stages"), ("T0", 32, "top")]
+    maker.store.planned = [("T0", 32, "stages"), ("T0", 32, "top")]
     staged = maker.build(staged_hp)
     base = backbones.build(backbones.get("T0"), 32, str(pretrained_t0))
     taps = backbones.stage_taps(base)

@@ -197,3 +197,78 @@ def test_a_keras_tuner_internal_outside_the_adapter_is_caught(tmp_path):
         "tuner/engine/trial.py:3 defines _try_build",
         "tuner/engine/trial.py:4 uses _try_build",
     ]
+
+
+def _module_name(root: Path, path: Path) -> str:
+    return ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """What a module imports when it loads or is type-checked: its body's imports, those
+    under ``if TYPE_CHECKING:`` and ``try:`` included, but not those inside functions."""
+    names = set()
+    stack = list(ast.parse(path.read_text()).body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, (ast.If, ast.Try)):
+            stack.extend(node.body + node.orelse + getattr(node, "finalbody", []))
+            stack.extend(h for handler in getattr(node, "handlers", []) for h in handler.body)
+    return names
+
+
+def import_cycles(root: Path) -> list[list[str]]:
+    """Cycles of imports between the package's modules: every import of a stage module
+    (engine, model, report, data_tools), type-only ones included; an entry point's at load
+    time (the commands and the API call each other lazily: ``tuner.search(...)`` is the API,
+    and the API reads the command's options)."""
+    paths = {
+        _module_name(root, p): p
+        for p in [*root.glob("tuner/**/*.py"), *root.glob("data_tools/**/*.py")]
+    }
+    graph = {}
+    for name, path in paths.items():
+        found = imported(path) if stage(name) not in (None, "entry") else _top_level_imports(path)
+        graph[name] = sorted(n for n in found if n in paths and n != name)
+    cycles, done = [], set()
+
+    def visit(name: str, trail: list[str]) -> None:
+        if name in trail:
+            cycle = trail[trail.index(name) :]
+            if sorted(cycle) not in [sorted(c) for c in cycles]:
+                cycles.append(cycle)
+            return
+        if name in done:
+            return
+        for other in graph[name]:
+            visit(other, [*trail, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+    return cycles
+
+
+def test_no_import_cycle_type_only_ones_included():
+    assert import_cycles(ROOT) == []
+
+
+def test_a_type_only_import_cycle_is_caught(tmp_path):
+    (tmp_path / "tuner/model").mkdir(parents=True)
+    (tmp_path / "tuner/model/hypermodel.py").write_text("from tuner.model import training\n")
+    (tmp_path / "tuner/model/training.py").write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from tuner.model.hypermodel import TrialPlan\n"
+    )
+    (tmp_path / "tuner/model/head.py").write_text("def f():\n    from tuner.model import space\n")
+    (tmp_path / "tuner/model/space.py").write_text("from tuner.model import head\n")
+    assert import_cycles(tmp_path) == [
+        ["tuner.model.head", "tuner.model.space"],
+        ["tuner.model.hypermodel", "tuner.model.training"],
+    ]
+

@@ -162,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             layer = augment.layer(policy, 0)
             if layer is not None:
                 train = train.map(lambda x, y: (layer(x, training=True), y))
-            frozen_epochs = args.epochs - (m.finetune_epochs(args.epochs) if finetune else 0)
+            tuned = training.finetune_epochs(m.space, args.epochs) if finetune else 0
+            frozen_epochs = args.epochs - tuned
             model.fit(train, validation_data=val, epochs=frozen_epochs, verbose=0, shuffle=False)
             if finetune:
                 base = model.get_layer("backbone")

@@ -338,5 +338,5 @@ def plan_cache(model, cache_budget, sets, space, data, console=None) -> None:
     lines, fits = cache_lines(cache_budget, sets, splits, space)
     for line in lines if console is not None else []:
         console.print(line, highlight=False)
-    model.planned = fits
-    model.cut_fractions = oracle.fine_tune_fractions(space)
+    model.store.planned = fits
+    model.store.cut_fractions = oracle.fine_tune_fractions(space)

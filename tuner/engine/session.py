@@ -203,7 +203,7 @@ def run_search(request: SearchRequest) -> int:
         trial.tuner_class(space.algorithm), model, space, out, strategy(request.strategy)
     )
     tuner.context = context
-    model.disk = cache_budget
+    model.store.disk = cache_budget
     sets = sweep_sets(role.kind, tuner.oracle, space, data, ledger, request.budget_s, console)
     if request.feature_cache and weights is not None:
         quiet = role.kind == "worker"  # the chief prints the plan

@@ -369,7 +369,7 @@ class TrialRunner(adapter.TunerHooks):
                 else f"{epochs} epochs"
             )
         if plan.augment != "none":
-            cached = plan.augment_views > 1 and self.hypermodel.uses_feature_cache(plan)
+            cached = plan.augment_views > 1 and self.hypermodel.store.uses_cache(plan)
             views = f", {plan.augment_views} views" if cached else ""
             tune += f", augment {plan.augment}{views}"
         self.context.console.print(

@@ -1,10 +1,11 @@
 """What the hypermodel keeps on disk between trials: backbone features and activations.
 
-:class:`FeatureCaching` is the caching half of :class:`~tuner.model.hypermodel.EffNetHyperModel`:
-which trials train on cached arrays, the cache files (keyed by the backbone's weights, size,
-cut and augmented view), the passes that fill them (and the passes planned ahead for other
-feature sets), and room on disk (:mod:`tuner.model.disk`: least recently read entries are
-evicted first; what does not fit is computed again, and named in the trial's cache notes).
+:class:`FeatureStore` is the part of :class:`~tuner.model.hypermodel.EffNetHyperModel` that
+keeps them: which trials train on cached arrays, the cache files (keyed by the backbone's
+weights, size, cut and augmented view), the passes that fill them (and the passes planned
+ahead for other feature sets), and room on disk (:mod:`tuner.model.disk`: least recently
+read entries are evicted first; what does not fit is computed again, and named in the
+trial's cache notes).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,8 +25,8 @@ from tuner.model import augment as augment_mod
 from tuner.model import backbones, disk, features
 
 if TYPE_CHECKING:
-    from tuner.model.hypermodel import TrialPlan
-    from tuner.model.training import _Run
+    from tuner.model.splits import SplitData
+    from tuner.model.trial_plan import FitFacts, TrialPlan
 
 
 # Cached features or activations up to this size (as float32) are trained on in memory
@@ -38,17 +40,41 @@ VIEW_CACHE_MAX_BYTES = 8 * 1024**3
 FEATURE_CUTS = ("pooled", "stages")
 
 
-class FeatureCaching:
-    """The feature and activation caches of
-    :class:`~tuner.model.hypermodel.EffNetHyperModel` (a mixin: it reads the hypermodel's
-    ``space``, ``data`` and cache settings)."""
+class FeatureStore:
+    """The feature and activation caches of a search's train and validation splits.
 
-    def uses_feature_cache(self, plan: TrialPlan) -> bool:
+    ``pass_batch(entry)`` gives the batch of a backbone's forward passes. The search sets
+    :attr:`planned` (the feature sets whose passes come with any plain pass over the files),
+    :attr:`cut_fractions` (whose cuts' activations come with them) and :attr:`disk` (the
+    cache folder's budget; None: no limit). Every call that may read, compute or evict takes
+    the fit's :class:`~tuner.model.trial_plan.FitFacts`, where it says what it did."""
+
+    def __init__(
+        self,
+        data: SplitData,
+        seed: int,
+        weights: str | None,
+        pass_batch: Callable[[backbones.Backbone], int],
+        enabled: bool = True,
+    ) -> None:
+        self.data = data
+        self.seed = seed  # of augmented views
+        self.weights = weights  # of the backbones a pass ahead builds
+        self.pass_batch = pass_batch
+        self.enabled = enabled  # train frozen heads on cached backbone features
+        self.planned: list[tuple[str, int, str]] = []  # (backbone, size, top or stages)
+        self.cut_fractions: tuple[float, ...] = ()
+        self.disk: disk.Budget | None = None
+        self._frozen_key: tuple[keras.Model, str] | None = None  # a frozen backbone's
+
+    def uses_cache(self, plan: TrialPlan) -> bool:
         """Phase 1 trains the head on cached features when the backbone is frozen and fixed
         (pretrained weights), caching is on and there is a cache folder."""
-        return self.feature_cache and plan.pretrained and self.data.cache_dir is not None
+        return self.enabled and plan.pretrained and self.data.cache_dir is not None
 
-    def _activations_fit(self, model: keras.Model, plan: TrialPlan, count: int) -> bool:
+    def activations_fit(
+        self, model: keras.Model, plan: TrialPlan, count: int, facts: FitFacts
+    ) -> bool:
         """Whether the activations at the cut below the top ``count`` blocks (every view of
         the train split, and validation) are cached or fit: augmented views within
         ``VIEW_CACHE_MAX_BYTES``, and what is missing within the cache budget."""
@@ -62,26 +88,51 @@ class FeatureCaching:
         for split, views in (("train", plan.augment_views), ("validation", 1)):
             rows = len(self.data.rows(split))
             for view in range(views):
-                target = self._target(
+                target = self.target(
                     plan.backbone, plan.image_size, key, split, cut, view, plan.augment
                 )
                 if features.load_entry(target, rows) is None:
                     needed += rows * per_image
-        if self._room(needed, f"activations at {cut}", self._pixels_of(plan.image_size)):
+        if self._room(facts, needed, f"activations at {cut}", self._pixels_of(plan.image_size)):
             return True
-        self._note("so the fine-tune trains end to end")
+        facts.note("so the fine-tune trains end to end")
         return False
 
-    def _pixels_cacheable(self, size: int) -> bool:
+    def pixels_cacheable(self, size: int, facts: FitFacts) -> bool:
         """Whether an end-to-end fit reads (or builds) the decoded-pixel cache at ``size``:
         yes unless the budget cannot hold it, then every epoch decodes the files."""
         splits = ("train", "validation")
         missing = [s for s in splits if self.data.cached_pixels(s, size) is None]
         rows = sum(len(self.data.rows(s)) for s in missing)
-        if self._room(disk.pixel_bytes(rows, size), f"pixels at {size}px"):
+        if self._room(facts, disk.pixel_bytes(rows, size), f"pixels at {size}px"):
             return True
-        self._note("so they are decoded from the files every epoch")
+        facts.note("so they are decoded from the files every epoch")
         return False
+
+    def features(self, model: keras.Model, plan: TrialPlan, facts: FitFacts) -> dict:
+        """The train and validation splits' cached features of ``model``'s backbone (pooled,
+        or its stage features): one backbone pass per split for the whole search."""
+        make_net = functools.cache(lambda: features.extractor(model))  # built once, if needed
+        key = self._fingerprint(model.get_layer("backbone"), plan)
+        # Stage features share the backbone's weights (so its fingerprint): their own name.
+        cut = "stages" if plan.features == "stages" else "pooled"
+        return self.arrays(plan, make_net, key, cut, facts)
+
+    def arrays(
+        self,
+        plan: TrialPlan,
+        make_net: Callable[[], keras.Model],
+        key: str,
+        cut: str,
+        facts: FitFacts,
+    ) -> dict:
+        """{"train": its cached outputs (a list of views when augmented: :meth:`_train_views`),
+        "validation": its cached outputs} of ``make_net()`` (whose weights' fingerprint is
+        ``key``) at ``cut``: ``pooled``, ``stages`` or a fine-tune's cut layer."""
+        return {
+            "train": self._train_views(plan, make_net, key, cut, facts),
+            "validation": self._cached(make_net, key, plan, "validation", cut, 0, facts),
+        }
 
     def _cached(
         self,
@@ -89,8 +140,9 @@ class FeatureCaching:
         weights_key: str,
         plan: TrialPlan,
         split: str,
-        cut: str = "pooled",
-        view: int = 0,
+        cut: str,
+        view: int,
+        facts: FitFacts,
     ) -> np.ndarray:
         """A split's cached backbone outputs (features, or activations at ``cut``) of the
         part of the backbone whose weights' fingerprint is ``weights_key``; ``view`` > 0:
@@ -98,12 +150,12 @@ class FeatureCaching:
 
         When it must be computed, the pass reads the split's cached pixels at this size if
         there are any, else decodes the image files; a plain pass over the files also
-        computes the passes planned ahead (:meth:`_ahead`), from one decode of each file.
+        computes the passes planned ahead (:func:`_ahead`), from one decode of each file.
         An entry another process evicts before this one reads it is computed again (once)."""
         size, rows = plan.image_size, len(self.data.rows(split))
-        target = self._target(plan.backbone, size, weights_key, split, cut, view, plan.augment)
+        target = self.target(plan.backbone, size, weights_key, split, cut, view, plan.augment)
         found = features.load_entry(target, rows)
-        self.last_fit.setdefault("cache", []).append("loaded" if found is not None else "computed")
+        facts.setdefault("cache", []).append("loaded" if found is not None else "computed")
         computed = 0
         while found is None:
             if computed == 2:
@@ -112,26 +164,33 @@ class FeatureCaching:
                     f"another process sharing the cache before this trial could read them, "
                     f"twice: raise --cache-budget"
                 )
-            self._compute(make_net, plan, split, target, cut, view)
+            self._compute(make_net, plan, split, target, cut, view, facts)
             found = features.load_entry(target, rows)
             computed += 1
         disk.mark_read(target)
         return found
 
-    def _compute(self, make_net, plan: TrialPlan, split: str, target: Path, cut: str, view: int):
+    def _compute(
+        self,
+        make_net,
+        plan: TrialPlan,
+        split: str,
+        target: Path,
+        cut: str,
+        view: int,
+        facts: FitFacts,
+    ) -> None:
         """Write ``target`` (with the passes planned ahead, on a plain pass over the files),
         within the cache budget; its time goes to the trial's pass or ahead seconds."""
         size, rows = plan.image_size, len(self.data.rows(split))
         augment = (
-            augment_mod.layer(
-                plan.augment, augment_mod.view_seed(plan.augment, self.space.seed, view)
-            )
+            augment_mod.layer(plan.augment, augment_mod.view_seed(plan.augment, self.seed, view))
             if view
             else None
         )
         what = f"{split} {cut} outputs of {plan.backbone} {size}px"
         nbytes = disk.entry_bytes(rows, _entry_size(make_net()), features.DTYPE().itemsize)
-        if not self._room(nbytes, what, self._pixels_of(size), reserve=target):
+        if not self._room(facts, nbytes, what, self._pixels_of(size), reserve=target):
             raise kt.errors.FailedTrialError(
                 f"the cache budget ({disk.format_bytes(self.disk.limit)}) cannot hold the {what}"
                 f" even after evicting older entries: raise --cache-budget"
@@ -141,7 +200,7 @@ class FeatureCaching:
         passes = []
         try:
             if pixels is None and cut in FEATURE_CUTS and not view:
-                passes = self._ahead(split, (plan.backbone, size), target, cut)
+                passes = _ahead(self, split, (plan.backbone, size), target, cut, facts)
             if not any(p.target == target for p in passes):
                 passes.insert(
                     0, features.feature_pass(make_net(), target, size, plan.pass_batch, augment)
@@ -155,10 +214,10 @@ class FeatureCaching:
         # What the oracle budgets by: this feature set's pass (its forward and the decoding),
         # apart from the passes computed ahead for other feature sets in the same sweep.
         own = spent.get(target, 0.0) + spent["decode"]
-        self.last_fit["pass_seconds"] += own
-        self.last_fit["ahead_seconds"] += max(time.monotonic() - started - own, 0.0)
+        facts["pass_seconds"] += own
+        facts["ahead_seconds"] += max(time.monotonic() - started - own, 0.0)
 
-    def _target(
+    def target(
         self,
         backbone: str,
         size: int,
@@ -168,109 +227,18 @@ class FeatureCaching:
         view: int = 0,
         policy: str = augment_mod.NONE,
     ) -> Path:
-        view_key = features.view_name(policy, self.space.seed, view) if view else ""
+        view_key = features.view_name(policy, self.seed, view) if view else ""
         source = self.data.pixel_file(split, size).name
         return features.cache_file(
             self.data.cache_dir, backbone, size, weights_key, split, source, cut, view_key
         )
-
-    def _ahead(
-        self, split: str, current: tuple[str, int], target: Path, cut: str = "pooled"
-    ) -> list[features.Pass]:
-        """The passes a plain pass over a split's files computes in the same sweep (one
-        decode of each file), one forward per (backbone, size): its planned features
-        (:attr:`planned`: ``top`` and ``stages``, one forward gives both) and the activations
-        at the cuts of :attr:`cut_fractions`, those not cached yet. ``current`` is the one
-        asked for, whose ``cut`` (``pooled`` or ``stages``) goes to ``target`` (reserved
-        already, always computed); the rest are reserved in the budget's free room, nothing
-        evicted for them, and left for later when they do not fit."""
-        rows = len(self.data.rows(split))
-        wanted: dict[tuple[str, int], list[str]] = {current: [cut]}
-        for backbone, size, kind in self.planned:
-            name = "stages" if kind == "stages" else "pooled"
-            if name not in wanted.setdefault((backbone, size), []):
-                wanted[(backbone, size)].append(name)
-        passes = []
-        for (backbone, size), names in wanted.items():  # the one asked for first
-            entry = backbones.get(backbone)
-            cuts_wanted = bool(self.cut_fractions) and entry.finetunable
-            if (backbone, size) == current and names == [cut] and not cuts_wanted:
-                continue  # nothing beside the asked entry: the trial's own network's pass
-            base = backbones.build(entry, size, self.weights)
-            backbones.inference_mode(base)
-            key = features.weights_fingerprint(base)
-            names = [n for n in names if n == "pooled" or entry.finetunable]
-            outputs = {self._target(backbone, size, key, split, n): n for n in names}
-            asked = (backbone, size) == current
-            if asked and target not in outputs:
-                continue  # other weights than the trial's (cannot happen): its own pass
-            cuts = self._cuts(base, entry) if entry.finetunable else {}
-            outputs |= {self._target(backbone, size, k, split, n): n for n, k in cuts.items()}
-            missing = {
-                t: n
-                for t, n in outputs.items()
-                if t == target or features.load_entry(t, rows) is None
-            }
-            if not missing:
-                continue
-            made = self._pass_ahead(base, entry, size, missing, target if asked else None, rows)
-            if made is not None:
-                passes.append(made)
-            else:
-                self._note(f"{backbone} {size}px not computed ahead for {split} (cache budget)")
-        return passes
-
-    def _pass_ahead(
-        self,
-        base: keras.Model,
-        entry: backbones.Backbone,
-        size: int,
-        outputs: dict[Path, str],
-        asked: Path | None,
-        rows: int,
-    ) -> features.Pass | None:
-        """One forward of a backbone built on its own that writes ``outputs`` ({target: what:
-        ``pooled``, ``stages`` or a cut layer's name}), ``asked`` first; the outputs besides
-        ``asked`` are reserved in the budget's free room: all of them, else the features
-        without the cuts' activations, else ``asked`` alone (None: nothing to compute)."""
-        features_only = {t: n for t, n in outputs.items() if n in FEATURE_CUTS}
-        for option in (outputs, features_only, {asked: outputs[asked]} if asked else {}):
-            if not option:
-                continue
-            ordered = sorted(option, key=lambda t: t != asked)
-            net = features.backbone_extractor(
-                base, size, entry.input_scale, [option[t] for t in ordered]
-            )
-            made = features.feature_pass(
-                net, ordered[0], size, self.pass_batch(entry), None, ordered[1:]
-            )
-            extra = {
-                t: disk.entry_bytes(rows, math.prod(shape), made.dtype().itemsize)
-                for t, shape in made.outputs
-                if t != asked
-            }
-            if self.disk is None or not extra or self.disk.claim(extra):
-                return made
-        return None
-
-    def _cuts(self, base: keras.Model, entry: backbones.Backbone) -> dict[str, str]:
-        """{cut layer name: fingerprint of the weights below it} for each fine-tune fraction
-        the search plans (:attr:`cut_fractions`) that leaves a frozen bottom."""
-        units = len(backbones.blocks(base))
-        out = {}
-        for fraction in self.cut_fractions:
-            count = backbones.blocks_for_fraction(base, fraction)
-            if 0 < count < units:
-                layer = features.cut_layer(base, count)
-                bottom = keras.Model(base.input, layer.output)
-                out[layer.name] = features.weights_fingerprint(bottom)
-        return out
 
     def _pixels_of(self, size: int) -> frozenset[Path]:
         return frozenset(self.data.pixel_file(s, size) for s in ("train", "validation"))
 
     def _room(
         self,
+        facts: FitFacts,
         nbytes: int,
         what: str,
         keep: frozenset[Path] = frozenset(),
@@ -283,53 +251,134 @@ class FeatureCaching:
             return True
         fits, evicted = self.disk.admit(nbytes, keep, reserve)
         for path, size in evicted:
-            self._note(f"evicted {path.parent.name}/{path.name} ({disk.format_bytes(size)})")
+            facts.note(f"evicted {path.parent.name}/{path.name} ({disk.format_bytes(size)})")
         if not fits:
-            self._note(f"{what} ({disk.format_bytes(nbytes)}) over the cache budget")
+            facts.note(f"{what} ({disk.format_bytes(nbytes)}) over the cache budget")
         return fits
 
-    def _note(self, text: str) -> None:
-        """A line of what the cache budget changed in this fit (the trial line says it)."""
-        self.last_fit.setdefault("cache_notes", []).append(text)
-
-    def _features(self, run: _Run) -> dict[str, np.ndarray]:
-        """The train and validation splits' cached pooled features (one backbone pass per
-        split for the whole search)."""
-        model = run.model
-        make_net = functools.cache(lambda: features.extractor(model))  # built once, if needed
-        key = self._fingerprint(model.get_layer("backbone"))
-        # Stage features share the backbone's weights (so its fingerprint): their own name.
-        cut = "stages" if run.plan.features == "stages" else "pooled"
-        return {
-            "train": self._train_views(run.plan, make_net, key, cut),
-            "validation": self._cached(make_net, key, run.plan, "validation", cut),
-        }
-
     def _train_views(
-        self, plan: TrialPlan, make_net, key: str, cut: str = "pooled"
+        self, plan: TrialPlan, make_net, key: str, cut: str, facts: FitFacts
     ) -> np.ndarray | list[np.ndarray]:
         """The train split's cached outputs: one array, or with augmentation a list of the
         plan's views (view 0 is the images themselves, shared with un-augmented trials; the
         others are cached per policy, seed and index, so 8 views reuse 4)."""
         views = [
-            self._cached(make_net, key, plan, "train", cut, view)
+            self._cached(make_net, key, plan, "train", cut, view, facts)
             for view in range(plan.augment_views)
         ]
         if plan.augment_views > 1:
             where = "cached views" if cut in FEATURE_CUTS else f"cached views at {cut}"
-            self._augment_path(plan, f"{where} ({plan.augment_views})")
+            facts.augmented(plan, f"{where} ({plan.augment_views})")
         return views if len(views) > 1 else views[0]
 
-    def _fingerprint(self, base: keras.Model) -> str:
-        """:func:`features.weights_fingerprint` of ``base``, computed once for the shared
-        frozen backbone (its weights never change)."""
-        shared = self._frozen_backbone is not None and self._frozen_backbone[1] is base
-        if shared and self._frozen_fingerprint and self._frozen_fingerprint[0] is base:
-            return self._frozen_fingerprint[1]
+    def _fingerprint(self, base: keras.Model, plan: TrialPlan) -> str:
+        """:func:`features.weights_fingerprint` of ``base``, computed once for a frozen
+        pretrained backbone (its weights never change, and trials share it)."""
+        frozen = plan.pretrained and not plan.fine_tunes
+        if frozen and self._frozen_key is not None and self._frozen_key[0] is base:
+            return self._frozen_key[1]
         key = features.weights_fingerprint(base)
-        if shared:
-            self._frozen_fingerprint = (base, key)
+        if frozen:
+            self._frozen_key = (base, key)
         return key
+
+
+def _ahead(
+    store: FeatureStore,
+    split: str,
+    current: tuple[str, int],
+    target: Path,
+    cut: str,
+    facts: FitFacts,
+) -> list[features.Pass]:
+    """The passes a plain pass over a split's files computes in the same sweep (one decode
+    of each file), one forward per (backbone, size): the store's planned features
+    (:attr:`FeatureStore.planned`: ``top`` and ``stages``, one forward gives both) and the
+    activations at the cuts of :attr:`FeatureStore.cut_fractions`, those not cached yet.
+    ``current`` is the one asked for, whose ``cut`` (``pooled`` or ``stages``) goes to
+    ``target`` (reserved already, always computed); the rest are reserved in the budget's
+    free room, nothing evicted for them, and left for later when they do not fit."""
+    rows = len(store.data.rows(split))
+    wanted: dict[tuple[str, int], list[str]] = {current: [cut]}
+    for backbone, size, kind in store.planned:
+        name = "stages" if kind == "stages" else "pooled"
+        if name not in wanted.setdefault((backbone, size), []):
+            wanted[(backbone, size)].append(name)
+    passes = []
+    for (backbone, size), names in wanted.items():  # the one asked for first
+        entry = backbones.get(backbone)
+        cuts_wanted = bool(store.cut_fractions) and entry.finetunable
+        if (backbone, size) == current and names == [cut] and not cuts_wanted:
+            continue  # nothing beside the asked entry: the trial's own network's pass
+        base = backbones.build(entry, size, store.weights)
+        backbones.inference_mode(base)
+        key = features.weights_fingerprint(base)
+        names = [n for n in names if n == "pooled" or entry.finetunable]
+        outputs = {store.target(backbone, size, key, split, n): n for n in names}
+        asked = (backbone, size) == current
+        if asked and target not in outputs:
+            continue  # other weights than the trial's (cannot happen): its own pass
+        cuts = _cuts(base, store.cut_fractions) if entry.finetunable else {}
+        outputs |= {store.target(backbone, size, k, split, n): n for n, k in cuts.items()}
+        missing = {
+            t: n for t, n in outputs.items() if t == target or features.load_entry(t, rows) is None
+        }
+        if not missing:
+            continue
+        made = _pass_ahead(store, base, entry, size, missing, target if asked else None, rows)
+        if made is not None:
+            passes.append(made)
+        else:
+            facts.note(f"{backbone} {size}px not computed ahead for {split} (cache budget)")
+    return passes
+
+
+def _pass_ahead(
+    store: FeatureStore,
+    base: keras.Model,
+    entry: backbones.Backbone,
+    size: int,
+    outputs: dict[Path, str],
+    asked: Path | None,
+    rows: int,
+) -> features.Pass | None:
+    """One forward of a backbone built on its own that writes ``outputs`` ({target: what:
+    ``pooled``, ``stages`` or a cut layer's name}), ``asked`` first; the outputs besides
+    ``asked`` are reserved in the budget's free room: all of them, else the features
+    without the cuts' activations, else ``asked`` alone (None: nothing to compute)."""
+    features_only = {t: n for t, n in outputs.items() if n in FEATURE_CUTS}
+    for option in (outputs, features_only, {asked: outputs[asked]} if asked else {}):
+        if not option:
+            continue
+        ordered = sorted(option, key=lambda t: t != asked)
+        net = features.backbone_extractor(
+            base, size, entry.input_scale, [option[t] for t in ordered]
+        )
+        made = features.feature_pass(
+            net, ordered[0], size, store.pass_batch(entry), None, ordered[1:]
+        )
+        extra = {
+            t: disk.entry_bytes(rows, math.prod(shape), made.dtype().itemsize)
+            for t, shape in made.outputs
+            if t != asked
+        }
+        if store.disk is None or not extra or store.disk.claim(extra):
+            return made
+    return None
+
+
+def _cuts(base: keras.Model, fractions: tuple[float, ...]) -> dict[str, str]:
+    """{cut layer name: fingerprint of the weights below it} for each fine-tune fraction
+    the search plans (``fractions``) that leaves a frozen bottom."""
+    units = len(backbones.blocks(base))
+    out = {}
+    for fraction in fractions:
+        count = backbones.blocks_for_fraction(base, fraction)
+        if 0 < count < units:
+            layer = features.cut_layer(base, count)
+            bottom = keras.Model(base.input, layer.output)
+            out[layer.name] = features.weights_fingerprint(bottom)
+    return out
 
 
 def _entry_size(net: keras.Model) -> int:

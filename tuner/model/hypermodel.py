@@ -1,8 +1,10 @@
 """The hypermodel: ``build(hp)`` is the model, ``fit(hp, model, ...)`` is its training.
 
-This module plans a trial (:class:`TrialPlan`) and builds its model; the fit paths are in
-:mod:`tuner.model.training` and the feature and activation caches in
-:mod:`tuner.model.caching`, the two halves :class:`EffNetHyperModel` inherits.
+This module plans a trial (:class:`~tuner.model.trial_plan.TrialPlan`) and builds its model.
+:class:`EffNetHyperModel` composes two parts with one job each: a
+:class:`~tuner.model.caching.FeatureStore` (``store``: the feature and activation caches, the
+passes that fill them, the disk budget) and a :class:`~tuner.model.training.Trainer`
+(``trainer``: every fit path). The splits are :class:`~tuner.model.splits.SplitData`.
 
 The model is ``pixels (float, 0..255) -> [rescale] -> backbone -> head``, with the backbone
 and the head (:mod:`tuner.model.head`) as two named sub-models (``backbone``, ``head``) so the head
@@ -49,177 +51,42 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import keras
 import keras_tuner as kt
-import numpy as np
-import pandas as pd
-import tensorflow as tf
-from sklearn.utils.class_weight import compute_class_weight
 
-from data_tools import pipeline
-from tuner.model import accelerate, backbones, disk
+from tuner.model import accelerate, backbones
 from tuner.model import augment as augment_mod
 from tuner.model import head as head_mod
 from tuner.model import space as space_mod
-from tuner.model.caching import FeatureCaching
-from tuner.model.training import TrainingPaths, compile_model
+from tuner.model.caching import FeatureStore
+from tuner.model.splits import SplitData
+from tuner.model.training import Trainer, compile_model
+from tuner.model.trial_plan import CPU_PASS_BATCH, STAGES, FitFacts, TrialPlan
+
+__all__ = [
+    "CPU_PASS_BATCH",
+    "STAGES",
+    "EffNetHyperModel",
+    "FitFacts",
+    "SplitData",
+    "TrialPlan",
+    "auto_train_batch",
+    "model_name",
+]
 
 # "auto" training batch: the largest power of two that leaves this many steps an epoch.
 MIN_STEPS_PER_EPOCH = 30
-# Without a GPU the backbone pass gains nothing from bigger batches (32-256 within noise, B0
-# on 2 cores) and each one costs memory.
-CPU_PASS_BATCH = 64
-STAGES = ("frozen", "fine-tune")  # of transfer trials; other algorithms' trials have none
 
 
-@dataclass(frozen=True)
-class TrialPlan:
-    """Everything a trial's values and the backbone table decide, as plain data."""
+class EffNetHyperModel(kt.HyperModel):
+    """Keras Tuner hypermodel over the backbone table, head, learning rate and fine-tuning.
 
-    backbone: str
-    image_size: int
-    batch_size: int  # training (head, fine-tune, end to end)
-    head_width: int
-    dropout: float
-    learning_rate: float
-    finetune_fraction: float
-    finetune_lr_factor: float
-    class_weight: str
-    pretrained: bool
-    l2: float = 0.0
-    augment: str = (
-        augment_mod.NONE
-    )  # the train split's augmentation policy (tuner/model/augment.py)
-    augment_views: int = 1  # views of each train image in a cached trial (1: not augmented)
-    pass_batch: int = CPU_PASS_BATCH  # the backbone's forward passes (features, activations)
-    stage: str = ""  # "frozen" / "fine-tune" for transfer trials
-    solver: str = "adam"  # "exact": a linear head fitted exactly on cached features
-    features: str = "top"  # what the head sees: "top" or "stages" (backbones.with_stages)
-
-    @property
-    def fine_tunes(self) -> bool:
-        return self.pretrained and self.finetune_fraction > 0
-
-    @property
-    def mode(self) -> str:
-        """``fine-tuned``, ``frozen`` (pretrained backbone) or ``whole-network`` (random init)."""
-        if not self.pretrained:
-            return "whole-network"
-        return "fine-tuned" if self.fine_tunes else "frozen"
-
-    def unused(self) -> tuple[str, ...]:
-        """The hyperparameters that did nothing in this trial, which trials.csv, W&B and
-        the model card mark :data:`UNUSED`: an exact linear head takes no learning rate,
-        dropout or epochs; a trial that does not fine-tune has no phase-2 rate factor (and a
-        random-init one no fraction: it trains everything); views need augmentation."""
-        names = []
-        if self.solver == "exact":
-            names += ["dropout", "learning_rate", "epochs"]
-        if not self.pretrained or self.features == "stages":
-            names.append("finetune_fraction")  # a head on stage features stays frozen
-        if not self.fine_tunes:
-            names.append("finetune_lr_factor")
-        if not augment_mod.is_on(self.augment):
-            names.append("augment_views")
-        return tuple(names)
-
-
-class SplitData:
-    """Train and validation rows of the normalised table, served as tf.data per size.
-
-    The test split is never given to this class: it is read by export alone.
-    """
-
-    def __init__(self, table: pd.DataFrame, classes: Sequence[str], cache_dir: str | None):
-        if "type" in table and table["type"].eq("test").any():
-            raise ValueError("the search must not see the test split")
-        self.train = table[table["type"] == "train"].reset_index(drop=True)
-        self.validation = table[table["type"] == "validation"].reset_index(drop=True)
-        self.classes = list(classes)
-        self.cache_dir = cache_dir
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def datasets(
-        self,
-        size: int,
-        batch_size: int,
-        seed: int,
-        augment: str = augment_mod.NONE,
-        cache: bool = True,
-    ) -> tuple[tf.data.Dataset, tf.data.Dataset]:
-        """(train, validation) as float32 pixels in 0..255 and int32 labels; ``augment``
-        transforms the train batches afresh every epoch (validation never). ``cache``: read
-        (or build) the decoded-pixel cache; without it every epoch decodes the files."""
-        cache_dir = self.cache_dir if cache else None
-
-        def as_float(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            return tf.cast(images, tf.float32), labels
-
-        train = pipeline.make_dataset(
-            self.train,
-            size,
-            batch_size,
-            shuffle=True,
-            seed=seed,
-            cache_dir=cache_dir,
-            split="train",
-        )
-        val = pipeline.make_dataset(
-            self.validation, size, batch_size, cache_dir=cache_dir, split="validation"
-        )
-        train = train.map(as_float)
-        layer = augment_mod.layer(augment, augment_mod.view_seed(augment, seed, 0))
-        if layer is not None:
-            train = train.map(
-                lambda images, labels: (layer(images, training=True), labels),
-                num_parallel_calls=tf.data.AUTOTUNE,
-            )
-        return train, val.map(as_float)
-
-    def rows(self, split: str) -> pd.DataFrame:
-        return self.train if split == "train" else self.validation
-
-    def paths(self, split: str) -> list[str]:
-        return self.rows(split)["path"].tolist()
-
-    def pixel_file(self, split: str, size: int) -> Path:
-        """Where a split's decoded pixels at ``size`` are cached; its name fingerprints the
-        image files (what every feature entry computed from them is keyed by)."""
-        return pipeline.cache_file(self.cache_dir, split, size, self.paths(split))
-
-    def cached_pixels(self, split: str, size: int) -> np.ndarray | None:
-        """A split's decoded pixels at ``size`` when they are cached, else None."""
-        target = self.pixel_file(split, size)
-        expected = (len(self.rows(split)), size, size, 3)
-        return pipeline.load_checked(target, expected, np.uint8)
-
-    def pixels(self, split: str, size: int) -> tuple[np.ndarray, str]:
-        """(uint8 pixels of a split at ``size`` from the decoded cache, decoded into it when
-        missing; the cache file's name)."""
-        paths = self.paths(split)
-        name = self.pixel_file(split, size).name
-        return pipeline.decoded_array(paths, size, self.cache_dir, split), name
-
-    def labels(self, split: str) -> np.ndarray:
-        return self.rows(split)["class_index"].to_numpy(dtype=np.int32)
-
-    def class_weights(self) -> dict[int, float]:
-        """scikit-learn's ``balanced`` weights over the train split."""
-        y = self.train["class_index"].to_numpy()
-        present = np.unique(y)
-        weights = compute_class_weight("balanced", classes=present, y=y)
-        return {int(c): float(w) for c, w in zip(present, weights, strict=True)}
-
-
-class EffNetHyperModel(TrainingPaths, FeatureCaching, kt.HyperModel):
-    """Keras Tuner hypermodel over the backbone table, head, learning rate and fine-tuning."""
+    Plans a trial (:meth:`plan`) and builds its model (:meth:`build`); :meth:`fit` hands the
+    training to :attr:`trainer`, on the caches of :attr:`store` (where the search sets what
+    it plans and the disk budget), and keeps what the fit did in :attr:`last_fit`."""
 
     def __init__(
         self,
@@ -232,25 +99,23 @@ class EffNetHyperModel(TrainingPaths, FeatureCaching, kt.HyperModel):
         gpu_free_mib: float | None = None,
     ) -> None:
         super().__init__(name="effnet")
-        self.jit_compile = jit_compile  # XLA; "auto" lets Keras decide
         self.gpu_free_mib = gpu_free_mib  # scales the table's default batch sizes
         self.space = space
         self.data = data
         self.weights = weights  # "imagenet", None (random) or a path
         self.callbacks_factory = callbacks_factory  # () -> list of per-fit callbacks
-        self.feature_cache = feature_cache  # train frozen heads on cached backbone features
         self.batch_override: int | None = None  # set by out-of-memory retries
         # A refit's last epoch (absolute, as ``epochs``): stop there and keep it.
         self.stop_after: int | None = None
-        self.last_fit: dict[str, Any] = {}
+        self.last_fit = FitFacts()
         self._frozen_backbone: tuple[tuple[str, int, str], keras.Model] | None = None
-        # Set by the search: the (backbone, size) pairs whose features the frozen stage will
-        # want, computed in the first pass over the files from one decode of each, with the
-        # activations at the cuts of the fine-tune fractions the search plans.
-        self.planned: list[tuple[str, int, str]] = []  # (backbone, size, top or stages)
-        self.cut_fractions: tuple[float, ...] = ()  # whose cuts' activations come with them
-        self.disk: disk.Budget | None = None  # the cache folder's budget (None: no limit)
-        self._frozen_fingerprint: tuple[keras.Model, str] | None = None
+        # The search sets the store's planned feature sets, cut fractions and disk budget.
+        self.store = FeatureStore(data, space.seed, weights, self.pass_batch, feature_cache)
+        self.trainer = Trainer(data, space, self.store, jit_compile)
+
+    @property
+    def jit_compile(self) -> bool | str:
+        return self.trainer.jit_compile
 
     @classmethod
     def from_data(
@@ -304,7 +169,7 @@ class EffNetHyperModel(TrainingPaths, FeatureCaching, kt.HyperModel):
         stage = str(hp.values.get("tuner/stage", ""))
         pretrained = self.weights is not None or entry.constructor == "hub"
         width = int(values["head_width"])
-        cached = self.feature_cache and pretrained and self.data.cache_dir is not None
+        cached = self.store.enabled and pretrained and self.data.cache_dir is not None
         policy = augment_mod.canonical(str(values.get("augment", augment_mod.NONE)))
         views = int(values.get("augment_views", 1)) if augment_mod.is_on(policy) else 1
         # A hub module has no stages to tap; a pretrained head on stage features is frozen.
@@ -328,6 +193,31 @@ class EffNetHyperModel(TrainingPaths, FeatureCaching, kt.HyperModel):
             stage=stage,
             solver="exact" if stage == "frozen" and width == 0 and cached else "adam",
             features=seen,
+        )
+
+    def fit(
+        self,
+        hp: kt.HyperParameters,
+        model: keras.Model,
+        *args: Any,
+        epochs: int | None = None,
+        initial_epoch: int = 0,
+        callbacks: Sequence[keras.callbacks.Callback] = (),
+        **kwargs: Any,
+    ) -> dict[str, float]:
+        """Train the trial's model (:meth:`Trainer.fit`); Keras Tuner's positional data
+        arguments are unused (the data is the hypermodel's own)."""
+        self.last_fit = FitFacts()
+        own = list(self.callbacks_factory()) if self.callbacks_factory else []
+        return self.trainer.fit(
+            self.plan(hp),
+            model,
+            self.last_fit,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            callbacks=callbacks,
+            own_callbacks=own,
+            stop_after=self.stop_after,
         )
 
     def pass_batch(self, entry: backbones.Backbone) -> int:

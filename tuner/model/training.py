@@ -1,8 +1,8 @@
 """How a trial trains: every fit path of the hypermodel, and the epoch it keeps.
 
-:class:`TrainingPaths` is the training half of :class:`~tuner.model.hypermodel.EffNetHyperModel`
-(which builds the model; see its module for the stages and phases). ``fit`` sends a trial
-down one of four paths, each in its own section below:
+:class:`Trainer` is the part of :class:`~tuner.model.hypermodel.EffNetHyperModel` that trains
+(the hypermodel plans and builds; see its module for the stages and phases). ``fit`` sends a
+trial down one of four paths, each in its own section below:
 
 * the exact linear head: a frozen-stage linear head fitted by Newton-CG on cached features;
 * phase 1: the head on the frozen backbone, by Adam, on cached features (and augmented views
@@ -13,7 +13,8 @@ down one of four paths, each in its own section below:
 
 :class:`BestEpoch` keeps the weights of the epoch a trial reports (the highest validation
 accuracy, :data:`BEST_EPOCH_METRIC`; the first on ties); :func:`compile_model` is the one
-optimizer and loss every path uses.
+optimizer and loss every path uses; :func:`phase1_end` and :func:`finetune_epochs` say how an
+end-to-end trial's epochs divide between its phases.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import keras
 import keras_tuner as kt
@@ -31,14 +32,12 @@ import numpy as np
 import tensorflow as tf
 
 from data_tools import pipeline
-from tuner.model import augment as augment_mod
 from tuner.model import backbones, features
 from tuner.model import head as head_mod
-from tuner.model.caching import IN_MEMORY_BYTES
-
-if TYPE_CHECKING:
-    from tuner.model.hypermodel import TrialPlan
-
+from tuner.model.caching import IN_MEMORY_BYTES, FeatureStore
+from tuner.model.space import SearchSpace
+from tuner.model.splits import SplitData
+from tuner.model.trial_plan import FitFacts, TrialPlan
 
 # Training on cached arrays takes many tiny steps; one call per step spends more time in
 # dispatch than in arithmetic (2.5 ms a step for a Dense head on B0 features): run 16 per
@@ -52,45 +51,64 @@ CACHED_STEPS_PER_EXECUTION = 16
 BEST_EPOCH_METRIC = "val_accuracy"
 
 
-class TrainingPaths:
-    """The fit paths of :class:`~tuner.model.hypermodel.EffNetHyperModel` (a mixin: it reads
-    the hypermodel's ``space``, ``data``, settings and caches)."""
+class Trainer:
+    """Every fit path of a trial over a search's ``data`` and ``space``, on the feature and
+    activation caches of ``store``."""
+
+    def __init__(
+        self,
+        data: SplitData,
+        space: SearchSpace,
+        store: FeatureStore,
+        jit_compile: bool | str = "auto",
+    ) -> None:
+        self.data = data
+        self.space = space
+        self.store = store
+        self.jit_compile = jit_compile  # XLA; "auto" lets Keras decide
 
     def fit(
         self,
-        hp: kt.HyperParameters,
+        plan: TrialPlan,
         model: keras.Model,
-        *args,
+        facts: FitFacts,
         epochs: int | None = None,
         initial_epoch: int = 0,
         callbacks: Sequence[keras.callbacks.Callback] = (),
-        **kwargs,
+        own_callbacks: Sequence[keras.callbacks.Callback] = (),
+        stop_after: int | None = None,
     ) -> dict[str, float]:
+        """Train ``model`` as ``plan`` says; leave it at its best epoch (unless ``stop_after``,
+        a refit's last epoch: then train the same schedule up to that epoch and keep it) and
+        return that epoch's metrics; ``facts`` receives what the fit did. ``callbacks`` are
+        Keras Tuner's (they see the whole model), ``own_callbacks`` the search's."""
         # Under --strategy mirrored the model was built in the strategy's scope: the head
         # trainers and optimizers made here must be too.
         with model.distribute_strategy.scope():
-            return self._fit(hp, model, epochs, initial_epoch, callbacks)
+            epochs = epochs or self.space.epochs
+            run = _Run(
+                model=model,
+                plan=plan,
+                class_weight=self.data.class_weights() if plan.class_weight == "balanced" else None,
+                given=list(callbacks),
+                ours=[*own_callbacks, keras.callbacks.TerminateOnNaN()],
+                facts=facts,
+                stop_after=stop_after,
+            )
+            self._paths(run, epochs, initial_epoch)
+            facts.update(
+                history=run.history,
+                epochs_run=len(run.history.get("loss", [])),
+                plan=plan,
+            )
+            metrics = best_metrics(run.history)
+            if stop_after is None:
+                run.best.restore()
+            return metrics
 
-    def _fit(
-        self,
-        hp: kt.HyperParameters,
-        model: keras.Model,
-        epochs: int | None,
-        initial_epoch: int,
-        callbacks: Sequence[keras.callbacks.Callback],
-    ) -> dict[str, float]:
-        plan = self.plan(hp)
-        # Facts of this fit only (the runner reads them).
-        self.last_fit = {"pass_seconds": 0.0, "ahead_seconds": 0.0}
-        epochs = epochs or self.space.epochs
-        own = list(self.callbacks_factory()) if self.callbacks_factory else []
-        run = _Run(
-            model=model,
-            plan=plan,
-            class_weight=self.data.class_weights() if plan.class_weight == "balanced" else None,
-            given=list(callbacks),  # Keras Tuner's: best-epoch checkpoint, progress
-            ours=[*own, keras.callbacks.TerminateOnNaN()],
-        )
+    def _paths(self, run: _Run, epochs: int, initial_epoch: int) -> None:
+        """The path (or, end to end, the phases) the plan takes."""
+        plan, model = run.plan, run.model
         # What a best epoch restores: what can change in this fit (phase 2 adds the top).
         run.best.track(model.weights if not plan.pretrained else model.get_layer("head").weights)
         if plan.stage == "frozen" and plan.solver == "exact":
@@ -100,42 +118,12 @@ class TrainingPaths:
         elif plan.stage == "fine-tune":
             self._phase2(run, epochs, initial_epoch)
         else:
-            phase1_end = self.phase1_end(plan, epochs, initial_epoch)
-            if initial_epoch < self._last(phase1_end):
-                self._phase1(run, phase1_end, initial_epoch)
-            fine_tunes = plan.fine_tunes and self._last(epochs) > phase1_end
+            phase1 = phase1_end(self.space, plan, epochs, initial_epoch)
+            if initial_epoch < run.last(phase1):
+                self._phase1(run, phase1, initial_epoch)
+            fine_tunes = plan.fine_tunes and run.last(epochs) > phase1
             if fine_tunes and not model.stop_training:
-                self._phase2(run, epochs, max(initial_epoch, phase1_end))
-        self.last_fit.update(
-            history=run.history,
-            epochs_run=len(run.history.get("loss", [])),
-            plan=plan,
-        )
-        metrics = best_metrics(run.history)
-        if self.stop_after is None:
-            run.best.restore()
-        return metrics
-
-    def _last(self, until: int) -> int:
-        """The epoch a phase planned to end at ``until`` ends at: ``until``, or a refit's
-        ``stop_after`` when that comes first."""
-        return until if self.stop_after is None else min(until, self.stop_after)
-
-    def phase1_end(self, plan: TrialPlan, epochs: int, initial_epoch: int = 0) -> int:
-        """The epoch at which phase 2 starts (``epochs`` when there is none). A trial
-        continued from epoch ``initial_epoch`` whose parent had already fine-tuned stays in
-        phase 2: training its head again would undo what fine-tuning built on it."""
-        if not plan.fine_tunes:
-            return epochs
-        parent_end = initial_epoch - self.finetune_epochs(initial_epoch)
-        if initial_epoch > 0 and parent_end < initial_epoch:
-            return parent_end
-        return epochs - self.finetune_epochs(epochs)
-
-    def finetune_epochs(self, epochs: int) -> int:
-        """Phase-2 epochs out of ``epochs``: the space's setting, else half (at least 1)."""
-        wanted = self.space.finetune_epochs or math.ceil(epochs / 2)
-        return min(wanted, max(epochs - 1, 0))
+                self._phase2(run, epochs, max(initial_epoch, phase1))
 
     # -- the exact linear head -----------------------------------------------------------------
 
@@ -143,7 +131,7 @@ class TrainingPaths:
         """A linear head fitted exactly on the cached features (:func:`head.fit_linear`),
         scored like an epoch and reported to the callbacks as one."""
         plan = run.plan
-        arrays = self._features(run)
+        arrays = self.store.features(run.model, plan, run.facts)
         train, labels = stacked(arrays["train"], self.data.labels("train"))
         head = run.model.get_layer("head")
         head_mod.standardize(head, train)
@@ -154,10 +142,10 @@ class TrainingPaths:
         callbacks.on_train_begin()
         callbacks.on_epoch_begin(0)
         started = time.monotonic()
-        self.last_fit["solver_iterations"] = head_mod.fit_linear(
+        run.facts["solver_iterations"] = head_mod.fit_linear(
             head, train, labels, plan.l2, run.class_weight
         )
-        self.last_fit["solver_seconds"] = time.monotonic() - started
+        run.facts["solver_seconds"] = time.monotonic() - started
         logs = {}
         for x, y, prefix in (
             (train, labels, ""),
@@ -180,12 +168,12 @@ class TrainingPaths:
         decay = steps if converge else None
         stopping = (
             [keras.callbacks.EarlyStopping("val_loss", patience=self.space.patience)]
-            if converge and self.stop_after is None
+            if converge and run.stop_after is None
             else []
         )
-        until = self._last(until)  # the schedule above is the searched one; a refit ends early
-        if self.uses_feature_cache(plan):
-            arrays = self._features(run)
+        until = run.last(until)  # the schedule above is the searched one; a refit ends early
+        if self.store.uses_cache(plan):
+            arrays = self.store.features(model, plan, run.facts)
             head = model.get_layer("head")
             head_mod.standardize(head, stacked(arrays["train"], self.data.labels("train"))[0])
             compile_model(
@@ -264,13 +252,6 @@ class TrainingPaths:
         run.model.stop_training = trainer.stop_training
         return result
 
-    def _augment_path(self, plan: TrialPlan, path: str) -> None:
-        """Records how this fit augments (a trial line and trials.csv say it)."""
-        if augment_mod.is_on(plan.augment):
-            paths = self.last_fit.setdefault("augment_path", [])
-            if path not in paths:
-                paths.append(path)
-
     # -- phase 2: the unfrozen top (cached activations at the cut, else end to end) ------------
 
     def _phase2(self, run: _Run, until: int, start: int) -> None:
@@ -278,15 +259,15 @@ class TrainingPaths:
         head at ``learning_rate * finetune_lr_factor``, on cached activations at the cut
         when possible, else end to end."""
         plan, model = run.plan, run.model
-        until = self._last(until)
+        until = run.last(until)
         base = model.get_layer("backbone")
         count = backbones.blocks_for_fraction(base, plan.finetune_fraction)
-        self.last_fit["unfrozen_blocks"] = backbones.unfreeze_top(base, count)
+        run.facts["unfrozen_blocks"] = backbones.unfreeze_top(base, count)
         run.best.track(base.trainable_weights)
         rate = plan.learning_rate * plan.finetune_lr_factor
-        cached = self.uses_feature_cache(plan) and count < len(backbones.blocks(base))
+        cached = self.store.uses_cache(plan) and count < len(backbones.blocks(base))
         if cached:  # the activations at the cut must fit on disk
-            cached = self._activations_fit(model, plan, count)
+            cached = self.store.activations_fit(model, plan, count, run.facts)
         if cached:
             run.extend(self._fit_top_on_activations(run, count, until, start, rate))
         else:
@@ -302,10 +283,7 @@ class TrainingPaths:
         bottom, top, cut = features.split_backbone(model, top_blocks)
         make_net = functools.cache(lambda: features.extractor(model, bottom))
         key = features.weights_fingerprint(bottom)
-        arrays = {
-            "train": self._train_views(run.plan, make_net, key, cut),
-            "validation": self._cached(make_net, key, run.plan, "validation", cut),
-        }
+        arrays = self.store.arrays(run.plan, make_net, key, cut, run.facts)
         inputs = keras.Input(top.input_shape[1:], name="activations")
         # Inference mode as in `build` (its stochastic depth is off: `inference_mode`).
         outputs = model.get_layer("head")(top(inputs, training=False))
@@ -313,7 +291,7 @@ class TrainingPaths:
         compile_model(
             trainer, rate, self.data.num_classes, self.jit_compile, CACHED_STEPS_PER_EXECUTION
         )
-        self.last_fit["activation_cut"] = cut
+        run.facts["activation_cut"] = cut
         return self._fit_on_cache(trainer, run, arrays, epochs, initial_epoch, run.on_cache())
 
     # -- end to end: pixels through the whole model --------------------------------------------
@@ -325,9 +303,9 @@ class TrainingPaths:
             plan.batch_size,
             self.space.seed,
             plan.augment,
-            cache=self._pixels_cacheable(plan.image_size),
+            cache=self.store.pixels_cacheable(plan.image_size, run.facts),
         )
-        self._augment_path(plan, "end to end")
+        run.facts.augmented(plan, "end to end")
         build_state(run.model, train)
         return run.model.fit(
             train,
@@ -364,8 +342,15 @@ class _Run:
     class_weight: dict[int, float] | None
     given: list  # Keras Tuner's callbacks: they must see the whole model
     ours: list
+    facts: FitFacts = field(default_factory=FitFacts)
+    stop_after: int | None = None  # a refit's last epoch
     history: dict[str, list[float]] = field(default_factory=dict)
     best: BestEpoch = field(default_factory=lambda: BestEpoch())
+
+    def last(self, until: int) -> int:
+        """The epoch a phase planned to end at ``until`` ends at: ``until``, or a refit's
+        ``stop_after`` when that comes first."""
+        return until if self.stop_after is None else min(until, self.stop_after)
 
     def end_to_end(self) -> list:
         return [*self.given, self.best, *self.ours]
@@ -414,6 +399,24 @@ class BestEpoch(keras.callbacks.Callback):
     def restore(self) -> None:
         for key, value in (self.saved or {}).items():
             self.variables[key].assign(value)
+
+
+def phase1_end(space: SearchSpace, plan: TrialPlan, epochs: int, initial_epoch: int = 0) -> int:
+    """The epoch at which an end-to-end trial's phase 2 starts (``epochs`` when there is
+    none). A trial continued from epoch ``initial_epoch`` whose parent had already fine-tuned
+    stays in phase 2: training its head again would undo what fine-tuning built on it."""
+    if not plan.fine_tunes:
+        return epochs
+    parent_end = initial_epoch - finetune_epochs(space, initial_epoch)
+    if initial_epoch > 0 and parent_end < initial_epoch:
+        return parent_end
+    return epochs - finetune_epochs(space, epochs)
+
+
+def finetune_epochs(space: SearchSpace, epochs: int) -> int:
+    """Phase-2 epochs out of ``epochs``: the space's setting, else half (at least 1)."""
+    wanted = space.finetune_epochs or math.ceil(epochs / 2)
+    return min(wanted, max(epochs - 1, 0))
 
 
 def compile_model(
