@@ -236,7 +236,7 @@ def test_a_resume_refuses_images_changed_since_the_search_started(tmp_path):
     import os
 
     from data_tools import ingest
-    from tuner.engine import session
+    from tuner.engine import folder
 
     paths = []
     for i in range(3):
@@ -244,15 +244,15 @@ def test_a_resume_refuses_images_changed_since_the_search_started(tmp_path):
         paths.append(str(tmp_path / f"{i}.png"))
     out = tmp_path / "results"
     out.mkdir()
-    stamps = ingest.check_stamps(out / session.FILES, paths)  # the first run: what to record
+    stamps = ingest.check_stamps(out / folder.FILES, paths)  # the first run: what to record
     assert stamps.path.tolist() == paths
-    (out / session.FILES).write_text(stamps.to_csv(index=False))
-    assert ingest.check_stamps(out / session.FILES, paths) is None  # unchanged: the resume goes on
+    (out / folder.FILES).write_text(stamps.to_csv(index=False))
+    assert ingest.check_stamps(out / folder.FILES, paths) is None  # unchanged: the resume goes on
     Image.fromarray(random_rgb(seed=9)).save(paths[1])  # a sync client rewrote it
     os.utime(paths[1], ns=(1, 1))
     os.remove(paths[2])
     with pytest.raises(InputError) as refused:
-        ingest.check_stamps(out / session.FILES, paths)
+        ingest.check_stamps(out / folder.FILES, paths)
     assert str(refused.value).startswith(
         f"2 image(s) changed or went missing since this search started ({paths[1]}, {paths[2]})"
     )

@@ -258,13 +258,13 @@ def test_search_takes_the_split_ranges_and_warns_when_they_leave_too_few(
     tmp_path, demo_dir, capsys
 ) -> None:
     from tuner import search
-    from tuner.engine import session
+    from tuner.engine import folder
 
     def load(*ranges: str):
         argv = ["--data", str(demo_dir / "label.csv"), "--results", str(tmp_path), *ranges]
         request = search.resolve_request(search.build_parser().parse_args(argv))
         out = tmp_path / ("-".join(ranges) or "default")
-        return session.load_data(request, out), out
+        return folder.load_data(request, out), out
 
     (table, _, facts, warning, _), _ = load()
     assert warning.startswith("warning: balanced to the rarest class, validation keeps 14 ")
@@ -355,10 +355,10 @@ def test_a_resume_with_another_split_key_is_refused(tmp_path) -> None:
     import yaml
 
     from data_tools.errors import InputError
-    from tuner.engine import session
+    from tuner.engine import folder
 
     config = {"space": {}, "data": "d", "weights": "w", "classes": ["a"], "split_key": "sha1"}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    session.check_resume(tmp_path, config)
+    folder.check_resume(tmp_path, config)
     with pytest.raises(InputError, match="a different split_key"):
-        session.check_resume(tmp_path, {**config, "split_key": "reference"})
+        folder.check_resume(tmp_path, {**config, "split_key": "reference"})

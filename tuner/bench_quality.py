@@ -168,13 +168,13 @@ def check_weights(args: argparse.Namespace, recipe_backbone: str) -> None:
     """The recipes' and the searches' backbones have weights (one line naming the fix)."""
     from rich.console import Console
 
-    from tuner.engine import session
+    from tuner.engine import folder
     from tuner.model import backbones, space
 
     overrides = space.parse_overrides(args.set)
     searched = space.load(args.space or space.shipped("default.yaml"), overrides)
     wanted = space.load(None, {"backbones": [recipe_backbone, *searched.backbones]})
-    session.resolve_weights(args.weights, wanted, demo=False, console=Console())
+    folder.resolve_weights(args.weights, wanted, demo=False, console=Console())
     if args.weights not in ("imagenet", "none"):
         for name in wanted.backbones:
             backbones.weights_file_in(Path(args.weights), backbones.get(str(name)))

@@ -257,12 +257,19 @@ def dry_run(
     moves, why = play(setting)
     for line in summary(setting, moves, why):
         console.print(line, highlight=False)
-    planned = strategy.planned_sets(setting, [])
-    sets = list(dict.fromkeys((fs.backbone, fs.pixels, fs.features) for fs in planned))
+    sets = planned_sets(setting)
     lines, _ = cache_lines(cache_budget, sets, [train_rows, validation_rows], space)
     for line in lines:
         console.print(line, highlight=False)
     return 0
+
+
+def planned_sets(setting: costmodel.Setting, facts=()) -> list[tuple[str, int, str]]:
+    """The (backbone, size, features) the transfer strategy's frozen stage plans to run in
+    ``setting`` after the trials ``facts``: what a first sweep over the files computes ahead
+    and what the cache plan sizes."""
+    planned = strategy.planned_sets(setting, list(facts))
+    return list(dict.fromkeys((fs.backbone, fs.pixels, fs.features) for fs in planned))
 
 
 def first_set(space) -> list[tuple[str, int, str]]:

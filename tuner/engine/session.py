@@ -5,86 +5,82 @@ clean stop on a signal, a full disk or the end of the budget."""
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import signal
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.markup import escape
 
-from data_tools import atomic, header, ingest, progress
-from data_tools import split as split_mod
-from data_tools.atomic import write_text
+from data_tools import header, progress
 from data_tools.errors import EXIT_INPUT_ERROR, InputError
-from tuner.engine.distribute import Role
+from tuner.engine.folder import SearchRequest
 from tuner.report.text import format_seconds
 
 EXIT_INTERRUPTED = 130
 UNTIL_BUDGET = 10**6  # Hyperband iterations when hyperband_iterations is 0
 
 
-@dataclass(frozen=True)
-class SearchRequest:
-    """The command line, resolved: explicit arguments for :func:`run_search`."""
-
-    data: str | None
-    images: str | None
-    space: str
-    budget_s: float
-    name: str
-    results: str
-    algorithm: str | None
-    weights: str
-    seed: int | None
-    overrides: dict[str, Any]
-    overwrite: bool
-    cache: str
-    wandb_project: str | None = None
-    wandb_entity: str | None = None
-    wandb_mode: str | None = None
-    tensorboard: bool = True  # results/<name>/tensorboard (tuner/report/tensorboard_log.py)
-    feature_cache: bool = True
-    mixed_precision: str = "auto"
-    xla: str = "auto"
-    role: Role = Role("single")
-    strategy: str = "none"
-    gpu_free_mib: float | None = None  # read before TensorFlow was loaded
-    cache_dir: str | None = None  # default: results/<name>/cache
-    cache_budget: str | None = None  # default: a share of the free space (tuner/model/disk.py)
-    dry_run: bool = False  # print the plan, train nothing
-    costs: str | None = None  # a cost table for the dry run (tuner/engine/plan.py)
-    test_range: tuple[int, int] = split_mod.DEFAULT_TEST_RANGE  # when it splits a label.csv
-    validation_range: tuple[int, int] = split_mod.DEFAULT_VALIDATION_RANGE
-    split_key: str = "auto"  # the split key's rule when it splits (data_tools/split.py)
-    max_pixels: int = 40_000_000  # images declaring more are refused (data_tools/header.py)
-
-
 def run_search(request: SearchRequest) -> int:
-    """Run (or resume) one search; returns the exit code. Reads top to bottom."""
-    from filelock import FileLock
+    """Run (or resume) one search; returns the exit code. The steps: the results folder and
+    the budget's clock; under the folder's lock, the data, the weights and the config
+    (:func:`tuner.engine.folder.prepare`: a dry run ends there, with its plan); the
+    hypermodel and its tuner; the trials (a chief serves them to its workers instead); the
+    summary."""
     from rich.console import Console
 
-    from tuner.engine import adapter, budget, distribute, plan, trial
-    from tuner.model import accelerate, backbones, disk, hypermodel
-    from tuner.model import space as space_mod
-    from tuner.report.results import FINISHED, Results
-    from tuner.report.wandb_log import WandbLogger
+    from tuner.engine import adapter, folder
 
     adapter.require()  # a Keras Tuner that changed its internals stops here, in one line
     console = Console(highlight=False, soft_wrap=True)
-    out = Path(request.results) / request.name
+    out = _results_folder(request)
+    space = _space(request)
+    ledger = _clock(request, out)
+    prepared = folder.prepare(request, out, space, ledger, console)
+    if isinstance(prepared, int):
+        return prepared  # a dry run: the plan is printed
     role = request.role
-    if request.overwrite and role.kind == "worker":
+    if prepared.split_warning and role.kind != "worker":
+        console.print(prepared.split_warning, markup=False)
+    tuner, context = _tuner(request, prepared, ledger, console)
+    if role.kind == "chief":
+        return serve_chief(tuner, context, ledger, role, console, context.results)
+    data = tuner.hypermodel.data
+    console.print(
+        f"search [bold]{request.name}[/bold]: {len(data.train)} train / "
+        f"{len(data.validation)} validation images, {len(prepared.classes)} classes; "
+        f"{prepared.space.algorithm}; weights {prepared.weights_label}; budget "
+        f"{format_seconds(request.budget_s)}, {format_seconds(max(ledger.remaining(), 0))} left"
+    )
+    code, written = _search(tuner, context, request, prepared.space, console)
+    if not written:
+        return code  # the disk is full: writing the summary would fail too
+    ledger.save()
+    if role.kind == "worker":  # the chief writes the summary once every worker is done
+        return _worker_done(context.results, role, code, console)
+    return finish_search(context.results, context.wandb, prepared.config, ledger, console, code)
+
+
+def _results_folder(request: SearchRequest) -> Path:
+    """``results/<name>``, emptied first by ``--overwrite`` (never by a worker's)."""
+    out = Path(request.results) / request.name
+    if request.overwrite and request.role.kind == "worker":
         raise InputError(
             "--overwrite on a --worker would delete the folder its chief is using: pass it "
             "to the chief (or to --gpus)"
         )
     if request.overwrite and out.exists():
         shutil.rmtree(out)
+    return out
+
+
+def _space(request: SearchRequest):
+    """The search space with the command line's overrides; the image-size limit and the
+    weights' spelling are checked here, before any image is decoded or weights fetched."""
+    from tuner.model import backbones
+    from tuner.model import space as space_mod
+
     overrides = dict(request.overrides)
     if request.algorithm:
         overrides["algorithm"] = request.algorithm
@@ -93,84 +89,30 @@ def run_search(request: SearchRequest) -> int:
     space = space_mod.load(request.space, overrides)
     header.set_max_pixels(request.max_pixels)  # before any decode, the split's check included
     backbones.check_weights_choice(request.weights)  # a typo fails before the data is read
-    # The clock starts before the data is read: splitting and caching count against the budget.
-    # The chief (or the single process) owns it; workers follow the deadline it writes.
-    if role.kind == "worker":
-        ledger = budget.Ledger.follow(out / "budget.json", request.budget_s)
-    else:
-        ledger = budget.Ledger.open(out / "budget.json", request.budget_s)
-    # Processes of one machine prepare the folder one at a time (demo data, split, config);
-    # the lock lives in the temp folder, so a bad input leaves nothing in the results.
-    with FileLock(prepare_lock(out)):
-        fresh = _new_folder(out)  # what to remove if this run fails before its first trial
-        # The data first: a bad label file is reported before any weights are fetched.
-        quiet = role.kind == "worker"  # the chief (or a lone search) says how it split
-        table, classes, data_facts, split_warning, split_stamps = load_data(
-            request, out, None if quiet else console
-        )
-        try:
-            weights, weights_label = (
-                (None if request.weights == "none" else request.weights, request.weights)
-                if request.dry_run  # plans from costs: no weights needed
-                else resolve_weights(request.weights, space, request.data is None, console)
-            )
-        except InputError:
-            if fresh is not None:  # the split written a moment ago: nothing of it stays
-                shutil.rmtree(fresh, ignore_errors=True)
-            raise
-        if weights is None and space.algorithm == "transfer":
-            # Random features are worth nothing frozen: every trial trains the whole network.
-            console.print(
-                "random weights: nothing to freeze or fine-tune, so the transfer algorithm's "
-                "stages do not apply; searching at random instead (--algorithm random)"
-            )
-            space = dataclasses.replace(space, algorithm="random")
-        accelerated = accelerate.apply(request.mixed_precision, request.xla, request.gpu_free_mib)
-        cache_dir = Path(request.cache_dir) if request.cache_dir else out / "cache"
-        cache_budget = disk.open_budget(cache_dir, request.cache_budget)
-        if role.kind != "worker":  # what killed processes left half-written
-            atomic.sweep(out)
-            atomic.sweep(cache_dir)
-        if request.dry_run:
-            table_costs = plan.load_costs(request.costs) if request.costs else None
-            train_rows = int((table["type"] == "train").sum())
-            return plan.dry_run(
-                space,
-                train_rows,
-                len(table) - train_rows,
-                max(ledger.remaining(), 0.0),
-                table_costs,
-                cache_budget,
-                console,
-            )
-        config = {
-            "name": request.name,
-            "space_file": request.space,
-            "space": space.as_dict(),
-            "weights": weights_label,
-            "budget_s": request.budget_s,
-            "feature_cache": request.feature_cache,
-            "cache_dir": str(cache_dir),
-            "strategy": request.strategy,
-            "max_pixels": request.max_pixels,
-            **accelerated,
-            **data_facts,
-        }
-        check_resume(out, config)
-        stamps = ingest.check_stamps(out / FILES, table["path"], split_stamps)
-        out.mkdir(parents=True, exist_ok=True)
-        if role.kind != "worker":
-            write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-            if stamps is not None:
-                write_text(out / FILES, stamps.to_csv(index=False))
-            ledger.save()  # the deadline, for workers
-        # From here every read is held to those stamps: a file changed mid-search stops it.
-        from data_tools import pipeline
+    return space
 
-        pipeline.expect_files(stamps if stamps is not None else ingest.read_stamps(out / FILES))
-    if split_warning and role.kind != "worker":
-        console.print(split_warning, markup=False)
 
+def _clock(request: SearchRequest, out: Path):
+    """The budget's ledger. The clock starts before the data is read: splitting and caching
+    count against the budget. The chief (or the single process) owns it; workers follow
+    the deadline it writes."""
+    from tuner.engine import budget
+
+    if request.role.kind == "worker":
+        return budget.Ledger.follow(out / "budget.json", request.budget_s)
+    return budget.Ledger.open(out / "budget.json", request.budget_s)
+
+
+def _tuner(request: SearchRequest, prepared, ledger, console) -> tuple[Any, Any]:
+    """(the tuner of the space's algorithm, the context its trials run in): the hypermodel
+    over the splits, the cache plan, the checkpoints pruned and the report rewritten as
+    trials end; a chief's oracle refuses trials past the budget."""
+    from tuner.engine import distribute, plan, trial
+    from tuner.model import hypermodel
+    from tuner.report.results import Results
+    from tuner.report.wandb_log import WandbLogger
+
+    role, space, out = request.role, prepared.space, prepared.out
     results = Results(out)
     progress.status = lambda: (
         f"budget {format_seconds(ledger.spent())} spent, "
@@ -183,33 +125,34 @@ def run_search(request: SearchRequest) -> int:
         ledger=ledger,
         results=results,
         console=console,
-        weights_label=weights_label,
-        facts=config,
+        weights_label=prepared.weights_label,
+        facts=prepared.config,
         wandb=logger,
         role=role.kind,
         tensorboard=request.tensorboard,
     )
-    data = hypermodel.SplitData(table, classes, cache_dir=str(cache_dir))
+    data = hypermodel.SplitData(prepared.table, prepared.classes, str(prepared.cache_dir))
     model = hypermodel.EffNetHyperModel(
         space,
         data,
-        weights,
+        prepared.weights,
         callbacks_factory=context.callbacks,
         feature_cache=request.feature_cache,
-        jit_compile=bool(accelerated["xla"]),
-        gpu_free_mib=accelerated["gpu_free_mib"],
+        jit_compile=bool(prepared.accelerated["xla"]),
+        gpu_free_mib=prepared.accelerated["gpu_free_mib"],
     )
     tuner = make_tuner(
         trial.tuner_class(space.algorithm), model, space, out, strategy(request.strategy)
     )
     tuner.context = context
-    model.store.disk = cache_budget
+    model.store.disk = prepared.cache_budget
     sets = sweep_sets(role.kind, tuner.oracle, space, data, ledger, request.budget_s, console)
-    if request.feature_cache and weights is not None:
+    if request.feature_cache and prepared.weights is not None:
         quiet = role.kind == "worker"  # the chief prints the plan
-        plan.plan_cache(model, cache_budget, sets, space, data, None if quiet else console)
+        plan.plan_cache(model, prepared.cache_budget, sets, space, data, None if quiet else console)
     if role.kind != "worker":  # the oracle's process prunes, whoever ran the trial
-        keep_checkpoints(tuner.oracle, results, config.get("split_counts", {}).get("validation"))
+        validation = prepared.config.get("split_counts", {}).get("validation")
+        keep_checkpoints(tuner.oracle, results, validation)
         report_as_it_goes(tuner.oracle, out)
     if role.kind == "chief":
         distribute.budget_gate(
@@ -217,15 +160,15 @@ def run_search(request: SearchRequest) -> int:
             lambda t: trial.chief_refusal(model, t.hyperparameters, context),
             lambda line: (ledger.save(), console.print(line)),
         )
-        return serve_chief(tuner, context, ledger, role, console, results)
+    return tuner, context
 
-    console.print(
-        f"search [bold]{request.name}[/bold]: {len(data.train)} train / "
-        f"{len(data.validation)} validation images, {len(classes)} classes; "
-        f"{space.algorithm}; weights {weights_label}; budget "
-        f"{format_seconds(request.budget_s)}, "
-        f"{format_seconds(max(ledger.remaining(), 0))} left"
-    )
+
+def _search(tuner, context, request: SearchRequest, space, console) -> tuple[int, bool]:
+    """Run the trials until the algorithm, the budget, a signal, changed images, a full disk
+    or repeated failures end them; one line says which. Returns (the exit code, whether
+    the results can still be written: not on a full disk)."""
+    from tuner.engine import trial
+
     code = 0
     with _stop_on_signals(context):
         try:
@@ -236,8 +179,9 @@ def run_search(request: SearchRequest) -> int:
             console.print(f"budget reached: {exc}")
         except trial.Interrupted:
             again = (
-                f"stays with the chief and runs again when --worker-id {role.tuner_id} restarts"
-                if role.kind == "worker"
+                f"stays with the chief and runs again when --worker-id "
+                f"{request.role.tuner_id} restarts"
+                if request.role.kind == "worker"
                 else "is discarded and will run again on resume"
             )
             console.print(
@@ -252,28 +196,32 @@ def run_search(request: SearchRequest) -> int:
                 f"[red]stopped: the disk is full[/red] ({exc}); the results written so far "
                 f"are intact: free some space, then resume with the same command"
             )
-            return 1  # writing the summary would fail too
+            return 1, False
         except RuntimeError as exc:
             if "consecutive failures" not in str(exc):
                 raise
             console.print(
                 f"[red]stopped: {space.max_consecutive_failures} trials failed in a "
                 f"row[/red] (last: {exc.args[0].splitlines()[-1]}); reasons are in "
-                f"{results.trials_csv}; raise max_consecutive_failures with --set to "
+                f"{context.results.trials_csv}; raise max_consecutive_failures with --set to "
                 f"go on"
             )
             code = 1
-    ledger.save()
-    if role.kind == "worker":  # the chief writes the summary once every worker is done
-        mine = results.rows()
-        mine = mine[mine["worker"] == role.tuner_id]
-        ended = "" if code else f"; no more trials from the chief at {role.host}:{role.port}"
-        console.print(
-            f"worker {role.tuner_id}: {int(mine['status'].isin(FINISHED).sum())} finished "
-            f"trial(s){ended}"
-        )
-        return code
-    return finish_search(results, logger, config, ledger, console, code)
+    return code, True
+
+
+def _worker_done(results, role, code: int, console) -> int:
+    """A worker's closing line: its finished trials, and why it ended."""
+    from tuner.report.results import FINISHED
+
+    mine = results.rows()
+    mine = mine[mine["worker"] == role.tuner_id]
+    ended = "" if code else f"; no more trials from the chief at {role.host}:{role.port}"
+    console.print(
+        f"worker {role.tuner_id}: {int(mine['status'].isin(FINISHED).sum())} finished "
+        f"trial(s){ended}"
+    )
+    return code
 
 
 REPORT_EVERY_S = 60.0
@@ -298,17 +246,6 @@ def report_as_it_goes(oracle, out: Path, every_s: float = REPORT_EVERY_S) -> Non
     oracle.end_trial = ended
 
 
-def _new_folder(out: Path) -> Path | None:
-    """The outermost of ``out`` and its parents that does not exist yet (None: ``out``
-    exists)."""
-    new = None
-    for folder in [out, *out.parents]:
-        if folder.exists():
-            break
-        new = folder
-    return new
-
-
 def keep_checkpoints(oracle, results, validation_count: int | None) -> None:
     """After each trial ends (here or on a worker), delete the checkpoints that no export
     could ship (:func:`tuner.report.choose.shippable`) and no later trial continues
@@ -325,15 +262,6 @@ def keep_checkpoints(oracle, results, validation_count: int | None) -> None:
         return out
 
     oracle.end_trial = ended
-
-
-def prepare_lock(out: Path) -> str:
-    """The lock file for preparing ``out`` (one per results folder, in the temp folder)."""
-    import hashlib
-    import tempfile
-
-    key = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
-    return str(Path(tempfile.gettempdir()) / f"effnet-tuner-{key}.lock")
 
 
 def finish_search(results, logger, config, ledger, console, code: int) -> int:
@@ -356,65 +284,6 @@ def finish_search(results, logger, config, ledger, console, code: int) -> int:
         f"the same command (--name {config['name']})"
     )
     return code
-
-
-def load_data(request: SearchRequest, out: Path, console=None):
-    """(train+validation table, class names, facts for the config, a warning when the
-    balanced validation or test is too small to select on, else None, the split's record of
-    its checked files or None) from ``--data`` (:func:`data_tools.split.search_table`).
-    Splitting a label file here prints which split key it used on ``console``."""
-    from data_tools import demo
-
-    data = Path(request.data) if request.data else demo.ensure_demo(request.cache)
-    found = split_mod.search_table(
-        data,
-        request.images,
-        out / "split_label.csv",
-        request.test_range,
-        request.validation_range,
-        request.split_key,
-    )
-    if found.key_line and console is not None:
-        console.print(found.key_line, markup=False)
-    return found.table, found.classes, found.facts, found.warning, found.stamps
-
-
-def resolve_weights(choice: str, space, demo: bool, console) -> tuple[str | None, str]:
-    """(what the backbone constructors get, a label for the records):
-    :func:`tuner.model.backbones.resolve_weights`, except that the demo goes on with random
-    weights, saying so, when ImageNet's cannot be had."""
-    from tuner.model import backbones
-
-    try:
-        return backbones.resolve_weights(choice, space.backbones)
-    except backbones.WeightsUnavailable as exc:
-        if not demo:
-            raise
-        console.print(
-            f"[yellow]warning:[/yellow] {exc}; the demo goes on with random weights, "
-            f"training the whole network"
-        )
-        return None, "none (imagenet unavailable)"
-
-
-FILES = "files.csv"  # path, size, mtime_ns of every train and validation image at the start
-
-
-def check_resume(out: Path, config: dict[str, Any]) -> None:
-    """A resumed search must use the same search space and data as the first run."""
-    saved_path = out / "config.yaml"
-    if not saved_path.is_file():
-        return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    for key in ("space", "data", "weights", "classes", "split_ranges", "split_key"):
-        if key in ("split_ranges", "split_key") and key not in saved:
-            continue  # a search from before they were recorded: the default ones
-        if saved.get(key) != config.get(key):
-            raise InputError(
-                f"{out} holds a search with a different {key}: resume with the "
-                f"same settings, pass --overwrite to start again, or pick a new "
-                f"--name"
-            )
 
 
 def serve_chief(tuner, context, ledger, role, console, results) -> int:
@@ -473,7 +342,7 @@ def sweep_sets(role: str, oracle, space, data, ledger, budget_s: float, console)
     if role != "worker":
         return prepare_transfer(oracle, space, data, ledger, budget_s, console)
     train, validation = len(data.train), len(data.validation)
-    return planned_sets(plan.setting_for(space, train, validation, budget_s))
+    return plan.planned_sets(plan.setting_for(space, train, validation, budget_s))
 
 
 def prepare_transfer(oracle, space, data, ledger, budget_s: float, console) -> list:
@@ -486,16 +355,7 @@ def prepare_transfer(oracle, space, data, ledger, budget_s: float, console) -> l
     oracle.remaining = ledger.remaining
     for line in oracle.plan():
         console.print(line, highlight=False)
-    return planned_sets(oracle.setting, oracle.facts())
-
-
-def planned_sets(setting, facts=()) -> list[tuple[str, int, str]]:
-    """The (backbone, size, features) the transfer strategy's frozen stage plans to run in
-    ``setting``: what a first sweep over the files computes ahead."""
-    from tuner.engine import strategy
-
-    planned = strategy.planned_sets(setting, list(facts))
-    return list(dict.fromkeys((fs.backbone, fs.pixels, fs.features) for fs in planned))
+    return plan.planned_sets(oracle.setting, oracle.facts())
 
 
 ZERO_SEED = 10_007  # above Keras Tuner's own random range (1..10000)
