@@ -21,9 +21,10 @@ import math
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -77,10 +78,17 @@ def weights_fingerprint(net: keras.Model) -> str:
 
     The values, not the weights' name or file: a fine-tuned backbone, another weights
     folder or a fixed loader all compute other features and must get other entries."""
+    return values_fingerprint(("", variable) for variable in net.weights)
+
+
+def values_fingerprint(labelled: Iterable[tuple[str, Any]]) -> str:
+    """SHA-1 of variables' values, in order, each headed by its label, dtype and shape: the
+    one fingerprint of weights (a cache entry's, :func:`weights_fingerprint`; the frozen
+    weights beneath a checkpoint, :func:`tuner.model.checkpoint.beneath`)."""
     digest = hashlib.sha1()
-    for variable in net.weights:
+    for label, variable in labelled:
         value = np.ascontiguousarray(keras.ops.convert_to_numpy(variable))
-        digest.update(f"{value.dtype}{value.shape}".encode())
+        digest.update(f"{label}{value.dtype}{value.shape}".encode())
         digest.update(value.tobytes())
     return digest.hexdigest()
 

@@ -42,9 +42,9 @@ from tuner.report.results import (
     FINISHED,
     NETWORK,
     exact_accuracy,
-    network_key,
     no_costlier,
     pareto_front,
+    same_network,
 )
 
 RULES = ("knee", "max-accuracy", "fastest", "weighted")
@@ -297,8 +297,7 @@ def _same_network(pool: pd.DataFrame, pick: pd.Series) -> pd.Series:
     if not {"backbone", "image_size"} <= set(pool.columns) & set(pick.index):
         return pd.Series(False, index=pool.index)
     columns = [*NETWORK, *(["variant"] if "variant" in pool and "variant" in pick else [])]
-    keys = network_key(pool, columns)
-    return (keys == network_key(pick.to_frame().T, columns).iloc[0]).all(axis=1)
+    return same_network(pool, pick, columns)
 
 
 def _constrain(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,18 @@ def network_key(table: pd.DataFrame, columns: Iterable[str] = NETWORK) -> pd.Dat
             values = values.fillna("top")
         out[column] = values.map(_key_text)
     return out
+
+
+def same_network(
+    table: pd.DataFrame, like: Mapping[str, Any], columns: Iterable[str] = NETWORK
+) -> pd.Series:
+    """The rows of ``table`` on the network of ``like`` (a row, or a dict of its columns):
+    equal in ``columns`` (:data:`NETWORK`; :data:`ARCHITECTURE` adds the head width),
+    compared as :func:`network_key` writes them. The one definition of "the same network"
+    and of "the same architecture"."""
+    columns = list(columns)
+    wanted = network_key(pd.DataFrame([dict(like)]), columns).iloc[0]
+    return (network_key(table, columns) == wanted).all(axis=1)
 
 
 def _key_text(value: Any) -> str:
@@ -188,12 +200,8 @@ class Results:
         in training share one figure."""
         table = self.rows()
         done = table[table["status"].isin(FINISHED)].dropna(subset=["latency_ms", "model_bytes"])
-        wanted = pd.DataFrame(
-            [dict(zip(ARCHITECTURE, (backbone, image_size, features, head_width), strict=True))]
-        )
-        same = (network_key(done, ARCHITECTURE) == network_key(wanted, ARCHITECTURE).iloc[0]).all(
-            axis=1
-        )
+        wanted = dict(zip(ARCHITECTURE, (backbone, image_size, features, head_width), strict=True))
+        same = same_network(done, wanted, ARCHITECTURE)
         if not same.any():
             return None
         first = done[same].iloc[0]
