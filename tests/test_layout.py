@@ -272,3 +272,40 @@ def test_a_type_only_import_cycle_is_caught(tmp_path):
         ["tuner.model.hypermodel", "tuner.model.training"],
     ]
 
+
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(root: Path) -> list[str]:
+    """Functions over :data:`MAX_FUNCTION_LINES` lines of code (the docstring not counted)
+    whose docstring gives no reason (a paragraph starting ``Long:``, saying why it reads
+    better whole)."""
+    found = []
+    for path in sorted([*root.glob("tuner/**/*.py"), *root.glob("data_tools/**/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            size = node.end_lineno - node.lineno + 1
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                size -= first.end_lineno - first.lineno + 1  # the docstring is not code
+            doc = ast.get_docstring(node) or ""
+            reason = any(line.strip().startswith("Long: ") for line in doc.splitlines())
+            if size > MAX_FUNCTION_LINES and not reason:
+                found.append(f"{path.relative_to(root).as_posix()}: {node.name}, {size} lines")
+    return found
+
+
+def test_no_long_function_without_its_reason():
+    assert long_functions(ROOT) == []
+
+
+def test_a_long_function_is_caught_unless_it_says_why(tmp_path):
+    (tmp_path / "tuner").mkdir()
+    body = "".join(f"    x{i} = {i}\n" for i in range(60))
+    (tmp_path / "tuner/a.py").write_text(
+        f'def long():\n    """Does it."""\n{body}'
+        f'def reasoned():\n    """Does it.\n\n    Long: a table.\n    """\n{body}'
+        f"def short():\n{body[: -len('    x59 = 59')]}"
+    )
+    assert long_functions(tmp_path) == ["tuner/a.py: long, 61 lines"]

@@ -90,136 +90,147 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Write the images and a backbone's weights to a temporary folder, time each measure
+    both ways (:class:`_Bench`), print the table."""
     args = build_parser().parse_args(argv)
 
-    import keras
-    import keras_tuner as kt
     import tensorflow as tf
 
-    from data_tools import pipeline
-    from tuner.model import augment, backbones, hypermodel, space, training
-    from tuner.model.measure import device_name
+    from tuner.model import backbones
 
     tf.get_logger().setLevel("ERROR")  # retracing notices for every fresh model: expected here
-
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         table = write_images(root / "images", args.images)
-        weights = root / "weights"
-        weights.mkdir()
+        (root / "weights").mkdir()
         entry = backbones.get(args.backbone)
-        backbones.build(entry, args.size, None).save_weights(weights / f"{entry.name}.weights.h5")
-        classes = [str(d) for d in range(10)]
+        weights = root / "weights" / f"{entry.name}.weights.h5"
+        backbones.build(entry, args.size, None).save_weights(weights)
+        rows, decoded = _Bench(args, root, table).measure()
+    _print_table(args, table, rows, decoded)
+    return 0
 
-        def maker(
-            finetune: float, cache: Path, policy: str = "none"
-        ) -> hypermodel.EffNetHyperModel:
-            fixed = {
-                "augment": policy,
-                "augment_views": VIEWS,
-                "backbones": [args.backbone],
-                "image_size": args.size,
-                "batch_size": args.batch,
-                "head_width": 128,
-                "dropout": 0.0,
-                "learning_rate": 1e-3,
-                "finetune_fraction": finetune,
-                "class_weight": "none",
-                "epochs": args.epochs,
-            }
-            data = hypermodel.SplitData(table, classes, cache_dir=str(cache))
-            return hypermodel.EffNetHyperModel(
-                space.load(None, fixed), data, str(weights), jit_compile=False
+
+class _Bench:
+    """Our trials (a hypermodel over the written images, its caches under ``root``) and the
+    reference's (Keras' image_dataset_from_directory and fit), timed side by side."""
+
+    def __init__(self, args: argparse.Namespace, root: Path, table) -> None:
+        self.args, self.root, self.table = args, root, table
+        self.classes = [str(d) for d in range(10)]
+
+    def maker(self, finetune: float, cache: Path, policy: str = "none"):
+        from tuner.model import hypermodel, space
+
+        args = self.args
+        fixed = {
+            "augment": policy,
+            "augment_views": VIEWS,
+            "backbones": [args.backbone],
+            "image_size": args.size,
+            "batch_size": args.batch,
+            "head_width": 128,
+            "dropout": 0.0,
+            "learning_rate": 1e-3,
+            "finetune_fraction": finetune,
+            "class_weight": "none",
+            "epochs": args.epochs,
+        }
+        data = hypermodel.SplitData(self.table, self.classes, cache_dir=str(cache))
+        weights = str(self.root / "weights")
+        return hypermodel.EffNetHyperModel(
+            space.load(None, fixed), data, weights, jit_compile=False
+        )
+
+    def ours(self, finetune: float, cache: Path, m=None, policy: str = "none"):
+        """One trial; pass the hypermodel of an earlier trial to continue its search."""
+        import keras_tuner as kt
+
+        m = m or self.maker(finetune, cache, policy)
+        hp = kt.HyperParameters()
+        m.fit(hp, m.build(hp))
+        return m
+
+    def keras_data(self, split: str):
+        import keras
+
+        return keras.utils.image_dataset_from_directory(
+            self.root / "images" / split,
+            image_size=(self.args.size, self.args.size),
+            batch_size=self.args.batch,
+            shuffle=split == "train",
+            seed=0,
+            verbose=False,
+        )
+
+    def reference(self, finetune: float, policy: str = "none") -> None:
+        """The Keras way: image_dataset_from_directory, fit frozen, then fine-tune."""
+        import keras_tuner as kt
+
+        from tuner.model import augment, backbones, training
+
+        epochs = self.args.epochs
+        m = self.maker(finetune, self.root / "unused")
+        model = m.build(kt.HyperParameters())
+        train, val = self.keras_data("train"), self.keras_data("validation")
+        layer = augment.layer(policy, 0)
+        if layer is not None:
+            train = train.map(lambda x, y: (layer(x, training=True), y))
+        tuned = training.finetune_epochs(m.space, epochs) if finetune else 0
+        frozen_epochs = epochs - tuned
+        model.fit(train, validation_data=val, epochs=frozen_epochs, verbose=0, shuffle=False)
+        if finetune:
+            base = model.get_layer("backbone")
+            backbones.unfreeze_top(base, backbones.blocks_for_fraction(base, finetune))
+            training.compile_model(model, 1e-4, 10, jit_compile=False)
+            model.fit(
+                train,
+                validation_data=val,
+                epochs=epochs,
+                initial_epoch=frozen_epochs,
+                verbose=0,
+                shuffle=False,  # the dataset shuffles itself
             )
 
-        def ours(
-            finetune: float,
-            cache: Path,
-            m: hypermodel.EffNetHyperModel | None = None,
-            policy: str = "none",
-        ) -> hypermodel.EffNetHyperModel:
-            """One trial; pass the hypermodel of an earlier trial to continue its search."""
-            m = m or maker(finetune, cache, policy)
-            hp = kt.HyperParameters()
-            m.fit(hp, m.build(hp))
-            return m
+    def decode_ours(self, cache: Path) -> None:
+        from data_tools import pipeline
 
-        def keras_data(split: str) -> tf.data.Dataset:
-            return keras.utils.image_dataset_from_directory(
-                root / "images" / split,
-                image_size=(args.size, args.size),
-                batch_size=args.batch,
-                shuffle=split == "train",
-                seed=0,
-                verbose=False,
-            )
+        # Built once and iterated each epoch, as Keras' fit does (and as decode_keras).
+        args = self.args
+        data = pipeline.make_dataset(
+            self.table, args.size, args.batch, shuffle=True, cache_dir=cache, split="all"
+        )
+        for _ in range(args.epochs):
+            for _batch in data:
+                pass
 
-        def reference(finetune: float, policy: str = "none") -> None:
-            m = maker(finetune, root / "unused")
-            hp = kt.HyperParameters()
-            model = m.build(hp)
-            train, val = keras_data("train"), keras_data("validation")
-            layer = augment.layer(policy, 0)
-            if layer is not None:
-                train = train.map(lambda x, y: (layer(x, training=True), y))
-            tuned = training.finetune_epochs(m.space, args.epochs) if finetune else 0
-            frozen_epochs = args.epochs - tuned
-            model.fit(train, validation_data=val, epochs=frozen_epochs, verbose=0, shuffle=False)
-            if finetune:
-                base = model.get_layer("backbone")
-                backbones.unfreeze_top(base, backbones.blocks_for_fraction(base, finetune))
-                training.compile_model(model, 1e-4, 10, jit_compile=False)
-                model.fit(
-                    train,
-                    validation_data=val,
-                    epochs=args.epochs,
-                    initial_epoch=frozen_epochs,
-                    verbose=0,
-                    shuffle=False,  # the dataset shuffles itself
-                )
+    def decode_keras(self) -> None:
+        data = self.keras_data("train").concatenate(self.keras_data("validation"))
+        for _ in range(self.args.epochs):
+            for _batch in data:
+                pass
 
-        def decode_ours(cache: Path) -> None:
-            # Built once and iterated each epoch, as Keras' fit does (and as decode_keras).
-            data = pipeline.make_dataset(
-                table, args.size, args.batch, shuffle=True, cache_dir=cache, split="all"
-            )
-            for _ in range(args.epochs):
-                for _batch in data:
-                    pass
+    def measure(self) -> tuple[list[tuple[str, float, float]], tuple[float, float]]:
+        """(rows of (measure, reference s, ours s), (Keras' decoding s, ours)), in a
+        search's order: a warm-up, decoding (a search's first trial decodes), then trials."""
+        from data_tools import pipeline
 
-        def decode_keras() -> None:
-            data = keras.utils.image_dataset_from_directory(
-                root / "images" / "train",
-                image_size=(args.size, args.size),
-                batch_size=args.batch,
-                verbose=False,
-            )
-            data = data.concatenate(keras_data("validation"))
-            for _ in range(args.epochs):
-                for _batch in data:
-                    pass
-
+        root = self.root
         # Warm-up: build the backbone and run it once (TensorFlow's first-call costs).
-        timed(lambda: ours(0.0, root / "warmup"))
-        # Decoding first, as in a search (its first trial decodes): both in the same state.
-        images = len(table) * args.epochs
-        keras_s, ours_s = timed(decode_keras), timed(lambda: decode_ours(root / "decode"))
+        timed(lambda: self.ours(0.0, root / "warmup"))
+        keras_s = timed(self.decode_keras)
+        ours_s = timed(lambda: self.decode_ours(root / "decode"))
         pipeline.finish_cache_writes()  # outside the measure: training never waits for it
         cache = root / "cache"
-        search: list[hypermodel.EffNetHyperModel] = []  # one hypermodel per search, as the CLI
-        rows = [
-            (
-                "frozen trial",
-                timed(lambda: reference(0.0)),
-                timed(lambda: search.append(ours(0.0, cache))),
-            ),
-        ]
-        rows.append(("second frozen trial", rows[0][1], timed(lambda: ours(0.0, cache, search[0]))))
+        search: list = []  # one hypermodel per search, as the CLI
+        first = timed(lambda: self.reference(0.0))
+        rows = [("frozen trial", first, timed(lambda: search.append(self.ours(0.0, cache))))]
+        rows.append(("second frozen trial", first, timed(lambda: self.ours(0.0, cache, search[0]))))
         rows.append(
             (
                 "fine-tune top 20%",
-                timed(lambda: reference(FINETUNE_FRACTION)),
-                timed(lambda: ours(FINETUNE_FRACTION, cache)),
+                timed(lambda: self.reference(FINETUNE_FRACTION)),
+                timed(lambda: self.ours(FINETUNE_FRACTION, cache)),
             )
         )
         # The plain features are cached (the first frozen trial): as in a search, where the
@@ -227,12 +238,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(
             (
                 "augmented frozen trial",
-                timed(lambda: reference(0.0, AUGMENT)),
-                timed(lambda: ours(0.0, cache, policy=AUGMENT)),
+                timed(lambda: self.reference(0.0, AUGMENT)),
+                timed(lambda: self.ours(0.0, cache, policy=AUGMENT)),
             )
         )
         rows.append(("decoding", keras_s, ours_s))
+        return rows, (keras_s, ours_s)
 
+
+def _print_table(args: argparse.Namespace, table, rows, decoded: tuple[float, float]) -> None:
+    from tuner.model.measure import device_name
+
+    keras_s, ours_s = decoded
+    images = len(table) * args.epochs
     print(
         f"{args.backbone} at {args.size} px, {len(table)} images "
         f"({(table.type == 'train').sum()} train), {args.epochs} epochs, batch {args.batch}, "
@@ -247,7 +265,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for name, ref, mine in rows:
         print(f"{name}: {ref / mine:.1f}x")
-    return 0
 
 
 if __name__ == "__main__":

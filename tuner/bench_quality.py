@@ -62,6 +62,7 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from data_tools import cli
@@ -267,17 +268,66 @@ def space_key(space_file: str | None) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class _Fold:
+    """One fold's data and where its results are kept."""
+
+    args: argparse.Namespace
+    folder: Path
+    label: str  # "fold 2"
+    split_file: Path
+    images: Path | None
+    key: dict  # what every kept result of the fold depends on: the split, the weights
+
+
 def run_fold(args: argparse.Namespace, index: int, ranges: dict, wanted: list[str]) -> dict:
-    """Every method on fold ``index``: each method's result and the comparisons."""
-    from tuner.engine import budget
+    """Every method on fold ``index``: each method's result and the comparisons. The steps:
+    the fold's split; the hand recipes (their training times are our budgets unless
+    ``--budget`` sets one); our searches at those budgets; the extra searches (hyperband,
+    longer); each method against ours. Every result is kept and reused (:func:`_kept`)."""
     from tuner.report.choose import WITHIN_SE
-    from tuner.report.text import format_seconds
 
     folder = Path(args.results) / f"{_name(args)}-quality" / f"fold{index + 1}"
     split_file, images = split_data(args, folder, ranges)
-    weights = None if args.weights == "none" else args.weights
     split_sha = hashlib.sha1(split_file.read_bytes()).hexdigest()
-    base_key = {"split": split_sha, "weights": args.weights}
+    key = {"split": split_sha, "weights": args.weights}
+    fold = _Fold(args, folder, f"fold {index + 1}", split_file, images, key)
+    methods = _hand_recipes(fold, wanted)
+    main_budget, budgets = _budgets(args, methods)
+    sizes = [f"image_size={args.image_size}"] if args.image_size else []
+    # The export's choice is part of a search's result: a kept one from another rule is rerun.
+    choice = {"rule": "knee", "within_se": WITHIN_SE}
+    search_key = {**key, **space_key(args.space), "set": [*args.set, *sizes], "choice": choice}
+    ours: dict[float, dict] = {}
+    for seconds in sorted(set(budgets.values())):
+        tag = f"search-{seconds:.0f}s"
+        print(f"{fold.label}: our search, --budget {seconds:.0f}s", flush=True)
+        ours[seconds] = _kept(
+            folder / f"{tag}.json",
+            {**search_key, "budget_s": seconds},
+            f"{fold.label}: our search at {seconds:.0f}s",
+            lambda s=seconds, t=tag: run_search(args, split_file, images, folder, t, s, sizes),
+        )
+    methods |= _extra_searches(fold, wanted, main_budget, search_key, sizes)
+    comparisons = {
+        name: _comparison(args, name, theirs, ours[budgets.get(name, main_budget)], main_budget)
+        for name, theirs in methods.items()
+    }
+    return {
+        "fold": index + 1,
+        "split_ranges": ranges,
+        "methods": methods,
+        "ours": {f"{s:.0f}s": r for s, r in ours.items()},
+        "comparisons": comparisons,
+    }
+
+
+def _hand_recipes(fold: _Fold, wanted: list[str]) -> dict[str, dict]:
+    """The hand recipes asked for (seed, keras-example), each trained on the fold."""
+    from tuner.report.text import format_seconds
+
+    args = fold.args
+    weights = None if args.weights == "none" else args.weights
     size = args.image_size or _native(args.recipe_backbone)
     frozen, tuned = (int(n) for n in args.example_epochs.split(","))
     recipes = {
@@ -303,21 +353,28 @@ def run_fold(args: argparse.Namespace, index: int, ranges: dict, wanted: list[st
         ),
     }
     methods: dict[str, dict] = {}
-    label = f"fold {index + 1}"
     for name in (n for n in HAND if n in wanted):
         function, recipe = recipes[name]
-        print(f"{label}: {name} recipe ({recipe})", flush=True)
+        print(f"{fold.label}: {name} recipe ({recipe})", flush=True)
         methods[name] = _kept(
-            folder / f"{name}.json",
-            {**base_key, **recipe},
-            f"{label}: {name}",
-            lambda f=function, r=recipe: f(split_file, images, weights, r),
+            fold.folder / f"{name}.json",
+            {**fold.key, **recipe},
+            f"{fold.label}: {name}",
+            lambda f=function, r=recipe: f(fold.split_file, fold.images, weights, r),
         )
         print(
-            f"{label}: {name}: test accuracy {methods[name]['test']['accuracy']:.4f} after "
-            f"{format_seconds(methods[name]['train_seconds'])} of training",
+            f"{fold.label}: {name}: test accuracy {methods[name]['test']['accuracy']:.4f} "
+            f"after {format_seconds(methods[name]['train_seconds'])} of training",
             flush=True,
         )
+    return methods
+
+
+def _budgets(args: argparse.Namespace, methods: dict[str, dict]) -> tuple[float, dict]:
+    """(the main budget: ``--budget``, else the longest hand recipe's training time; our
+    budget against each method: the main one, or under no ``--budget`` that recipe's time)."""
+    from tuner.engine import budget
+
     times = {name: methods[name]["train_seconds"] for name in methods}
     if args.budget:
         main_budget = budget.parse_budget(args.budget)
@@ -328,73 +385,58 @@ def run_fold(args: argparse.Namespace, index: int, ranges: dict, wanted: list[st
             f"--baseline {args.baseline}: no hand recipe to take the budget from; "
             f"add seed or keras-example, or pass --budget"
         )
-    # Ours at each hand recipe's time (one search when they are the same budget).
     budgets = {name: main_budget if args.budget else times[name] for name in times}
-    budgets["main"] = main_budget
-    sizes = [f"image_size={args.image_size}"] if args.image_size else []
-    # The export's choice is part of a search's result: a kept one from another rule is rerun.
-    choice = {"rule": "knee", "within_se": WITHIN_SE}
-    search_key = {
-        **base_key,
-        **space_key(args.space),
-        "set": [*args.set, *sizes],
-        "choice": choice,
-    }
-    ours: dict[float, dict] = {}
-    for seconds in sorted(set(budgets.values())):
-        tag = f"search-{seconds:.0f}s"
-        print(f"{label}: our search, --budget {seconds:.0f}s", flush=True)
-        ours[seconds] = _kept(
-            folder / f"{tag}.json",
-            {**search_key, "budget_s": seconds},
-            f"{label}: our search at {seconds:.0f}s",
-            lambda s=seconds, t=tag: run_search(args, split_file, images, folder, t, s, sizes),
-        )
+    return main_budget, budgets | {"main": main_budget}
+
+
+def _extra_searches(
+    fold: _Fold, wanted: list[str], main_budget: float, search_key: dict, sizes: list[str]
+) -> dict[str, dict]:
+    """Hyperband at the main budget, and ours at :data:`LONGER` times it, as asked."""
     extra = {"hyperband": (["algorithm=hyperband"], 1), "longer": ([], LONGER)}
+    methods = {}
     for name in (n for n in ("hyperband", "longer") if n in wanted):
         sets, times_budget = extra[name]
         seconds = main_budget * times_budget
-        print(f"{label}: {name} search, --budget {seconds:.0f}s", flush=True)
+        print(f"{fold.label}: {name} search, --budget {seconds:.0f}s", flush=True)
         methods[name] = _kept(
-            folder / f"{name}.json",
+            fold.folder / f"{name}.json",
             {**search_key, "budget_s": seconds, "extra": sets},
-            f"{label}: {name}",
+            f"{fold.label}: {name}",
             lambda s=seconds, e=sets, n=name: run_search(
-                args, split_file, images, folder, n, s, [*sizes, *e]
+                fold.args, fold.split_file, fold.images, fold.folder, n, s, [*sizes, *e]
             ),
         )
-    comparisons = {}
-    for name, theirs in methods.items():
-        mine = ours[budgets.get(name, main_budget)]
-        their_time = theirs.get("train_seconds", theirs.get("wall_seconds"))
-        if name == "longer":
-            equal = False
-        elif name == "hyperband":
-            equal = max(mine["wall_seconds"], theirs["wall_seconds"]) <= OVER_TIME * main_budget
-        else:
-            equal = not args.budget and mine["wall_seconds"] <= OVER_TIME * their_time
-        comparisons[name] = {
-            "ours": mine["test"]["accuracy"],
-            "theirs": theirs["test"]["accuracy"],
-            "difference": mine["test"]["accuracy"] - theirs["test"]["accuracy"],
-            "our_seconds": mine["wall_seconds"],
-            "their_seconds": their_time,
-            "our_budget_s": mine["budget_s"],
-            "equal_wall_clock": equal,
-        }
+    return methods
+
+
+def _comparison(
+    args: argparse.Namespace, name: str, theirs: dict, mine: dict, main_budget: float
+) -> dict:
+    """Ours against one method: the test accuracies, the times, and whether the two ran at
+    equal wall clock (within :data:`OVER_TIME`; never for ``longer``)."""
+    their_time = theirs.get("train_seconds", theirs.get("wall_seconds"))
+    if name == "longer":
+        equal = False
+    elif name == "hyperband":
+        equal = max(mine["wall_seconds"], theirs["wall_seconds"]) <= OVER_TIME * main_budget
+    else:
+        equal = not args.budget and mine["wall_seconds"] <= OVER_TIME * their_time
     return {
-        "fold": index + 1,
-        "split_ranges": ranges,
-        "methods": methods,
-        "ours": {f"{s:.0f}s": r for s, r in ours.items()},
-        "comparisons": comparisons,
+        "ours": mine["test"]["accuracy"],
+        "theirs": theirs["test"]["accuracy"],
+        "difference": mine["test"]["accuracy"] - theirs["test"]["accuracy"],
+        "our_seconds": mine["wall_seconds"],
+        "their_seconds": their_time,
+        "our_budget_s": mine["budget_s"],
+        "equal_wall_clock": equal,
     }
 
 
 def _name(args: argparse.Namespace) -> str:
     from tuner import search
 
-    return args.name or search._name_from_data(Path(args.data))
+    return args.name or search.name_from_data(Path(args.data))
 
 
 def _native(backbone: str) -> int:

@@ -41,28 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Rebuild the trial, score it in Keras on validation, convert and measure every
+    variant, print the table and the int8 lines; exit 1 when int8 could not be converted."""
     args = build_parser().parse_args(argv)
     from rich.console import Console
 
     from tuner.model.measure import device_name, measure_latency
-    from tuner.report import evaluate, export, quantize, rebuild, results
+    from tuner.report import evaluate, export, quantize, rebuild
 
     console = Console(highlight=False, soft_wrap=True)
     folder = Path(args.results)
     config, trials = rebuild.load_search(folder)
-    done = trials[trials["status"].isin(results.FINISHED)]
-    if args.trial is not None:
-        row = done[done["trial_id"].astype(str) == args.trial]
-        if row.empty:
-            raise InputError(
-                f"--trial {args.trial}: no finished trial of that id in {folder}/trials.csv"
-            )
-    else:
-        front = done[results.pareto_flags(done)]
-        row = front.sort_values("val_accuracy", ascending=False, kind="stable")
-    if row.empty:
-        raise InputError(f"{folder} has no finished trial: run or resume the search first")
-    row = row.iloc[0].copy()
+    row = _trial(folder, trials, args.trial)
     size = int(row["image_size"])
     model, how = rebuild.trial_model(folder, row, config)
     pixels, labels, _ = evaluate.split_pixels(config, size, "validation")
@@ -79,6 +69,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"trial {row['trial_id']}: {row['backbone']} {size}px ({how}); {len(labels)} "
         f"validation images; on {device_name()}"
     )
+    return _print_table(row, measured, spread)
+
+
+def _trial(folder: Path, trials: pd.DataFrame, trial_id: str | None) -> pd.Series:
+    """The finished trial ``trial_id``, else the most accurate on the latency front."""
+    from tuner.report import results
+
+    done = trials[trials["status"].isin(results.FINISHED)]
+    if trial_id is not None:
+        row = done[done["trial_id"].astype(str) == trial_id]
+        if row.empty:
+            raise InputError(
+                f"--trial {trial_id}: no finished trial of that id in {folder}/trials.csv"
+            )
+    else:
+        front = done[results.pareto_flags(done)]
+        row = front.sort_values("val_accuracy", ascending=False, kind="stable")
+    if row.empty:
+        raise InputError(f"{folder} has no finished trial: run or resume the search first")
+    return row.iloc[0].copy()
+
+
+def _print_table(row: pd.Series, measured: list[dict], spread: float) -> int:
+    """The table (Keras float32, then each LiteRT variant) and the int8 lines; returns the
+    exit code."""
+    from tuner.report import quantize
+
     print(f"{'model':<18}{'val acc':>9}{'vs Keras':>10}{'ms/image':>10}{'speed-up':>10}{'MB':>8}")
     keras_mb = float(row["model_bytes"]) / 1e6 if pd.notna(row.get("model_bytes")) else 0.0
     print(

@@ -126,15 +126,9 @@ def run_child(report: Path, argv: list[str]) -> int:
     return code
 
 
-def one_search(args: argparse.Namespace, root: Path, photos: pd.DataFrame, count: int) -> dict:
-    """One search over the first ``count`` photos in a fresh process; what it cost."""
-    from data_tools import split
-
-    work = root / f"n{count}"
-    work.mkdir(parents=True, exist_ok=True)
-    frame = split.split_frame(photos.iloc[:count].reset_index(drop=True))
-    frame.to_csv(work / "split_label.csv", index=False)
-    results, cache = work / "results", work / "cache"
+def _search_argv(args: argparse.Namespace, root: Path, work: Path, cache: Path) -> list[str]:
+    """The search's command line: a head a size, then the fine-tunes, in a fixed space."""
+    results = work / "results"
     sizes = ",".join(str(s) for s in args.sizes)
     trials = len(args.sizes) * args.heads + args.fine_tunes
     argv = [
@@ -153,6 +147,19 @@ def one_search(args: argparse.Namespace, root: Path, photos: pd.DataFrame, count
         argv += ["--cache-dir", str(cache)]
         if args.cache_budget:
             argv += ["--cache-budget", args.cache_budget]
+    return argv
+
+
+def one_search(args: argparse.Namespace, root: Path, photos: pd.DataFrame, count: int) -> dict:
+    """One search over the first ``count`` photos in a fresh process; what it cost."""
+    from data_tools import split
+
+    work = root / f"n{count}"
+    work.mkdir(parents=True, exist_ok=True)
+    frame = split.split_frame(photos.iloc[:count].reset_index(drop=True))
+    frame.to_csv(work / "split_label.csv", index=False)
+    results, cache = work / "results", work / "cache"
+    argv = _search_argv(args, root, work, cache)
     report = work / "child.json"
     env = dict(os.environ, PYTHONPATH=str(args.tree or Path(__file__).resolve().parent.parent))
     if args.tree is not None:

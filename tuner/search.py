@@ -37,6 +37,11 @@ def default_cache() -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command's options (the Python API reads its defaults here too).
+
+    Long: one ``add_argument`` after another, in the order ``--help`` lists them; split up,
+    the help's order would live in another place than the options.
+    """
     parser = cli.parser("tuner.search", __doc__)
     parser.add_argument(
         "--data", help="split_label.csv, label.csv or a class folder (default: the demo digits)"
@@ -192,7 +197,7 @@ def resolve_request(
             f"--data {args.data} does not exist: pass a split_label.csv, a "
             f"label.csv or a folder with one sub-folder per class"
         )
-    name = args.name or ("demo" if demo else _name_from_data(Path(args.data)))
+    name = args.name or ("demo" if demo else name_from_data(Path(args.data)))
     default_space = space.shipped("quick.yaml" if demo else "default.yaml")
     return SearchRequest(
         data=args.data,
@@ -228,7 +233,8 @@ def resolve_request(
     )
 
 
-def _name_from_data(data: Path) -> str:
+def name_from_data(data: Path) -> str:
+    """The default ``--name``: the data's folder (a class folder's own name)."""
     return (data.name if data.is_dir() else data.parent.name or data.stem) or "search"
 
 

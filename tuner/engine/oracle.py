@@ -29,7 +29,7 @@ import numpy as np
 
 from tuner.engine import costmodel, strategy
 from tuner.model import augment, backbones
-from tuner.model.space import SearchSpace, _as_list
+from tuner.model.space import SearchSpace, as_list
 
 Status = kt.engine.trial.TrialStatus
 
@@ -53,18 +53,18 @@ def feature_sets(space: SearchSpace) -> list[costmodel.FeatureSet]:
     found = []
     augmented = [(augment.NONE, 1)] + [
         (policy, int(views))
-        for policy in _as_list(space.augment)
+        for policy in as_list(space.augment)
         if augment.is_on(policy)
-        for views in _as_list(space.augment_views)
+        for views in as_list(space.augment_views)
     ]
-    if not any(not augment.is_on(p) for p in _as_list(space.augment)):
+    if not any(not augment.is_on(p) for p in as_list(space.augment)):
         augmented = augmented[1:]  # every trial augments
     # Stage features first on equal cost: linear heads on them beat the pooled top's on real
     # data (backbones.TAPPED_STAGES), and the top's pass comes in the same sweep.
-    kinds = sorted(_as_list(space.features), key=lambda kind: kind != "stages")
+    kinds = sorted(as_list(space.features), key=lambda kind: kind != "stages")
     for name in space.backbones:
         entry = backbones.get(str(name))
-        for choice in _as_list(space.image_size):
+        for choice in as_list(space.image_size):
             pixels = entry.size if choice == "native" else int(choice)
             for policy, views in augmented:
                 for kind in kinds:  # a hub module's reads the top alone (one set)
@@ -201,7 +201,7 @@ def trial_facts(trial, space: SearchSpace) -> costmodel.TrialFacts:
     """A Keras Tuner trial as plain data for :mod:`tuner.engine.strategy`."""
     values = dict(trial.hyperparameters.values)
     entry = backbones.get(str(values.get("backbone", space.backbones[0])))
-    choice = str(values.get("image_size", _as_list(space.image_size)[0]))
+    choice = str(values.get("image_size", as_list(space.image_size)[0]))
     pixels = entry.size if choice == "native" else int(choice)
     policy = str(values.get("augment", augment.NONE))
     views = int(values.get("augment_views", 1)) if augment.is_on(policy) else 1
@@ -286,7 +286,7 @@ def fine_tune_values(spec) -> list[float]:
         if spec.get("log"):
             return list(np.geomspace(low, high, 3))
         return list(np.linspace(low, high, 3))
-    return [float(v) for v in _as_list(spec)]
+    return [float(v) for v in as_list(spec)]
 
 
 def calibrate(fs: costmodel.FeatureSet, batch: int = 8) -> float:

@@ -276,12 +276,12 @@ def first_set(space) -> list[tuple[str, int, str]]:
     """The space's first backbone at its first image size, with each kind of features it
     may read (stage features first, the wider): what a search of another algorithm than
     ``transfer`` plans its cache for."""
-    from tuner.model.space import _as_list
+    from tuner.model.space import as_list
 
-    choice = _as_list(space.image_size)[0]
+    choice = as_list(space.image_size)[0]
     entry = backbones.get(str(space.backbones[0]))
     size = entry.size if choice == "native" else int(choice)
-    kinds = sorted(_as_list(space.features), key=lambda kind: kind != "stages")
+    kinds = sorted(as_list(space.features), key=lambda kind: kind != "stages")
     seen = dict.fromkeys(backbones.features_read(entry, kind) for kind in kinds)
     return [(entry.name, size, kind) for kind in seen]
 
@@ -307,9 +307,9 @@ def checkpoint_line(space, sets: list[tuple[str, int, str]]) -> str:
     fine-tune's unfrozen blocks (at most the backbone's weights), and which are kept."""
     from tuner.engine import oracle
     from tuner.model import disk
-    from tuner.model.space import _as_list
+    from tuner.model.space import as_list
 
-    widths = [int(w) for w in _as_list(space.head_width) if isinstance(w, int | float)] or [1024]
+    widths = [int(w) for w in as_list(space.head_width) if isinstance(w, int | float)] or [1024]
     widest = max(sets, key=lambda s: backbones.get(s[0]).width(s[2]))
     values = backbones.get(widest[0]).width(widest[2])
     head = values * max(max(widths), 1) * 4

@@ -134,7 +134,7 @@ def load(
 def _canonical_policies(value: Any, where: str) -> Any:
     """Every augmentation policy with its strengths written out (one spelling per policy)."""
     try:
-        policies = [augment_mod.canonical(str(p)) for p in _as_list(value)]
+        policies = [augment_mod.canonical(str(p)) for p in as_list(value)]
     except InputError as exc:
         raise InputError(f"{where}: {exc}") from None
     if not policies:
@@ -201,7 +201,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def check(space: SearchSpace, where: str) -> None:
     """Every value in range and of the right kind, or one line saying what is valid."""
     _canonical_policies(space.augment, where)
-    for views in _as_list(space.augment_views):
+    for views in as_list(space.augment_views):
         if not isinstance(views, int) or isinstance(views, bool) or not 2 <= views <= 32:
             raise InputError(
                 f"{where}: augment_views must be a whole number from 2 to 32 (view 0 is the "
@@ -217,9 +217,9 @@ def check(space: SearchSpace, where: str) -> None:
         except InputError as exc:
             raise InputError(f"{where}: {exc}") from None
     _check_choice(space.algorithm, ALGORITHMS, "algorithm", where)
-    for choice in _as_list(space.class_weight):
+    for choice in as_list(space.class_weight):
         _check_choice(choice, CLASS_WEIGHTS, "class_weight", where)
-    for choice in _as_list(space.features):
+    for choice in as_list(space.features):
         _check_choice(choice, FEATURES, "features", where)
     for key, (low, high) in TUNABLE_BOUNDS.items():
         _check_tunable(getattr(space, key), key, low, high, where)
@@ -260,7 +260,8 @@ def check(space: SearchSpace, where: str) -> None:
         )
 
 
-def _as_list(value: Any) -> list[Any]:
+def as_list(value: Any) -> list[Any]:
+    """A space value's choices: a list or tuple as a list, one value as a list of it."""
     return list(value) if isinstance(value, tuple | list) else [value]
 
 
@@ -272,7 +273,7 @@ def _check_choice(value: Any, valid: tuple[str, ...], key: str, where: str) -> N
 
 
 def _check_size(key: str, value: Any, where: str, word: str = "native") -> None:
-    for item in _as_list(value):
+    for item in as_list(value):
         if item == word:
             continue
         if not isinstance(item, int) or isinstance(item, bool) or item < 1:
@@ -298,7 +299,7 @@ def _check_tunable(value: Any, key: str, low: float, high: float, where: str) ->
         if value.get("log") and value["min"] <= 0:
             raise InputError(f"{where}: {key} with log: true needs min > 0, got {value['min']}")
     else:
-        numbers = _as_list(value)
+        numbers = as_list(value)
     for number in numbers:
         if (
             not isinstance(number, int | float)
@@ -326,17 +327,17 @@ def declare(hp: kt.HyperParameters, space: SearchSpace) -> dict[str, Any]:
         "augment": _declare(hp, "augment", space.augment),
         "features": _declare(hp, "features", space.features),
     }
-    if any(augment_mod.is_on(p) for p in _as_list(space.augment)):
+    if any(augment_mod.is_on(p) for p in as_list(space.augment)):
         values["augment_views"] = _declare(hp, "augment_views", space.augment_views)
-    if len(_as_list(space.train_batch_size)) > 1 or space.train_batch_size != "auto":
+    if len(as_list(space.train_batch_size)) > 1 or space.train_batch_size != "auto":
         values["train_batch_size"] = _declare(
-            hp, "train_batch_size", [str(s) for s in _as_list(space.train_batch_size)]
+            hp, "train_batch_size", [str(s) for s in as_list(space.train_batch_size)]
         )
-    sizes = [s for s in _as_list(space.image_size) if s != "native"]
-    if len(_as_list(space.image_size)) > 1 or sizes:
+    sizes = [s for s in as_list(space.image_size) if s != "native"]
+    if len(as_list(space.image_size)) > 1 or sizes:
         # Choices must share one type: "native" and 64 both become text.
         values["image_size"] = _declare(
-            hp, "image_size", [str(s) for s in _as_list(space.image_size)]
+            hp, "image_size", [str(s) for s in as_list(space.image_size)]
         )
     return values
 

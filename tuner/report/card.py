@@ -109,7 +109,11 @@ def input_section(size: int, tflite: bool, variant: str | None = None) -> list[s
 def model_card(
     record: dict[str, Any], config: dict[str, Any], choice: Choice, time_column: str
 ) -> str:
-    """Markdown: data, model, validation and test metrics, speed, the choice, how to use."""
+    """Markdown: data, model, validation and test metrics, speed, the choice, how to use.
+
+    Long: the card's text, section after section, in the order it reads; each section is a
+    few lines of the record.
+    """
     test = record["test"]
     counts = dict(config.get("split_counts", {}))
     counts["test"] = test["count"]

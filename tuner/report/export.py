@@ -7,8 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,9 @@ from data_tools.errors import InputError
 from tuner.report import evaluate, html_report, quantize, rebuild
 from tuner.report import results as results_mod
 from tuner.report.choose import Choice, choose
+
+if TYPE_CHECKING:
+    import keras
 
 FLOAT_TOLERANCE = 1e-4  # Keras vs SavedModel vs TFLite probabilities (float32 arithmetic)
 # A mixed-precision trial against its float32 export: float16 activations carry ~3 digits,
@@ -139,27 +143,64 @@ def in_float32(model, pixels: np.ndarray, console):
 
 
 def export(args: argparse.Namespace) -> Path:
-    """Choose, evaluate and write ``best/``; returns the folder. The CLI's one call."""
+    """Choose, evaluate and write ``best/``; returns the folder. The CLI's one call. The
+    steps: the search's records (with its LiteRT variants under ``--quantize``), the choice,
+    the chosen trial's model rebuilt in float32 and scored on test (the variant's score when
+    a variant ships, the refit's under ``--refit``), its latency, then ``best/`` written
+    whole and the search's plot, report and W&B artifact told which trial shipped."""
     from rich.console import Console
 
-    from tuner.model.measure import device_name, measure_latency
-    from tuner.report import card
-    from tuner.report.choose import TIME_COLUMNS
+    from tuner.model.measure import device_name
 
     console = Console(highlight=False, soft_wrap=True)
     folder = Path(args.results) if args.results else rebuild.most_recent_search()
     config, trials = rebuild.load_search(folder)
     atomic.sweep(folder)  # an export or a search killed mid-write left these
     header.set_max_pixels(config.get("max_pixels", header.DEFAULT_MAX_PIXELS))
-    deployables = None
-    pool = trials
-    if args.quantize:
-        if args.refit:
-            raise InputError(
-                "--quantize with --refit: a refit model has no measured variants; run one of them"
-            )
-        deployables = quantize_front(folder, config, trials, args.calibration_images, console)
-        pool = quantize.candidates(trials, deployables)
+    deployables, pool = _candidates(args, folder, config, trials, console)
+    choice, column = _choose_and_show(args, pool, config, folder, console)
+    trial_id, variant = quantize.split_id(choice.trial_id)
+    row = trials[trials["trial_id"].astype(str) == trial_id].iloc[0]
+    shipped = _evaluate(args, folder, config, trials, row, choice.trial_id, console)
+    if variant is not None:  # measured in the interpreter already, with its spread
+        chosen = deployables[
+            (deployables["trial_id"].astype(str) == trial_id) & (deployables["variant"] == variant)
+        ].iloc[0]
+        shipped.deployable = quantize.record(chosen)
+    out = Path(args.out) if args.out else folder / "best"
+    record = _write_best(out, folder, config, row, choice, column, shipped, args.tflite, pool)
+    # The search's own plot gets the star too: the trial this export shipped.
+    with atomic_path(folder / "pareto.png", "export") as tmp:
+        shutil.copyfile(out / "pareto.png", tmp)
+    which = "" if shipped.refit is None else ", the refit model (exported)"
+    console.print(
+        f"test{which}: {evaluate.test_line(shipped.metrics)}; {record['latency_ms']:.2f} "
+        f"ms/image on {device_name()}"
+    )
+    console.print(f"exported to {out}/")
+    html_report.write(folder, shipped=str(choice.trial_id))
+    _log_artifact(folder, config, out, choice, record, console, args, deployables)
+    return out
+
+
+def _candidates(args, folder: Path, config, trials: pd.DataFrame, console):
+    """(deployables.csv's rows or None, the rows the choice is made among): the trials, and
+    under ``--quantize`` their measured LiteRT variants beside them."""
+    if not args.quantize:
+        return None, trials
+    if args.refit:
+        raise InputError(
+            "--quantize with --refit: a refit model has no measured variants; run one of them"
+        )
+    deployables = quantize_front(folder, config, trials, args.calibration_images, console)
+    return deployables, quantize.candidates(trials, deployables)
+
+
+def _choose_and_show(args, pool: pd.DataFrame, config, folder: Path, console):
+    """(the choice by the rule and limits given, the time column it weighs), with the front
+    and the reason printed."""
+    from tuner.report.choose import TIME_COLUMNS
+
     choice = choose(
         pool,
         args.rule,
@@ -175,8 +216,31 @@ def export(args: argparse.Namespace) -> Path:
     console.print(f"{choice.heading} of {folder} (val accuracy up, {column} down):")
     console.print(front_table(choice, column))
     console.print(f"chosen: trial {choice.trial_id}. {choice.reason}")
-    trial_id, variant = quantize.split_id(choice.trial_id)
-    row = trials[trials["trial_id"].astype(str) == trial_id].iloc[0]
+    return choice, column
+
+
+@dataclass
+class _Shipped:
+    """The model an export ships, and what it scored on test."""
+
+    model: keras.Model
+    how: str  # where its weights came from
+    precision: dict | None  # a mixed-precision trial's float32 check
+    metrics: dict  # on test
+    probs: np.ndarray  # on the test pixels
+    pixels: np.ndarray
+    lite: bytes | None = None  # the variant's model, when a variant ships
+    trial_test: dict | None = None  # under --refit: the trial's own model's test metrics
+    refit: dict | None = None  # under --refit: the refit's facts
+    deployable: dict | None = None  # the variant's measured row
+
+
+def _evaluate(args, folder: Path, config, trials, row, candidate: str, console) -> _Shipped:
+    """The chosen trial's model rebuilt (in float32), and the test score of what ships: the
+    LiteRT variant when one was chosen (``candidate``: ``'003:int8'``; it alone is evaluated
+    on test), else the model, or under ``--refit`` the model refit on train + validation
+    (the trial's score kept beside it)."""
+    trial_id, variant = quantize.split_id(candidate)
     model, how = rebuild.trial_model(folder, row, config)
     console.print(f"model: {how}")
     size = int(row["image_size"])
@@ -187,30 +251,38 @@ def export(args: argparse.Namespace) -> Path:
     lite = None
     if variant is None:
         probs = evaluate.probabilities(model, pixels)
-    else:  # the deployable is what ships: it alone is evaluated on test
+    else:
         lite = (folder / quantize.FOLDER / f"{trial_id}-{variant}.tflite").read_bytes()
         probs = quantize.Runner(lite).probabilities(pixels)
-    metrics = evaluate.test_metrics(labels, probs, classes)
-    trial_test = refit_facts = None
+    shipped = _Shipped(
+        model, how, precision, evaluate.test_metrics(labels, probs, classes), probs, pixels, lite
+    )
     if args.refit:
-        trial_test = metrics
-        console.print(f"test, the trial's model: {evaluate.test_line(trial_test)}")
-        model, refit_facts = rebuild.refit(folder, row, trials, config, console)
+        shipped.trial_test = shipped.metrics
+        console.print(f"test, the trial's model: {evaluate.test_line(shipped.trial_test)}")
+        model, shipped.refit = rebuild.refit(folder, row, trials, config, console)
         if mixed_policies(model) and check is None:
             check = evaluate.split_pixels(config, size, "validation")[0]
-        model, precision = in_float32(model, check, console)
-        probs = evaluate.probabilities(model, pixels)
-        metrics = evaluate.test_metrics(labels, probs, classes)
-    deployable = None
-    if variant is None:
+        shipped.model, shipped.precision = in_float32(model, check, console)
+        shipped.probs = evaluate.probabilities(shipped.model, pixels)
+        shipped.metrics = evaluate.test_metrics(labels, shipped.probs, classes)
+    return shipped
+
+
+def _write_best(
+    out: Path, folder: Path, config, row, choice, column: str, shipped: _Shipped, tflite, pool
+) -> dict[str, Any]:
+    """Write ``best/`` whole (model, SavedModel, labels, metrics.json, the card, the plot;
+    the variant's or, with ``tflite``, a float32 ``model.tflite`` checked against Keras);
+    returns metrics.json's record."""
+    from tuner.model.measure import device_name, measure_latency
+    from tuner.report import card
+
+    size, model, deployable = int(row["image_size"]), shipped.model, shipped.deployable
+    if deployable is None:
         latency_ms, images_per_s, _ = measure_latency(model, size)
-    else:  # measured in the interpreter already, with its spread
-        chosen = deployables[
-            (deployables["trial_id"].astype(str) == trial_id) & (deployables["variant"] == variant)
-        ].iloc[0]
-        deployable = quantize.record(chosen)
+    else:
         latency_ms, images_per_s = deployable["latency_ms"], None
-    out = Path(args.out) if args.out else folder / "best"
     with atomic_path(out, "export") as tmp:
         tmp.mkdir(parents=True)
         model.save(tmp / "model.keras")
@@ -223,8 +295,8 @@ def export(args: argparse.Namespace) -> Path:
             "rule_pick": choice.picked,
             "within_se": choice.within_se,
             "reason": choice.reason,
-            "model_source": how if refit_facts is None else "refit on train + validation",
-            "exported": "trial" if refit_facts is None else "refit",
+            "model_source": shipped.how if shipped.refit is None else "refit on train + validation",
+            "exported": "trial" if shipped.refit is None else "refit",
             "backbone": row["backbone"],
             "image_size": size,
             "classes": list(config["classes"]),
@@ -234,49 +306,45 @@ def export(args: argparse.Namespace) -> Path:
                 if deployable is None
                 else {"accuracy": deployable["val_accuracy"], "loss": None}
             ),
-            "test": metrics,
+            "test": shipped.metrics,
             "latency_ms": latency_ms,
             "images_per_s": images_per_s,
             "device": device_name(),
             "params": int(model.count_params()),
             "model_bytes": (tmp / "model.keras").stat().st_size,
         }
-        if refit_facts is not None:
-            record["trial_test"] = trial_test
-            record["refit"] = {**refit_facts, "trial_model_source": how}
-        if precision:
-            record["precision"] = precision
+        if shipped.refit is not None:
+            record["trial_test"] = shipped.trial_test
+            record["refit"] = {**shipped.refit, "trial_model_source": shipped.how}
+        if shipped.precision:
+            record["precision"] = shipped.precision
         if deployable is not None:
             record["deployable"] = deployable
-            (tmp / "model.tflite").write_bytes(lite)
-        elif args.tflite:
-            (tmp / "model.tflite").write_bytes(quantize.convert(model, size, "float32"))
-            lite = quantize.Runner((tmp / "model.tflite").read_bytes()).probabilities(pixels)
-            record["tflite"] = {
-                "max_abs_difference": float(np.abs(lite - probs).max()),
-                "same_predictions": float((lite.argmax(1) == probs.argmax(1)).mean()),
-                "bytes": (tmp / "model.tflite").stat().st_size,
-            }
-            if record["tflite"]["max_abs_difference"] > FLOAT_TOLERANCE:
-                raise RuntimeError(
-                    f"the TFLite model disagrees with Keras by "
-                    f"{record['tflite']['max_abs_difference']:.2e}"
-                )
+            (tmp / "model.tflite").write_bytes(shipped.lite)
+        elif tflite:
+            record["tflite"] = _float_tflite(model, size, tmp / "model.tflite", shipped)
         (tmp / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
         (tmp / "model_card.md").write_text(card.model_card(record, config, choice, column))
         finished = pool[pool["status"].isin(results_mod.FINISHED)]
         results_mod.plot_pareto(finished, tmp / "pareto.png", exported=choice.trial_id)
-    # The search's own plot gets the star too: the trial this export shipped.
-    with atomic_path(folder / "pareto.png", "export") as tmp:
-        shutil.copyfile(out / "pareto.png", tmp)
-    which = "" if refit_facts is None else ", the refit model (exported)"
-    console.print(
-        f"test{which}: {evaluate.test_line(metrics)}; {latency_ms:.2f} ms/image on {device_name()}"
-    )
-    console.print(f"exported to {out}/")
-    html_report.write(folder, shipped=str(choice.trial_id))
-    _log_artifact(folder, config, out, choice, record, console, args, deployables)
-    return out
+    return record
+
+
+def _float_tflite(model: keras.Model, size: int, target: Path, shipped: _Shipped) -> dict:
+    """Write the model as float32 LiteRT to ``target``; its agreement with Keras on test
+    (raises past :data:`FLOAT_TOLERANCE`)."""
+    target.write_bytes(quantize.convert(model, size, "float32"))
+    lite = quantize.Runner(target.read_bytes()).probabilities(shipped.pixels)
+    facts = {
+        "max_abs_difference": float(np.abs(lite - shipped.probs).max()),
+        "same_predictions": float((lite.argmax(1) == shipped.probs.argmax(1)).mean()),
+        "bytes": target.stat().st_size,
+    }
+    if facts["max_abs_difference"] > FLOAT_TOLERANCE:
+        raise RuntimeError(
+            f"the TFLite model disagrees with Keras by {facts['max_abs_difference']:.2e}"
+        )
+    return facts
 
 
 def quantize_front(

@@ -282,7 +282,6 @@ def measure_variants(
 ) -> list[dict[str, Any]]:
     """Convert ``model`` (trial ``row``'s float32 model) to each variant, write the files
     to ``folder`` and measure each: one :data:`COLUMNS` row per variant."""
-    pixels, labels = validation
     size = int(row["image_size"])
     rows = []
     for variant in variants:
@@ -296,26 +295,11 @@ def measure_variants(
             "calibration_images": len(calibration) if variant in ("int8", MIXED) else 0,
             "train_seconds": float(row["train_seconds"]),
         }
-        extra: dict[str, Any] = {"reason": ""}
         try:
-            if variant == MIXED:
-                content, kept, accuracy, met = select_mixed(
-                    model, size, calibration, validation, float(row["val_accuracy"]), report
-                )
-                extra = {
-                    "reason": ""
-                    if met
-                    else f"not within {MIXED_TOLERANCE:g} of the float model's validation "
-                    f"accuracy with up to {len(kept)} layer(s) in float",
-                    "float_layers": len(kept),
-                    "kept_float": KEPT_SEPARATOR.join(kept),
-                }
-            else:
-                content = convert(model, size, variant, calibration)
-            runner = Runner(content)
-            if variant != MIXED:
-                accuracy = float((runner.probabilities(pixels).argmax(1) == labels).mean())
-            latency, spread = runner.latency(size)
+            content, accuracy, extra = _converted(
+                model, row, variant, validation, calibration, report
+            )
+            latency, spread = Runner(content).latency(size)
         except Exception as exc:  # noqa: BLE001 - any refusal keeps the float row
             reason = one_line(exc)
             report(f"trial {row['trial_id']}: {variant} failed ({reason}); its float row stays")
@@ -341,6 +325,42 @@ def measure_variants(
             f"{float(row['latency_ms']):.2f}), {len(content) / 1e6:.2f} MB"
         )
     return rows
+
+
+def _converted(
+    model,
+    row: pd.Series,
+    variant: str,
+    validation: tuple[np.ndarray, np.ndarray],
+    calibration: np.ndarray,
+    report: Callable[[str], None],
+) -> tuple[bytes, float, dict[str, Any]]:
+    """(the variant's ``.tflite`` bytes, its validation accuracy, its extra columns: for
+    ``int8-mixed`` the layers kept in float, and the reason when the tolerance was not met)."""
+    size = int(row["image_size"])
+    if variant != MIXED:
+        content = convert(model, size, variant, calibration)
+        pixels, labels = validation
+        accuracy = float((Runner(content).probabilities(pixels).argmax(1) == labels).mean())
+        return content, accuracy, {"reason": ""}
+    content, kept, accuracy, met = select_mixed(
+        model, size, calibration, validation, float(row["val_accuracy"]), report
+    )
+    reason = (
+        ""
+        if met
+        else f"not within {MIXED_TOLERANCE:g} of the float model's validation accuracy with "
+        f"up to {len(kept)} layer(s) in float"
+    )
+    return (
+        content,
+        accuracy,
+        {
+            "reason": reason,
+            "float_layers": len(kept),
+            "kept_float": KEPT_SEPARATOR.join(kept),
+        },
+    )
 
 
 def write_table(rows: list[dict[str, Any]], path: Path) -> pd.DataFrame:

@@ -364,6 +364,24 @@ def plot_pareto(done: pd.DataFrame, path: Path, exported: str | None = None) -> 
 VARIANT_MARKERS = {"float32": "s", "float16": "D", "dynamic": "^", "int8": "v", "int8-mixed": "P"}
 
 
+def _spread_bars(ax, done: pd.DataFrame) -> None:
+    """Each point's measured latency spread (interquartile range), as a horizontal bar."""
+    if "latency_spread_ms" not in done:
+        return
+    spread = pd.to_numeric(done["latency_spread_ms"], errors="coerce").fillna(0.0)
+    if (spread > 0).any():
+        ax.errorbar(
+            done["latency_ms"].astype(float),
+            done["val_accuracy"].astype(float),
+            xerr=spread / 2,
+            fmt="none",
+            ecolor="grey",
+            elinewidth=1,
+            capsize=2,
+            label="latency spread (IQR)",
+        )
+
+
 def pareto_figure(done: pd.DataFrame, exported: str | None = None):
     """Val accuracy against latency, one colour per backbone; each latency's measured
     spread (interquartile range) as a horizontal bar; the Pareto front's points ringed and
@@ -376,21 +394,7 @@ def pareto_figure(done: pd.DataFrame, exported: str | None = None):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    latency = done["latency_ms"].astype(float)
-    accuracy = done["val_accuracy"].astype(float)
-    if "latency_spread_ms" in done:
-        spread = pd.to_numeric(done["latency_spread_ms"], errors="coerce").fillna(0.0)
-        if (spread > 0).any():
-            ax.errorbar(
-                latency,
-                accuracy,
-                xerr=spread / 2,
-                fmt="none",
-                ecolor="grey",
-                elinewidth=1,
-                capsize=2,
-                label="latency spread (IQR)",
-            )
+    _spread_bars(ax, done)
     variants = done["variant"].fillna("keras") if "variant" in done else None
     keras_rows = done if variants is None else done[variants == "keras"]
     for backbone, group in keras_rows.groupby("backbone"):
