@@ -42,6 +42,23 @@ def test_a_cost_table_prices_passes_decoding_and_fine_tunes(tmp_path):
     assert priced.head_seconds("adam") == pytest.approx(10.0 + costmodel.PRIOR_OVERHEAD_SECONDS)
 
 
+def test_the_play_takes_a_forward_pass_in_milliseconds_as_a_trials_latency(tmp_path):
+    """A dry run cannot measure latency: its trials carry one image's forward pass, in ms,
+    from the cost table (or the calibrated seconds per GFLOP), not a count of GFLOPs."""
+    searched = space.load(None, {"backbones": ["B0", "B1"], "features": "top"})
+    setting = plan.setting_for(searched, 9_000, 1_000, 3600, table(tmp_path))
+    b0, b1 = setting.feature_sets
+    priced = costmodel.Costs(setting, [])
+    assert priced.forward_ms(b0) == pytest.approx(0.1)  # 1.0e-4 s an image, no decode
+    assert priced.forward_ms(b1) == pytest.approx(0.2)
+    moves, _ = plan.play(setting)
+    played = plan._finished(setting, priced, moves[0], "0", {b0.plain(): 0}, [])
+    assert played.latency_ms == pytest.approx(priced.forward_ms(moves[0].feature_set))
+    calibrated = plan.setting_for(searched, 9_000, 1_000, 3600, None)
+    expected = 1000 * calibrated.seconds_per_gflop * b1.gflops()
+    assert costmodel.Costs(calibrated, []).forward_ms(b1) == pytest.approx(expected)
+
+
 def test_a_long_budget_plays_out_to_fine_tunes_then_ends_with_time_left(tmp_path):
     searched = space.load(
         None,

@@ -184,6 +184,15 @@ class Costs:
         rate = statistics.median(rates) if rates else self.setting.seconds_per_gflop
         return rate * fs.gflops() * self.setting.images
 
+    def forward_ms(self, fs: FeatureSet) -> float:
+        """One image's forward pass through ``fs``'s backbone, in milliseconds: the cost
+        table's pass, else the calibrated seconds per GFLOP. What the dry run's play takes as
+        a trial's latency, which it cannot measure (the strategy's front reads the ratios
+        between feature sets)."""
+        if self.setting.table is not None:
+            return 1000 * self.setting.table.forward_seconds(fs)
+        return 1000 * self.setting.seconds_per_gflop * fs.gflops()
+
     def measured(self, fs: FeatureSet) -> bool:
         return fs in self._pass or any(
             t.stage == FROZEN and t.feature_set == fs and t.done for t in self.trials

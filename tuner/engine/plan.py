@@ -61,6 +61,10 @@ class CostTable:
             )
         return costs[fs.backbone] * self._scale(fs)
 
+    def forward_seconds(self, fs: costmodel.FeatureSet) -> float:
+        """One image's forward pass through ``fs``'s backbone at its size."""
+        return self._per_image(self.passes, fs, "pass")
+
     def pass_seconds(self, setting: costmodel.Setting, fs: costmodel.FeatureSet) -> float:
         """A feature set's passes, as if nothing shared them (the cost model charges a top
         whose stage features' sweep writes it nothing); the cheapest set also pays the one
@@ -161,7 +165,7 @@ def _finished(setting, costs, move, trial_id, ranks, trials) -> costmodel.TrialF
         train_seconds=train,
         pass_seconds=passed,
         trial_seconds=move.estimate_s,
-        latency_ms=fs.gflops(),
+        latency_ms=costs.forward_ms(fs),
         epochs_run=epochs,
     )
 
