@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import keras_tuner as kt
 import pandas as pd
 import pytest
 import tensorflow as tf
@@ -22,7 +23,7 @@ from data_tools.errors import run_cli
 from tests.conftest import frozen, rebuilt_val_accuracy, run_search
 from tuner import search
 from tuner.engine import session
-from tuner.model import hypermodel, training
+from tuner.model import hypermodel, space, training
 
 run = run_search
 # One quick trial: random search, one epoch.
@@ -221,6 +222,21 @@ def test_out_of_memory_halves_the_batch_then_fails_at_the_floor(
     assert table.reason[0] == ("FailedTrialError: out of memory at batch size 16 (the floor is 16)")
 
 
+def test_hyperband_runs_its_brackets_until_the_budget_unless_told_how_many_times(tmp_path):
+    """``hyperband_iterations: 0`` (the default) asks Keras Tuner for as many iterations as
+    the budget holds (the budget gate ends the search); a number is taken as it is."""
+    import keras
+
+    def build(hp):
+        return keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+
+    for asked, given in ((0, session.UNTIL_BUDGET), (3, 3)):
+        searched = space.load(None, {"algorithm": "hyperband", "hyperband_iterations": asked})
+        tuner = session.make_tuner(kt.Hyperband, build, searched, tmp_path / str(asked))
+        assert tuner.oracle.hyperband_iterations == given
+
+
+@pytest.mark.slow  # 73 s of the fast tier (ten trials); the iterations' setting is tested fast
 def test_hyperband_continues_trials_from_checkpoints_and_runs_its_brackets_again(
     tmp_path, demo_dir, pretrained_t0, capsys, monkeypatch
 ):

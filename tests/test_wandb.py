@@ -155,6 +155,8 @@ def test_interrupted_trial_reuses_its_run_id(tmp_path, demo_dir, pretrained_t0, 
     assert [r.exit_code for r in rerun] == [1, 0]
 
 
+@pytest.mark.slow  # 34 s of the fast tier (a fresh process waits out W&B's timeout); the
+# in-process degradation (a full disk under W&B) stays fast
 def test_wandb_unreachable_degrades_once_and_the_search_goes_on(tmp_path, demo_dir, pretrained_t0):
     # A fresh process, as a user runs it: wandb's service starts with these settings.
     # A user's shell: none of the WANDB_* variables that earlier in-process runs left behind
