@@ -185,14 +185,13 @@ def select_mixed(
     ``MIXED_TOLERANCE`` of ``float_accuracy`` (or ``MIXED_MOST`` layers, or all of them,
     are kept: then the most accurate tried). Returns (the bytes, the layers kept in float,
     its validation accuracy, whether the tolerance was met)."""
-    pixels, labels = validation
     ranked = layer_errors(model, size, calibration)["tensor_name"].tolist()
     most = min(MIXED_MOST, len(ranked))
     counts = [0] + [2**k for k in range(most.bit_length()) if 2**k < most] + [most]
     best: tuple[float, int, bytes] | None = None
     for count in dict.fromkeys(counts):
         content = convert_mixed(model, size, calibration, ranked[:count])
-        accuracy = float((Runner(content).probabilities(pixels).argmax(1) == labels).mean())
+        accuracy = Runner(content).accuracy(validation)
         report(f"  int8-mixed, {count} layer(s) in float: val acc {accuracy:.4f}")
         if best is None or accuracy > best[0]:
             best = (accuracy, count, content)
@@ -241,6 +240,11 @@ class Runner:
 
         parts = [self(pixels[i : i + batch]) for i in range(0, len(pixels), batch)]
         return two_columns(np.concatenate(parts))
+
+    def accuracy(self, validation: tuple[np.ndarray, np.ndarray]) -> float:
+        """The share of ``(pixels, labels)`` whose most probable class is the label."""
+        pixels, labels = validation
+        return float((self.probabilities(pixels).argmax(1) == labels).mean())
 
     def latency(self, size: int, runs: int = 10) -> tuple[float, float]:
         """(median ms per image at batch 1, interquartile range in ms), after 3 warm-up
@@ -299,7 +303,10 @@ def measure_variants(
             content, accuracy, extra = _converted(
                 model, row, variant, validation, calibration, report
             )
-            latency, spread = Runner(content).latency(size)
+            runner = Runner(content)
+            if accuracy is None:  # int8-mixed was scored as its layers were chosen
+                accuracy = runner.accuracy(validation)
+            latency, spread = runner.latency(size)
         except Exception as exc:  # noqa: BLE001 - any refusal keeps the float row
             reason = one_line(exc)
             report(f"trial {row['trial_id']}: {variant} failed ({reason}); its float row stays")
@@ -334,15 +341,13 @@ def _converted(
     validation: tuple[np.ndarray, np.ndarray],
     calibration: np.ndarray,
     report: Callable[[str], None],
-) -> tuple[bytes, float, dict[str, Any]]:
-    """(the variant's ``.tflite`` bytes, its validation accuracy, its extra columns: for
-    ``int8-mixed`` the layers kept in float, and the reason when the tolerance was not met)."""
+) -> tuple[bytes, float | None, dict[str, Any]]:
+    """(the variant's ``.tflite`` bytes, its validation accuracy when the conversion scored
+    it already (``int8-mixed``), its extra columns: for ``int8-mixed`` the layers kept in
+    float, and the reason when the tolerance was not met)."""
     size = int(row["image_size"])
     if variant != MIXED:
-        content = convert(model, size, variant, calibration)
-        pixels, labels = validation
-        accuracy = float((Runner(content).probabilities(pixels).argmax(1) == labels).mean())
-        return content, accuracy, {"reason": ""}
+        return convert(model, size, variant, calibration), None, {"reason": ""}
     content, kept, accuracy, met = select_mixed(
         model, size, calibration, validation, float(row["val_accuracy"]), report
     )
