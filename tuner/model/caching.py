@@ -70,7 +70,12 @@ class FeatureStore:
     def uses_cache(self, plan: TrialPlan) -> bool:
         """Phase 1 trains the head on cached features when the backbone is frozen and fixed
         (pretrained weights), caching is on and there is a cache folder."""
-        return self.enabled and plan.pretrained and self.data.cache_dir is not None
+        return self.caches(plan.pretrained)
+
+    def caches(self, pretrained: bool) -> bool:
+        """:meth:`uses_cache` for a backbone with or without pretrained weights (what a
+        plan is made from)."""
+        return self.enabled and pretrained and self.data.cache_dir is not None
 
     def activations_fit(
         self, model: keras.Model, plan: TrialPlan, count: int, facts: FitFacts

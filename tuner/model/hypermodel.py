@@ -169,7 +169,7 @@ class EffNetHyperModel(kt.HyperModel):
         stage = str(hp.values.get("tuner/stage", ""))
         pretrained = self.weights is not None or entry.constructor == "hub"
         width = int(values["head_width"])
-        cached = self.store.enabled and pretrained and self.data.cache_dir is not None
+        cached = self.store.caches(pretrained)
         policy = augment_mod.canonical(str(values.get("augment", augment_mod.NONE)))
         views = int(values.get("augment_views", 1)) if augment_mod.is_on(policy) else 1
         # A hub module has no stages to tap; a pretrained head on stage features is frozen.
