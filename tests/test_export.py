@@ -515,9 +515,15 @@ def test_the_card_marks_what_a_trial_did_not_use():
         "epochs",
         "finetune_lr_factor",
         "augment_views",
+        "partner",
+        "partner_features",
     }
     tuned = TrialPlan(**common, finetune_fraction=0.2, finetune_lr_factor=0.1, augment="flip")
-    assert tuned.unused() == ()
+    assert set(tuned.unused()) == {"partner", "partner_features"}  # not a paired head
+    paired = TrialPlan(
+        **common, finetune_fraction=0.0, finetune_lr_factor=0.1, augment="flip", partner="B1"
+    )
+    assert "partner" not in paired.unused()
     scratch = TrialPlan(
         **{**common, "pretrained": False}, finetune_fraction=0.2, finetune_lr_factor=0.1
     )

@@ -329,3 +329,59 @@ def test_a_best_accuracy_within_one_standard_error_of_100_percent_ends_the_searc
     assert "accuracy 0.9950 (trial 0), its standard error 0.0071 on 100 images" in why
     # With a head still to try, the end of the budget is the budget's, not the space's.
     assert strategy.next_move(plain, trials[:-1], 1.0) == "nothing more fits in the 1s left"
+
+
+def test_widening_pairs_the_best_linear_heads_of_two_backbones_at_the_better_ones_size():
+    v2 = FeatureSet("V2B0", "native", 224)
+    paired = setting(feature_sets=(B0, v2, B1), fractions=(), head_trials=2)  # 100 val images
+    trials = [head("0", pass_s=40.0, score=0.78), head("1", score=0.70, width=64)]
+    trials += [head("2", v2, pass_s=50.0, score=0.79), head("3", v2, score=0.60, width=64)]
+    trials += [head("4", B1, pass_s=60.0, score=0.81), head("5", B1, score=0.5, width=64)]
+    trials += [head(str(i), B1, score=0.5) for i in range(6, 10)]  # B1 has 3x its heads
+    move = strategy.next_move(paired, trials, 72_000)
+    # All three within 2 SE (0.078) of 0.81: the best pairs with the next, at its 240 px.
+    v2_240 = FeatureSet("V2B0", "240", 240)
+    assert (move.stage, move.feature_set, move.partner, move.parent) == (
+        costmodel.PAIRED,
+        B1,
+        v2_240,
+        "4",
+    )
+    costs = costmodel.Costs(paired, trials)
+    assert move.estimate_s == pytest.approx(
+        2 * costs.head_seconds("exact") + costs.pass_seconds(v2_240)
+    )
+    assert move.why == (
+        "widening: a linear head on B1 240px and V2B0 240px at once (their best linear heads: "
+        "trial 4, val accuracy 0.8100; trial 2 (V2B0 224px), 0.7900); V2B0's features at "
+        "240px are computed first; its latency is both backbones'"
+    )
+
+    def made(trial_id, first, partner, score):
+        facts = head(trial_id, first, score=score)
+        values = {**facts.values, "partner": partner}
+        return TrialFacts(**{**facts.__dict__, "values": values})
+
+    done = made("10", B1, "V2B0", 0.80)
+    assert done.stage == costmodel.PAIRED and done.partner == v2_240
+    after = strategy.next_move(paired, [*trials, done], 72_000)
+    assert (after.feature_set, after.partner) == (B1, FeatureSet("B0", "240", 240))
+    last = strategy.next_move(paired, [*trials, done, made("11", B1, "B0", 0.8)], 72_000)
+    # At the same size the partner's features are cached: two linear heads' time.
+    assert (last.feature_set, last.partner) == (v2, FeatureSet("B0", "224", 224))
+    assert "computed first" not in last.why
+    trials += [done, made("11", B1, "B0", 0.8), made("12", v2, "B0", 0.8)]
+    why = strategy.next_move(paired, trials, 72_000)
+    assert isinstance(why, str) and why.startswith("nothing left")  # each pair made once
+    # A pair is no head of its first feature set (nor a fine-tune parent: no frozen trial).
+    assert strategy._heads_on(trials, B1) == 6
+
+
+def test_widening_pairs_no_member_further_than_two_standard_errors_below_the_best():
+    v2 = FeatureSet("V2B0", "native", 224)
+    paired = setting(feature_sets=(B0, v2), fractions=(), head_trials=2)
+    trials = [head("0", pass_s=40.0, score=0.80), head("1", score=0.70, width=64)]
+    trials += [head("2", v2, pass_s=50.0, score=0.55), head("3", v2, score=0.50, width=64)]
+    trials += [head(str(i), score=0.5) for i in range(4, 8)]
+    why = strategy.next_move(paired, trials, 72_000)
+    assert isinstance(why, str) and "pair" not in why

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from tests.conftest import run_search
 from tuner.report.choose import shippable
@@ -120,3 +121,69 @@ def test_transfer_search_runs_its_stages_in_order_and_resumes(
     # fine-tunes at least those on a front; the others went as the search moved on.
     kept = {p.parent.name[6:] for p in folder.glob("keras_tuner/trial_*/checkpoint.trained.npz")}
     assert set(frozen.trial_id) | shippable(table, None) <= kept
+
+
+def test_a_paired_head_reads_two_backbones_and_is_what_the_rebuild_scores(
+    tmp_path, demo_dir, pretrained_t0, capsys, monkeypatch
+):
+    """Widening pairs the best linear heads of T0 (trained weights) and V2T0 (random ones:
+    weak, so the noise band is widened here to admit it): one model, both backbones, the
+    head fitted on both features, its latency measured on the whole of it."""
+    import shutil
+
+    import keras
+
+    from tests.conftest import rebuilt_val_accuracy
+    from tuner.engine import strategy, widening
+    from tuner.model import backbones
+    from tuner.report import rebuild
+
+    weights = tmp_path / "weights"
+    shutil.copytree(pretrained_t0, weights, ignore=shutil.ignore_patterns("cache"))
+    backbones.build(backbones.get("V2T0"), 32, None).save_weights(weights / "V2T0.weights.h5")
+    monkeypatch.setattr(widening, "WIDEN_WITHIN", 100.0)
+    monkeypatch.setattr(strategy, "EXTRA_HEADS", 1)  # no extra heads: straight to the pair
+    code = run_search(
+        tmp_path,
+        demo_dir,
+        "pair",
+        *("--weights", str(weights), "--algorithm", "transfer", "--budget", "5m"),
+        *("--set", "backbones=[T0, V2T0]", "--set", "features=top"),
+        *("--set", "head_trials=1", "--set", "finetune_fraction=0.0"),
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "results" / "pair"
+    table = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str})
+    pair = table[table.stage == "paired"]
+    assert len(pair) == 1, table[["trial_id", "stage", "backbone", "partner"]]
+    row = pair.iloc[0]
+    # The better of the two linear heads comes first.
+    assert {row.backbone, row.partner} == {"T0", "V2T0"}
+    assert (row.partner_features, row.solver) == ("top", "exact")
+    assert (table.partner[table.stage != "paired"] == "-").all()
+    assert f"paired: {row.backbone} + {row.partner} 32px" in out
+    assert f"a linear head on {row.backbone} 32px and {row.partner} 32px at once" in out
+    assert (
+        f"| {row.trial_id} | {row.backbone} + {row.partner} |"
+        in (folder / "leaderboard.md").read_text()
+    )
+    # Its own architecture: measured on the whole model (both backbones), not shared with a
+    # single backbone's (a tiny model's latency is mostly overhead, so not compared).
+    singles = table[table.stage == "frozen"]
+    assert row.latency_ms > 0 and row.latency_ms not in set(singles.latency_ms)
+    params = singles.groupby("backbone").params.first()
+    assert row.params > params["T0"] + params["V2T0"] - 2 * 10 * 330  # less the heads
+    # The shipped model is the trial's: the rebuild scores what the trial recorded.
+    assert rebuilt_val_accuracy(folder, row.trial_id)[0] == pytest.approx(row.val_accuracy)
+    config, rows = rebuild.load_search(folder)
+    model, _ = rebuild.trial_model(folder, rows[rows.trial_id == row.trial_id].iloc[0], config)
+    assert {"backbone", "partner", "head"} <= {layer.name for layer in model.layers}
+    saved = tmp_path / "pair.keras"
+    model.save(saved)
+    pixels = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(
+        keras.models.load_model(saved).predict(pixels, verbose=0),
+        model.predict(pixels, verbose=0),
+        atol=1e-5,
+    )

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from tuner.model import backbones
 
 FROZEN, FINE_TUNE = "frozen", "fine-tune"
+# A linear head on two feature sets at once (widening): its ``tuner/stage`` value is frozen
+# (the hypermodel fits it as a frozen linear head); its ``partner`` value marks it.
+PAIRED = "paired"
 DONE = "COMPLETED"
 
 # Before anything is measured on this device: seconds a head trial takes beyond its pass.
@@ -76,7 +79,21 @@ class TrialFacts:
 
     @property
     def stage(self) -> str:
+        """``frozen``, ``fine-tune``, or :data:`PAIRED` (a frozen head with a ``partner``)."""
+        if self.values.get("partner"):
+            return PAIRED
         return str(self.values.get("tuner/stage", ""))
+
+    @property
+    def partner(self) -> FeatureSet | None:
+        """A paired head's second feature set (at the first's size, not augmented), else
+        None."""
+        name = str(self.values.get("partner") or "")
+        if not name:
+            return None
+        kind = str(self.values.get("partner_features") or "top")
+        fs = self.feature_set
+        return FeatureSet(name, str(fs.pixels), fs.pixels, features=kind)
 
     @property
     def done(self) -> bool:
@@ -143,6 +160,7 @@ class Move:
     bracket: int = 0
     bracket_size: int = 0
     bracket_rungs: int = 0
+    partner: FeatureSet | None = None  # paired: the second feature set the head reads
 
 
 @dataclass

@@ -112,7 +112,8 @@ class TransferOracle(kt.Oracle):
         values = self._values(move, facts)
         values.update(
             {
-                "tuner/stage": move.stage,
+                # A paired head is fitted as a frozen one; its partner value marks it.
+                "tuner/stage": costmodel.FROZEN if move.stage == costmodel.PAIRED else move.stage,
                 "tuner/estimate_s": round(float(move.estimate_s), 3),
                 "tuner/why": move.why,
             }
@@ -127,6 +128,12 @@ class TransferOracle(kt.Oracle):
             return self._head_values(move)
         parent = next(f for f in facts if f.trial_id == move.parent)
         values = {k: v for k, v in parent.values.items() if not k.startswith("tuner/")}
+        if move.stage == costmodel.PAIRED and move.partner is not None:
+            # The better head's values (its size, l2, class weight), and the second backbone.
+            values.update(
+                {"partner": move.partner.backbone, "partner_features": move.partner.features}
+            )
+            return values
         if parent.stage == costmodel.FROZEN and parent.solver == "exact":
             values["learning_rate"] = FINE_TUNE_BASE_RATE
         values.update(

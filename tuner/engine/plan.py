@@ -134,7 +134,18 @@ def _finished(setting, costs, move, trial_id, ranks, trials) -> costmodel.TrialF
     overhead = costs.overhead()
     train = max(move.estimate_s - overhead, 0.0)
     base = 0.7 + 0.15 * ranks.get(fs.plain(), 0) / max(len(ranks) - 1, 1)  # 0.70..0.85
-    if move.stage == costmodel.FROZEN:
+    latency = costs.forward_ms(fs)
+    if move.stage == costmodel.PAIRED and move.partner is not None:
+        parent = next(t for t in trials if t.trial_id == move.parent)
+        values = {
+            **parent.values,
+            "partner": move.partner.backbone,
+            "partner_features": move.partner.features,
+        }
+        # No gain assumed: the play cannot know what the second backbone's features add.
+        score, passed, epochs = parent.score or base, 0.0, 1
+        latency += costs.forward_ms(move.partner)
+    elif move.stage == costmodel.FROZEN:
         first = not costs.measured(fs) and move.head_index == 0
         solver = "exact" if move.head_index < math.ceil(setting.head_trials / 2) else "adam"
         values = {"tuner/stage": costmodel.FROZEN, "head_width": 0 if solver == "exact" else 128}
@@ -165,7 +176,7 @@ def _finished(setting, costs, move, trial_id, ranks, trials) -> costmodel.TrialF
         train_seconds=train,
         pass_seconds=passed,
         trial_seconds=move.estimate_s,
-        latency_ms=costs.forward_ms(fs),
+        latency_ms=latency,
         epochs_run=epochs,
     )
 

@@ -16,7 +16,8 @@ heads on a smaller one. So the budget goes, in this order:
 3. **what is left**: the next feature set when its pass and heads fit, another bracket of
    fine-tunes, then more heads on the best feature set;
 4. **widening** (:mod:`tuner.engine.widening`), once the space is exhausted and budget is
-   left: the best fine-tunes continued to 3x their epochs and the best parents' whole network
+   left: linear heads on two backbones' features at once (paired heads, seconds each), then
+   the best fine-tunes continued to 3x their epochs and the best parents' whole network
    fine-tuned, from those within two standard errors of the best validation accuracy; it
    ends, saying so with the figures, when no remaining move could be told from noise.
 

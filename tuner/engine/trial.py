@@ -282,7 +282,12 @@ class TrialRunner(adapter.TunerHooks):
         # is written once per architecture, to be measured.
         results = self.context.results
         known = results.architecture_facts(
-            plan.backbone, plan.image_size, plan.head_width, plan.features
+            plan.backbone,
+            plan.image_size,
+            plan.head_width,
+            plan.features,
+            plan.partner,
+            plan.partner_features,
         )
         if known is None:
             latency_ms, images_per_s, spread_ms = measure_latency(model, plan.image_size)
@@ -328,7 +333,7 @@ class TrialRunner(adapter.TunerHooks):
             **asdict(plan),
             "weights": self.context.weights_label,
             "device": device_name(),
-            "stage": hp.get("tuner/stage", ""),
+            "stage": "paired" if plan.partner else hp.get("tuner/stage", ""),
             "hyperband_epochs": hp.get("tuner/epochs", ""),
             "resumed_from": hp.get("tuner/trial_id", ""),
             "wandb_run_id": getattr(self, "_wandb_run_id", ""),
@@ -347,10 +352,11 @@ class TrialRunner(adapter.TunerHooks):
             else plan.mode.replace("-", " ")
         )
         guess = f", about {format_seconds(estimate)}" if estimate else ""
-        stage = f"{plan.stage}: " if plan.stage else ""
+        stage = "paired: " if plan.partner else (f"{plan.stage}: " if plan.stage else "")
         self.context.console.rule(
-            f"trial {self.context.trials_run} (id {trial.trial_id}): {stage}{plan.backbone} "
-            f"{plan.image_size}px batch {plan.batch_size}"
+            f"trial {self.context.trials_run} (id {trial.trial_id}): {stage}{plan.backbone}"
+            f"{' + ' + plan.partner if plan.partner else ''} {plan.image_size}px batch "
+            f"{plan.batch_size}"
         )
         why = trial.hyperparameters.values.get("tuner/why")
         if why:

@@ -1,13 +1,23 @@
 """Widening: what the ``transfer`` algorithm does once its space is exhausted and budget is
 left (:mod:`tuner.engine.strategy`, step 4), and when it stops for good.
 
-Each move starts from a finished trial, the best validated first: a fine-tune that reached
-the top rung continued from ``epochs`` to ``LONGER`` x ``epochs``, or a fine-tune parent with
-its whole network unfrozen at the smallest learning-rate factor (a linear probe, then a full
-fine-tune: Kumar et al., ICLR 2022). Only trials within ``WIDEN_WITHIN`` binomial standard
-errors of the best validation accuracy are widened (the export's noise model); when the best
-is within one standard error of 100%, or every move left starts further below it, nothing
-left could be told from noise on the validation split, and the search ends saying so.
+The moves, in order of the gain they can bring per second:
+
+1. **paired heads**: a linear head fitted exactly on the features of two backbones at once,
+   those of the best linear heads of two backbones, both run at the better one's image size
+   (so the model has one input; the second's features at that size cost its pass when that
+   is not its own size, else they are cached and the head costs seconds): one model whose
+   latency is the sum of its backbones', a new point on the accuracy/latency front, and a
+   deployable one;
+2. a fine-tune that reached the top rung continued from ``epochs`` to ``LONGER`` x
+   ``epochs``, or a fine-tune parent with its whole network unfrozen at the smallest
+   learning-rate factor (a linear probe, then a full fine-tune: Kumar et al., ICLR 2022),
+   the best validated first.
+
+Only trials within ``WIDEN_WITHIN`` binomial standard errors of the best validation accuracy
+are widened (a pair: both its members); when the best is within one standard error of 100%,
+or every move left starts further below it, nothing left could be told from noise on the
+validation split, and the search ends saying so.
 """
 
 from __future__ import annotations
@@ -15,7 +25,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from tuner.engine.costmodel import FINE_TUNE, Costs, Move, Setting, TrialFacts
+from tuner.engine.costmodel import (
+    FINE_TUNE,
+    FROZEN,
+    PAIRED,
+    Costs,
+    FeatureSet,
+    Move,
+    Setting,
+    TrialFacts,
+)
+from tuner.model import backbones
 from tuner.report.choose import standard_error
 
 LONGER = 3  # the best fine-tunes continued to this many times `epochs`
@@ -70,6 +90,8 @@ def undetectable(
             "one standard error of 100%"
         )
     moves = open_moves(setting, trials, parents)
+    if open_pairs(setting, trials):
+        return ""
     if moves and all(start < lowest_start(setting, trials) for start, _ in moves):
         return (
             f"nothing left that validation could detect: {figures(setting, trials)}; the "
@@ -137,11 +159,15 @@ def widen(
     costs: Costs,
     remaining_s: float,
 ) -> Move | None:
-    """Once the space is exhausted, the widening move that starts from the best validated
-    trial (ties: a continuation first), among those within ``WIDEN_WITHIN`` standard
-    errors of the best: a top-rung fine-tune continued from ``epochs`` to ``LONGER`` x
-    ``epochs``, or a parent's whole network unfrozen at the smallest learning-rate factor
-    for ``epochs``. None when the best of them does not fit."""
+    """Once the space is exhausted: the first open pair (:func:`open_pairs`), else the
+    widening move that starts from the best validated trial (ties: a continuation first),
+    among those within ``WIDEN_WITHIN`` standard errors of the best: a top-rung fine-tune
+    continued from ``epochs`` to ``LONGER`` x ``epochs``, or a parent's whole network
+    unfrozen at the smallest learning-rate factor for ``epochs``. None when that move does
+    not fit."""
+    pairs = open_pairs(setting, trials)
+    if pairs:
+        return pair_move(setting, costs, *pairs[0], remaining_s)
     found = open_moves(setting, trials, parents)
     if not found or found[0][0] < lowest_start(setting, trials):
         return None
@@ -194,4 +220,103 @@ def whole_move(
         bracket=WIDENING,
         bracket_size=1,
         bracket_rungs=1,
+    )
+
+
+# -- paired heads ------------------------------------------------------------------------------
+
+
+def best_linear(trials: Sequence[TrialFacts]) -> dict[tuple[str, int], TrialFacts]:
+    """Per (backbone, image size), its best finished linear head fitted exactly on features
+    that are not augmented (on the top's or the stage features, whichever scored higher):
+    the feature sets a pair is made of."""
+    best: dict[tuple[str, int], TrialFacts] = {}
+    for t in trials:
+        fs = t.feature_set
+        if t.stage != FROZEN or not t.done or t.solver != "exact" or fs.views != 1:
+            continue
+        key = (fs.backbone, fs.pixels)
+        if key not in best or (t.score or 0.0, -int(t.trial_id)) > (
+            best[key].score or 0.0,
+            -int(best[key].trial_id),
+        ):
+            best[key] = t
+    return best
+
+
+def _paired(trials: Sequence[TrialFacts]) -> set[frozenset]:
+    """The (backbone, image size) pairs a paired trial was made of (run or failed)."""
+    return {
+        frozenset({_key(t.feature_set), _key(t.partner)})
+        for t in trials
+        if t.stage == PAIRED and t.partner is not None
+    }
+
+
+def _key(fs: FeatureSet) -> tuple[str, int]:
+    return (fs.backbone, fs.pixels)
+
+
+def partner_set(first: FeatureSet, second: FeatureSet) -> FeatureSet:
+    """``second``'s backbone and features at ``first``'s size: a paired model has one input,
+    so its second backbone runs at the first's size (its features there are what the head
+    reads, cached as any feature set's)."""
+    return FeatureSet(second.backbone, str(first.pixels), first.pixels, features=second.features)
+
+
+def open_pairs(
+    setting: Setting, trials: Sequence[TrialFacts]
+) -> list[tuple[TrialFacts, TrialFacts]]:
+    """Pairs not made yet, as (the better member's head, the other's), best first (by the
+    better member, then the other): the best linear heads (:func:`best_linear`) of two
+    backbones, both within ``WIDEN_WITHIN`` standard errors of the best validation
+    accuracy. The pair's model runs both at the better member's size."""
+    floor = lowest_start(setting, trials)
+    heads = [t for t in best_linear(trials).values() if (t.score or 0.0) >= floor]
+    heads.sort(key=lambda t: (-(t.score or 0.0), int(t.trial_id)))
+    made = _paired(trials)
+    return [
+        (a, b)
+        for i, a in enumerate(heads)
+        for b in heads[i + 1 :]
+        if a.feature_set.backbone != b.feature_set.backbone
+        and _runs_at(b.feature_set, a.feature_set.pixels)
+        and frozenset({_key(a.feature_set), _key(partner_set(a.feature_set, b.feature_set))})
+        not in made
+    ]
+
+
+def _runs_at(fs: FeatureSet, pixels: int) -> bool:
+    """Whether ``fs``'s backbone can run at ``pixels``: any of the table's can; a hub
+    module, only at its own size."""
+    return fs.pixels == pixels or backbones.get(fs.backbone).constructor != "hub"
+
+
+def pair_move(
+    setting: Setting, costs: Costs, first: TrialFacts, second: TrialFacts, remaining_s: float
+) -> Move | None:
+    """A linear head on ``first``'s and ``second``'s features at once, with ``first``'s
+    values (its size, l2 and class weight): about two linear heads, and the second
+    backbone's pass at the first's size when that is not its own. None when it does not
+    fit."""
+    a = first.feature_set
+    b = partner_set(a, second.feature_set)
+    cached = second.feature_set.pixels == a.pixels
+    estimate = 2 * costs.head_seconds("exact") + (0.0 if cached else costs.pass_seconds(b))
+    if estimate > remaining_s:
+        return None
+    at = "" if cached else f"; {b.backbone}'s features at {a.pixels}px are computed first"
+    return Move(
+        PAIRED,
+        a,
+        estimate,
+        f"widening: a linear head on {a.label} and {b.label} at once (their best linear heads: "
+        f"trial {first.trial_id}, val accuracy {first.score:.4f}; trial {second.trial_id} "
+        f"({second.feature_set.label}), {second.score:.4f}){at}; its latency is both "
+        "backbones'",
+        parent=first.trial_id,
+        bracket=WIDENING,
+        bracket_size=1,
+        bracket_rungs=1,
+        partner=b,
     )

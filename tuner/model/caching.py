@@ -10,6 +10,7 @@ trial's cache notes).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -116,9 +117,24 @@ class FeatureStore:
 
     def features(self, model: keras.Model, plan: TrialPlan, facts: FitFacts) -> dict:
         """The train and validation splits' cached features of ``model``'s backbone (pooled,
-        or its stage features): one backbone pass per split for the whole search."""
-        make_net = functools.cache(lambda: features.extractor(model))  # built once, if needed
-        key = self._fingerprint(model.get_layer("backbone"), plan)
+        or its stage features): one backbone pass per split for the whole search. A paired
+        head's are both backbones' side by side, the model's order (each backbone's entries
+        are those of its own frozen trials)."""
+        own = self._features_of(model, plan, "backbone", facts)
+        if not plan.partner:
+            return own
+        second = plan.partner_plan()
+        batch = min(second.pass_batch, self.pass_batch(backbones.get(second.backbone)))
+        second = dataclasses.replace(second, pass_batch=batch)  # its own backbone's batch
+        other = self._features_of(model, second, "partner", facts)
+        return {
+            split: np.concatenate([np.asarray(own[split]), np.asarray(other[split])], axis=-1)
+            for split in ("train", "validation")
+        }
+
+    def _features_of(self, model: keras.Model, plan: TrialPlan, branch: str, facts) -> dict:
+        make_net = functools.cache(lambda: features.extractor(model, branch=branch))
+        key = self._fingerprint(model.get_layer(branch), plan)
         # Stage features share the backbone's weights (so its fingerprint): their own name.
         cut = "stages" if plan.features == "stages" else "pooled"
         return self.arrays(plan, make_net, key, cut, facts)

@@ -37,15 +37,18 @@ from tuner.model import backbones
 BATCH = 64
 
 
-def extractor(model: keras.Model, part: keras.Model | None = None) -> keras.Model:
+def extractor(
+    model: keras.Model, part: keras.Model | None = None, branch: str = "backbone"
+) -> keras.Model:
     """``pixels -> [input_scale] -> backbone`` (or ``part`` of it, from the backbone's input)
     of a model built by the hypermodel, sharing its layers (so its weights), in inference
-    mode."""
+    mode. ``branch``: a paired head's ``partner`` (after ``partner_input_scale``) instead."""
     inputs = keras.Input(model.input_shape[1:], name="pixels")
     x = inputs
-    if any(layer.name == "input_scale" for layer in model.layers):
-        x = model.get_layer("input_scale")(x)
-    net = part or model.get_layer("backbone")
+    scale = "input_scale" if branch == "backbone" else f"{branch}_input_scale"
+    if any(layer.name == scale for layer in model.layers):
+        x = model.get_layer(scale)(x)
+    net = part or model.get_layer(branch)
     return keras.Model(inputs, net(x, training=False), name="feature_extractor")
 
 

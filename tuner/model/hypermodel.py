@@ -175,6 +175,13 @@ class EffNetHyperModel(kt.HyperModel):
         # A hub module has no stages to tap; a pretrained head on stage features is frozen.
         seen = backbones.features_read(entry, values.get("features", "top"))
         tunes = entry.finetunable and (seen == "top" or not pretrained)
+        partner = str(hp.values.get("partner") or "")
+        if partner:  # a paired head: frozen, on both backbones' features
+            tunes = False
+            partner = backbones.get(partner).name
+            paired = backbones.features_read(
+                backbones.get(partner), hp.values.get("partner_features") or "top"
+            )
         return TrialPlan(
             backbone=entry.name,
             image_size=size,
@@ -193,6 +200,8 @@ class EffNetHyperModel(kt.HyperModel):
             stage=stage,
             solver="exact" if stage == "frozen" and width == 0 and cached else "adam",
             features=seen,
+            partner=partner,
+            partner_features=paired if partner else "",
         )
 
     def fit(
@@ -231,12 +240,35 @@ class EffNetHyperModel(kt.HyperModel):
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
         plan = self.plan(hp)
-        entry = backbones.get(plan.backbone)
         inputs = keras.Input((plan.image_size, plan.image_size, 3), name="pixels")
+        features = self._branch(inputs, plan, "backbone")
+        name = model_name(plan.backbone)
+        if plan.partner:  # a paired head reads both backbones' features, side by side
+            second = self._branch(inputs, plan.partner_plan(), "partner")
+            features = keras.layers.Concatenate(name="paired_features")([features, second])
+            name = f"{name}_{model_name(plan.partner).removeprefix('effnet_')}"
+        head = head_mod.build_head(
+            features.shape[-1], plan.head_width, plan.dropout, self.data.num_classes, plan.l2
+        )
+        model = keras.Model(inputs, head(features), name=name)
+        compile_model(model, plan.learning_rate, self.data.num_classes, self.jit_compile)
+        return model
+
+    def _branch(self, inputs, plan: TrialPlan, name: str):
+        """``inputs -> [rescale] -> backbone`` as the sub-model ``name`` (``backbone``, or a
+        paired head's ``partner``, whose rescale layer is ``partner_input_scale``)."""
+        entry = backbones.get(plan.backbone)
         x = inputs
         if entry.input_scale != 1.0:
-            x = keras.layers.Rescaling(entry.input_scale, name="input_scale")(x)
-        base = self._backbone(plan)
+            scale = "input_scale" if name == "backbone" else f"{name}_input_scale"
+            x = keras.layers.Rescaling(entry.input_scale, name=scale)(x)
+        if name == "backbone":
+            base = self._backbone(plan)
+        else:
+            base = backbones.build(entry, plan.image_size, self.weights)
+            if plan.features == "stages":
+                base = backbones.with_stages(base)
+            base.name = name
         if plan.pretrained:
             base.trainable = False
             # Keras 3 lets an outer training=True override this training=False, so the
@@ -252,12 +284,7 @@ class EffNetHyperModel(kt.HyperModel):
                 if isinstance(layer, keras.layers.BatchNormalization):
                     layer.momentum = 0.9
             features = base(x)
-        head = head_mod.build_head(
-            features.shape[-1], plan.head_width, plan.dropout, self.data.num_classes, plan.l2
-        )
-        model = keras.Model(inputs, head(features), name=model_name(plan.backbone))
-        compile_model(model, plan.learning_rate, self.data.num_classes, self.jit_compile)
-        return model
+        return features
 
     def _backbone(self, plan: TrialPlan) -> keras.Model:
         """The trial's backbone. A frozen pretrained backbone never changes, so trials on the

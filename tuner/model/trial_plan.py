@@ -3,7 +3,7 @@ facts its fit leaves (:class:`FitFacts`: what the trial's record says about how 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tuner.model import augment as augment_mod
@@ -37,6 +37,21 @@ class TrialPlan:
     stage: str = ""  # "frozen" / "fine-tune" for transfer trials
     solver: str = "adam"  # "exact": a linear head fitted exactly on cached features
     features: str = "top"  # what the head sees: "top" or "stages" (backbones.with_stages)
+    # A paired head (widening): a second backbone, run at this plan's image size, whose
+    # features ("top" or "stages") the head reads after the first's; "" for none.
+    partner: str = ""
+    partner_features: str = ""
+
+    def partner_plan(self) -> TrialPlan:
+        """The plan of the partner's branch, as its own frozen trial (its features' cache
+        entries are that trial's)."""
+        return replace(
+            self,
+            backbone=self.partner,
+            features=self.partner_features,
+            partner="",
+            partner_features="",
+        )
 
     @property
     def fine_tunes(self) -> bool:
@@ -53,7 +68,8 @@ class TrialPlan:
         """The hyperparameters that did nothing in this trial, which trials.csv, W&B and
         the model card mark :data:`UNUSED`: an exact linear head takes no learning rate,
         dropout or epochs; a trial that does not fine-tune has no phase-2 rate factor (and a
-        random-init one no fraction: it trains everything); views need augmentation."""
+        random-init one no fraction: it trains everything); views need augmentation; a
+        head that is not paired has no partner."""
         names = []
         if self.solver == "exact":
             names += ["dropout", "learning_rate", "epochs"]
@@ -63,6 +79,8 @@ class TrialPlan:
             names.append("finetune_lr_factor")
         if not augment_mod.is_on(self.augment):
             names.append("augment_views")
+        if not self.partner:
+            names += ["partner", "partner_features"]
         return tuple(names)
 
 

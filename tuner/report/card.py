@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tuner.report.choose import Choice
-from tuner.report.results import HYPERPARAMETER_COLUMNS, UNUSED, plain_value
+from tuner.report.results import HYPERPARAMETER_COLUMNS, UNUSED, model_label, plain_value
 
 HYPERPARAMETERS = [*HYPERPARAMETER_COLUMNS, "epochs", "unfrozen_blocks", "augment_path"]
 
@@ -115,10 +115,11 @@ def model_card(
     few lines of the record.
     """
     test = record["test"]
+    network = model_label(record["backbone"], record["hyperparameters"].get("partner"))
     counts = dict(config.get("split_counts", {}))
     counts["test"] = test["count"]
     lines = [
-        f"# Model card: {config['name']} trial {record['trial_id']} ({record['backbone']})",
+        f"# Model card: {config['name']} trial {record['trial_id']} ({network})",
         "",
         "## Data",
         "",

@@ -83,6 +83,7 @@ def _leaderboard(done: pd.DataFrame, shipped: str | None) -> str:
             "backbone",
             "image_size",
             "features",
+            "partner",
             "head_width",
             "finetune_fraction",
             "val_accuracy",

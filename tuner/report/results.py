@@ -37,6 +37,8 @@ HYPERPARAMETER_COLUMNS = [
     "augment",
     "augment_views",
     "features",
+    "partner",
+    "partner_features",
     "pass_batch",
     "solver",
     "weights",
@@ -70,20 +72,24 @@ COLUMNS = [
 ]
 FINISHED = ("completed", "stopped-budget")
 # What one network is, whatever trained it: the backbone at its size, with what its head reads
-# (``features``: the pooled top, or the stage features beside it). Trials on one network and
-# head width are one architecture: one latency, spread and file size between them.
-NETWORK = ("backbone", "image_size", "features")
+# (``features``: the pooled top, or the stage features beside it), and a paired head's second
+# backbone and its features. Trials on one network and head width are one architecture: one
+# latency, spread and file size between them.
+NETWORK = ("backbone", "image_size", "features", "partner", "partner_features")
 ARCHITECTURE = (*NETWORK, "head_width")
 
 
 def network_key(table: pd.DataFrame, columns: Iterable[str] = NETWORK) -> pd.DataFrame:
     """``columns`` of ``table`` as text, comparable between rows and files (a trials.csv from
-    before the ``features`` column reads as the pooled top it measured)."""
+    before the ``features`` column reads as the pooled top it measured, one from before
+    paired heads as none)."""
     out = pd.DataFrame(index=table.index)
     for column in columns:
         values = table[column] if column in table else pd.Series(np.nan, index=table.index)
         if column == "features":
             values = values.fillna("top")
+        elif column.startswith("partner"):  # none ("-", or a file from before pairs): ""
+            values = values.fillna("").replace(UNUSED, "")
         out[column] = values.map(_key_text)
     return out
 
@@ -192,15 +198,28 @@ class Results:
         )
 
     def architecture_facts(
-        self, backbone: str, image_size: int, head_width: int, features: str = "top"
+        self,
+        backbone: str,
+        image_size: int,
+        head_width: int,
+        features: str = "top",
+        partner: str = "",
+        partner_features: str = "",
     ) -> dict[str, float] | None:
         """What was already measured for this architecture (:data:`ARCHITECTURE`: backbone,
-        size, what the head reads, head width) in this search: ``latency_ms``,
-        ``images_per_s``, ``latency_spread_ms`` and ``model_bytes``. Trials that differ only
-        in training share one figure."""
+        size, what the head reads, a paired head's partner, head width) in this search:
+        ``latency_ms``, ``images_per_s``, ``latency_spread_ms`` and ``model_bytes``. Trials
+        that differ only in training share one figure."""
         table = self.rows()
         done = table[table["status"].isin(FINISHED)].dropna(subset=["latency_ms", "model_bytes"])
-        wanted = dict(zip(ARCHITECTURE, (backbone, image_size, features, head_width), strict=True))
+        wanted = {
+            "backbone": backbone,
+            "image_size": image_size,
+            "features": features,
+            "partner": partner,
+            "partner_features": partner_features,
+            "head_width": head_width,
+        }
         same = same_network(done, wanted, ARCHITECTURE)
         if not same.any():
             return None
@@ -304,6 +323,12 @@ def pareto_flags(table: pd.DataFrame) -> np.ndarray:
     return flags
 
 
+def model_label(backbone: Any, partner: Any) -> str:
+    """``B0``, or a paired head's ``B0 + V2B0`` (no partner: empty, NaN or ``-``)."""
+    partner = plain_value(partner)
+    return f"{backbone} + {partner}" if partner not in (None, "", UNUSED) else str(backbone)
+
+
 def leaderboard_markdown(table: pd.DataFrame) -> str:
     """The reference table, filled in: finished trials by val accuracy, best first."""
     done = table.assign(pareto=pareto_flags(table))[table["status"].isin(FINISHED)]
@@ -317,8 +342,9 @@ def leaderboard_markdown(table: pd.DataFrame) -> str:
         done = done.sort_values(["val_accuracy", "latency_ms"], ascending=[False, True])
         for row in done.itertuples():
             stopped = " (budget)" if row.status == "stopped-budget" else ""
+            model = model_label(row.backbone, getattr(row, "partner", None))
             lines.append(
-                f"| {row.trial_id} | {row.backbone}{stopped} | {int(row.image_size)} | "
+                f"| {row.trial_id} | {model}{stopped} | {int(row.image_size)} | "
                 f"{int(row.batch_size)} | {_size(row.model_bytes)} | {int(row.params):,} | "
                 f"{float(row.val_loss):.4f} | {float(row.val_accuracy):.4f} | "
                 f"{_duration(row.train_seconds)} | {float(row.latency_ms):.2f} ms | "
@@ -397,7 +423,15 @@ def pareto_figure(done: pd.DataFrame, exported: str | None = None):
     _spread_bars(ax, done)
     variants = done["variant"].fillna("keras") if "variant" in done else None
     keras_rows = done if variants is None else done[variants == "keras"]
-    for backbone, group in keras_rows.groupby("backbone"):
+    labels = [
+        model_label(b, p)
+        for b, p in zip(
+            keras_rows["backbone"],
+            keras_rows.get("partner", pd.Series(None, index=keras_rows.index)),
+            strict=True,
+        )
+    ]
+    for backbone, group in keras_rows.groupby(pd.Series(labels, index=keras_rows.index)):
         ax.scatter(group["latency_ms"], group["val_accuracy"], label=backbone, alpha=0.8)
     if variants is not None:  # deployables (tuner.report.quantize): one marker a variant
         for variant, group in done[variants != "keras"].groupby("variant"):
