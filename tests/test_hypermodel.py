@@ -282,3 +282,52 @@ def test_a_head_on_stage_features_stays_frozen_and_caches_apart_from_the_top(
     predicted = staged.predict(np.asarray(pixels, dtype="float32"), verbose=0).argmax(-1)
     accuracy = float(np.mean(predicted == maker.data.labels("validation")))
     assert abs(accuracy - result["val_accuracy"]) < 1e-9 and accuracy > 0.5
+
+
+def test_a_paired_head_reads_stage_features_and_a_hub_modules_from_one_input(
+    demo_dir, tmp_path, pretrained_t0
+):
+    """A paired head on T0's stage features and a TF-Hub module's (fed 0..1 by its own
+    rescale): its features are the two entries side by side, each cached as its own
+    feature set's, and the model computes from pixels what the head was scored on."""
+    from tests.test_backbones import make_hub_module
+
+    make_hub_module(tmp_path / "hub")
+    hub = f"hub:{tmp_path / 'hub'}"
+    search_space = space.load(
+        None,
+        {"backbones": ["T0", hub], "image_size": 32, "head_width": 0, "class_weight": "none"},
+    )
+    maker = hypermodel.EffNetHyperModel(
+        search_space, demo_data(demo_dir, tmp_path), str(pretrained_t0)
+    )
+    hp = kt.HyperParameters()
+    hp.values.update(
+        {
+            "backbone": "T0",
+            "features": "stages",
+            "tuner/stage": "frozen",
+            "partner": hub,
+            "partner_features": "stages",  # a hub module has none: it reads its top
+        }
+    )
+    plan = maker.plan(hp)
+    assert (plan.partner, plan.partner_features, plan.solver) == (hub, "top", "exact")
+    assert plan.finetune_fraction == 0.0 and "partner" not in plan.unused()
+    model = maker.build(hp)
+    assert {"backbone", "partner", "partner_input_scale", "paired_features"} <= {
+        layer.name for layer in model.layers
+    }
+    staged = int(model.get_layer("backbone").output.shape[-1])
+    assert model.get_layer("head").input_shape[-1] == staged + 4
+    result = maker.fit(hp, model, epochs=1)
+    assert maker.last_fit["cache"] == ["computed"] * 4  # each backbone's train, validation
+    # Each backbone's entries are its own feature set's: a single head on either loads them.
+    alone = kt.HyperParameters()
+    alone.values.update({"backbone": hub, "tuner/stage": "frozen"})
+    maker.fit(alone, maker.build(alone), epochs=1)
+    assert maker.last_fit["cache"] == ["loaded", "loaded"]
+    pixels, _ = maker.data.pixels("validation", 32)
+    predicted = model.predict(np.asarray(pixels, dtype="float32"), verbose=0).argmax(-1)
+    accuracy = float(np.mean(predicted == maker.data.labels("validation")))
+    assert abs(accuracy - result["val_accuracy"]) < 1e-9
