@@ -141,3 +141,26 @@ def test_the_tops_pass_is_charged_once_beside_its_stage_features(tmp_path):
         space.load(None, {"backbones": ["B0"], "features": "top"}), 9_000, 1_000, 3600, costs
     )
     assert costmodel.Costs(alone, []).pass_seconds(alone.feature_sets[0]) > 0
+
+
+def test_the_play_pairs_two_backbones_at_the_better_ones_size_with_both_forwards(tmp_path):
+    """On a small validation split (wide noise band) the play widens with a paired head: B1's
+    best linear head with B0's, B0 run at 240 px (its pass there first); its latency both
+    forward passes; the summary lists it under widening."""
+    searched = space.load(
+        None, {"backbones": ["B0", "B1"], "finetune_fraction": 0.0, "features": "top"}
+    )
+    setting = plan.setting_for(searched, 180, 20, 3600, table(tmp_path))
+    moves, why = plan.play(setting)
+    paired = [m for m in moves if m.stage == costmodel.PAIRED]
+    assert len(paired) == 1, [m.why for m in moves]
+    b1 = setting.feature_sets[1]
+    assert (paired[0].feature_set, paired[0].partner) == (
+        b1,
+        costmodel.FeatureSet("B0", "240", 240),
+    )
+    priced = costmodel.Costs(setting, [])
+    assert paired[0].estimate_s > 2 * priced.head_seconds("exact")  # B0's pass at 240 px
+    lines = plan.summary(setting, moves, why)
+    assert any("a linear head on B1 240px and B0 240px at once" in line for line in lines)
+    assert why.startswith("nothing left")
