@@ -10,12 +10,10 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tuner.model import backbones
+from tuner.model import backbones, trial_plan
 
 FROZEN, FINE_TUNE = "frozen", "fine-tune"
-# A linear head on two feature sets at once (widening): its ``tuner/stage`` value is frozen
-# (the hypermodel fits it as a frozen linear head); its ``partner`` value marks it.
-PAIRED = "paired"
+PAIRED = trial_plan.PAIRED  # a frozen linear head with a partner (widening)
 DONE = "COMPLETED"
 
 # Before anything is measured on this device: seconds a head trial takes beyond its pass.

@@ -333,7 +333,7 @@ class TrialRunner(adapter.TunerHooks):
             **asdict(plan),
             "weights": self.context.weights_label,
             "device": device_name(),
-            "stage": "paired" if plan.partner else hp.get("tuner/stage", ""),
+            "stage": plan.shown_stage,
             "hyperband_epochs": hp.get("tuner/epochs", ""),
             "resumed_from": hp.get("tuner/trial_id", ""),
             "wandb_run_id": getattr(self, "_wandb_run_id", ""),
@@ -352,7 +352,7 @@ class TrialRunner(adapter.TunerHooks):
             else plan.mode.replace("-", " ")
         )
         guess = f", about {format_seconds(estimate)}" if estimate else ""
-        stage = "paired: " if plan.partner else (f"{plan.stage}: " if plan.stage else "")
+        stage = f"{plan.shown_stage}: " if plan.shown_stage else ""
         self.context.console.rule(
             f"trial {self.context.trials_run} (id {trial.trial_id}): {stage}{plan.backbone}"
             f"{' + ' + plan.partner if plan.partner else ''} {plan.image_size}px batch "

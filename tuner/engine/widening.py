@@ -89,9 +89,9 @@ def undetectable(
             f"nothing left that validation could detect: {figures(setting, trials)}, within "
             "one standard error of 100%"
         )
-    moves = open_moves(setting, trials, parents)
     if open_pairs(setting, trials):
         return ""
+    moves = open_moves(setting, trials, parents)
     if moves and all(start < lowest_start(setting, trials) for start, _ in moves):
         return (
             f"nothing left that validation could detect: {figures(setting, trials)}; the "

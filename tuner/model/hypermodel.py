@@ -262,13 +262,7 @@ class EffNetHyperModel(kt.HyperModel):
         if entry.input_scale != 1.0:
             scale = "input_scale" if name == "backbone" else f"{name}_input_scale"
             x = keras.layers.Rescaling(entry.input_scale, name=scale)(x)
-        if name == "backbone":
-            base = self._backbone(plan)
-        else:
-            base = backbones.build(entry, plan.image_size, self.weights)
-            if plan.features == "stages":
-                base = backbones.with_stages(base)
-            base.name = name
+        base = self._backbone(plan, name)
         if plan.pretrained:
             base.trainable = False
             # Keras 3 lets an outer training=True override this training=False, so the
@@ -286,19 +280,20 @@ class EffNetHyperModel(kt.HyperModel):
             features = base(x)
         return features
 
-    def _backbone(self, plan: TrialPlan) -> keras.Model:
-        """The trial's backbone. A frozen pretrained backbone never changes, so trials on the
-        same backbone and size share one built instance (building and loading B0 is ~1.3 s of
-        a 2 s trial on cached features); fine-tunes and random init get their own."""
+    def _backbone(self, plan: TrialPlan, name: str = "backbone") -> keras.Model:
+        """The trial's backbone, the sub-model ``name``. A frozen pretrained backbone never
+        changes, so trials on the same backbone and size share one built instance (building
+        and loading B0 is ~1.3 s of a 2 s trial on cached features); fine-tunes, random init
+        and a paired head's ``partner`` get their own."""
         entry = backbones.get(plan.backbone)
-        shared = plan.pretrained and not plan.fine_tunes
+        shared = plan.pretrained and not plan.fine_tunes and name == "backbone"
         key = (plan.backbone, plan.image_size, plan.features)
         if shared and self._frozen_backbone is not None and self._frozen_backbone[0] == key:
             return self._frozen_backbone[1]
         base = backbones.build(entry, plan.image_size, self.weights)
         if plan.features == "stages":
             base = backbones.with_stages(base)
-        base.name = "backbone"
+        base.name = name
         # One at a time: a B7 is 64M parameters.
         self._frozen_backbone = (key, base) if shared else self._frozen_backbone
         return base

@@ -12,6 +12,9 @@ from tuner.model import augment as augment_mod
 # on 2 cores) and each one costs memory.
 CPU_PASS_BATCH = 64
 STAGES = ("frozen", "fine-tune")  # of transfer trials; other algorithms' trials have none
+# A frozen linear head on two backbones' features at once (widening): fitted as a frozen
+# trial (its ``tuner/stage`` is frozen), recorded and shown as this stage.
+PAIRED = "paired"
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,12 @@ class TrialPlan:
             partner="",
             partner_features="",
         )
+
+    @property
+    def shown_stage(self) -> str:
+        """The stage trials.csv and the trial line give: :data:`PAIRED` for a paired head,
+        else ``stage``."""
+        return PAIRED if self.partner else self.stage
 
     @property
     def fine_tunes(self) -> bool:
